@@ -1,0 +1,101 @@
+"""From a pruned transformers model to a mixsparse artifact, and from an artifact to plain transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mixsparse.pruner.adapter import ModelAdapter
+from mixsparse.pruner.plan import Plan
+from mixsparse.runtime.atomic import atomic_dir, refuse_existing
+from mixsparse.runtime.formats import artifact
+from mixsparse.runtime.formats.hf import load_dense
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+
+
+def module_entries(adapter: ModelAdapter, plan: Plan, groups: list[list[str]]) -> dict[str, artifact.ModuleEntry]:
+    """One entry per pruned module: its format, storage, shape and measured sparsity."""
+    modules = dict(adapter.linears())
+    head = adapter.lm_head()
+    if head:
+        modules[head[0]] = head[1]
+    pruned = {name: spec for name, spec in plan.modules.items() if not spec.is_dense}
+    formats = {name: ("unstructured" if spec.kind == "unstructured" else str(spec),
+                      tuple(modules[name].weight.shape)) for name, spec in pruned.items()}
+    storage = artifact.storage_for(formats, groups)
+    entries = {}
+    for name, (fmt, shape) in formats.items():
+        weight = modules[name].weight
+        sparsity = float((weight == 0).sum()) / weight.numel()
+        entries[name] = artifact.ModuleEntry(fmt, storage[name], shape, round(sparsity, 6))
+    return entries
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the second name of tied tensors (lm_head tied to the embeddings)."""
+    seen: set[tuple[int, tuple]] = set()
+    state = {}
+    for key, tensor in model.state_dict().items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        state[key] = tensor
+    return state
+
+
+def save_artifact(
+    model: torch.nn.Module,
+    tokenizer,
+    adapter: ModelAdapter,
+    plan: Plan,
+    groups: list[list[str]],
+    out: str | os.PathLike,
+    dtype: torch.dtype,
+    record: dict,
+    card: Callable[[artifact.ArtifactConfig], str],
+    overwrite: bool = False,
+) -> artifact.ArtifactConfig:
+    """Write the artifact: packed 2:4 weights, config, tokenizer, ``plan.json`` (plan + record), model card.
+
+    ``card`` gets the (temporary) artifact's config once the weights are written, so the model card can
+    quote the stored sizes; everything lands in one atomic rename.
+    """
+    entries = module_entries(adapter, plan, groups)
+
+    def extra(directory: Path) -> None:
+        tokenizer.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
+        (directory / "plan.json").write_text(json.dumps({**plan.to_json(), **record}, indent=2) + "\n")
+        (directory / "README.md").write_text(card(artifact.read_config(directory)))
+
+    artifact.write(out, unique_state_dict(model), entries, groups, model.config.to_dict(), dtype, extra, overwrite)
+    return artifact.read_config(out)
+
+
+def export_dense(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A plain transformers copy of an artifact: dense weights with zeros, no quantization_config."""
+    refuse_existing(out, overwrite)
+    model, config = load_dense(source)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES + ("plan.json",):
+            if (config.path / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(config.path / name, tmp / name)
+    return Path(out)
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"

@@ -1,0 +1,289 @@
+"""The offline verbs as functions: prune a model into an artifact, evaluate a model or artifact.
+
+The CLI is a thin layer over these; tests and benchmarks call them directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mixsparse.pruner import data, evaluate, models
+from mixsparse.pruner.adapter import ModelAdapter, adapt, fused_groups, select
+from mixsparse.pruner.export import human_bytes, save_artifact
+from mixsparse.pruner.metrics import get_metric
+from mixsparse.pruner.plan import Plan
+from mixsparse.pruner.progress import Progress, Silent
+from mixsparse.pruner.prune import PruneOptions, PruneResult, linear_sparsity, prune_model
+from mixsparse.pruner.spec import Spec
+from mixsparse.runtime.atomic import refuse_existing
+from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats import artifact
+from mixsparse.runtime.formats.artifact import dtype_name, parse_dtype
+
+
+@dataclass
+class PruneJob:
+    model: str
+    metric: str
+    out: str
+    sparsity: str | None = None  # uniform spec, e.g. "2:4" or "0.5"
+    plan: str | None = None  # or a plan file
+    include: str | None = None
+    exclude: str | None = None
+    prune_lm_head: bool = False
+    calibration: data.CalibrationProtocol = field(default_factory=data.CalibrationProtocol)
+    evaluation: data.EvaluationProtocol | None = None  # measure dense and pruned perplexity when set
+    device: str = "cpu"
+    dtype: str | None = None  # artifact dtype; default: the model's own
+    options: PruneOptions = field(default_factory=PruneOptions)
+    overwrite: bool = False
+
+
+@dataclass
+class PruneSummary:
+    out: Path
+    plan: Plan
+    result: PruneResult
+    sparsity: float  # measured over the pruned decoder linears
+    weight_bytes: dict[str, int]
+    perplexity: dict[str, evaluate.Perplexity]
+    load_seconds: float
+    save_seconds: float
+
+    def to_json(self) -> dict:
+        return {"out": str(self.out), "metric": self.result.metric, "plan": describe_plan(self.plan),
+                "planned_weight_sparsity": self.plan.weight_sparsity(), "linear_sparsity": self.sparsity,
+                "weight_bytes": self.weight_bytes,
+                "perplexity": {k: v.to_json() for k, v in self.perplexity.items()},
+                "prune_seconds": self.result.seconds, "load_seconds": self.load_seconds,
+                "save_seconds": self.save_seconds, "peak_memory_bytes": self.result.peak_memory_bytes,
+                "device": self.result.device}
+
+    def rows(self) -> list[tuple[str, str]]:
+        ppl = self.perplexity
+        rows = [("metric", self.result.metric), ("plan", describe_plan(self.plan)),
+                ("linear sparsity (planned modules)", f"{self.sparsity:.2%}")]
+        if ppl:
+            label = f"perplexity ({ppl['pruned'].windows} windows)"
+            rows.append((label, f"{ppl['dense'].perplexity:.2f} dense -> {ppl['pruned'].perplexity:.2f} pruned"))
+        wb = self.weight_bytes
+        rows += [("stored weight bytes", f"{human_bytes(wb['stored'])} of {human_bytes(wb['dense_equivalent'])} "
+                                         f"dense ({wb['stored'] / wb['dense_equivalent']:.1%})"),
+                 ("2:4 packed modules", f"{human_bytes(wb['packed_stored'])} of "
+                                        f"{human_bytes(wb['packed_dense_equivalent'])} dense"),
+                 ("prune time", f"{self.result.seconds:.1f} s on {self.result.device} "
+                                f"(load {self.load_seconds:.1f} s, save {self.save_seconds:.1f} s)"),
+                 ("peak memory", human_bytes(self.result.peak_memory_bytes)),
+                 ("artifact", str(self.out))]
+        return rows
+
+
+def describe_plan(plan: Plan) -> str:
+    counts: dict[str, int] = {}
+    for spec in plan.modules.values():
+        counts[str(spec)] = counts.get(str(spec), 0) + 1
+    parts = ", ".join(f"{n} x {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{plan.info.get('allocator', 'custom')}: {parts} ({plan.weight_sparsity():.1%} of weights)"
+
+
+def compute_dtype(device: str, stored: torch.dtype) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are slow there and the OBS update wants float32); stored dtype on GPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else stored
+
+
+def check_device(device: str) -> str:
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MixsparseError("--device cuda was asked for, but CUDA is not available here")
+    if kind not in ("cpu", "cuda"):
+        raise MixsparseError(f"unsupported device {device!r}; use cpu or cuda")
+    return device
+
+
+def build_plan(job: PruneJob, adapter: ModelAdapter) -> Plan:
+    shapes = adapter.shapes()
+    head = adapter.lm_head()
+    if job.prune_lm_head:
+        if head is None:
+            raise MixsparseError("--prune-lm-head: this model has no linear lm_head")
+        embeddings = adapter.model.get_input_embeddings()
+        if embeddings is not None and embeddings.weight is head[1].weight:
+            raise MixsparseError("--prune-lm-head: lm_head shares its weight with the input embeddings "
+                                 "(tie_word_embeddings), so pruning it would prune the embeddings too")
+        shapes[head[0]] = tuple(head[1].weight.shape)
+        adapter.final_norm()  # fail now, not after the blocks, if it cannot be calibrated
+    if job.plan:
+        plan = Plan.load(job.plan)
+        plan.validate(shapes)
+        return plan
+    chosen = select(list(shapes), job.include, job.exclude)
+    spec = Spec.parse(job.sparsity)
+    plan = Plan.uniform({n: shapes[n] for n in chosen}, spec)
+    plan.validate(shapes)
+    return plan
+
+
+def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
+    """Load, calibrate, prune block by block, optionally evaluate, and write the artifact atomically."""
+    if (job.sparsity is None) == (job.plan is None):
+        raise MixsparseError("give exactly one of --sparsity or --plan")
+    get_metric(job.metric)
+    check_device(job.device)
+    refuse_existing(job.out, job.overwrite)
+    if job.sparsity is not None:
+        Spec.parse(job.sparsity)  # reject a bad ratio before loading anything
+    start = time.perf_counter()
+    path = models.resolve(job.model)
+    stored = _stored_dtype(path, job.dtype)
+    loaded = models.load(job.model, dtype=compute_dtype(job.device, stored))
+    adapter = adapt(loaded.model)
+    plan = build_plan(job, adapter)
+    groups = fused_groups(adapter)
+    load_seconds = time.perf_counter() - start
+
+    perplexities: dict[str, evaluate.Perplexity] = {}
+    windows = None
+    if job.evaluation is not None:
+        windows = data.evaluation_windows(loaded.tokenizer, job.evaluation)
+        perplexities["dense"] = cached_perplexity(loaded, windows, job.evaluation, job.device, progress, "dense")
+
+    metric = get_metric(job.metric)
+    calibration = data.calibration_windows(loaded.tokenizer, job.calibration) if metric.needs_calibration else None
+    with progress.task(f"pruning ({job.metric}, {len(adapter.blocks)} blocks)", len(adapter.blocks)) as advance:
+        result = prune_model(adapter, plan, job.metric, calibration, job.device, job.options,
+                             after_block=lambda index: advance())
+    loaded.model.to("cpu")
+    pruned_names = {n for n, s in plan.modules.items() if not s.is_dense}
+    zeros, total = linear_sparsity({n: m for n, m in adapter.linears().items() if n in pruned_names})
+
+    if windows is not None:
+        perplexities["pruned"] = run_perplexity(loaded.model, windows, job.evaluation, job.device, progress, "pruned")
+        loaded.model.to("cpu")
+
+    save_start = time.perf_counter()
+    record = {
+        "metric": job.metric,
+        "model": {"name": job.model, "path": loaded.path},
+        "calibration": job.calibration.to_json() if metric.needs_calibration else None,
+        "prune": {**result.to_json(), "options": vars(job.options), "module_seconds":
+                  {k: round(v, 3) for k, v in result.module_seconds.items()}},
+        "measurements": {"linear_sparsity": zeros / max(total, 1),
+                         "perplexity": {k: v.to_json() for k, v in perplexities.items()}},
+    }
+    summaries: list[PruneSummary] = []
+
+    def card(written: artifact.ArtifactConfig) -> str:
+        summaries.append(PruneSummary(Path(job.out), plan, result, zeros / max(total, 1),
+                                      artifact.weight_bytes(written), perplexities, load_seconds, 0.0))
+        return model_card(job, summaries[-1], stored)
+
+    save_artifact(loaded.model, loaded.tokenizer, adapter, plan, groups, job.out, stored, record, card,
+                  overwrite=job.overwrite)
+    summary = summaries[-1]
+    summary.save_seconds = time.perf_counter() - save_start
+    return summary
+
+
+def _stored_dtype(path: str, requested: str | None) -> torch.dtype:
+    if requested:
+        return parse_dtype(requested)
+    if artifact.is_artifact(path):
+        return artifact.read_config(path).dtype
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception:
+        return torch.bfloat16
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype) if dtype in ("bfloat16", "float16", "float32") else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+
+
+def run_perplexity(model, windows, protocol, device, progress: Progress, label: str) -> evaluate.Perplexity:
+    model.to(device)
+    with progress.task(f"perplexity ({label}, {len(windows)} windows)", len(windows)) as advance:
+        return evaluate.perplexity(model, windows, protocol, device, after_window=lambda index: advance())
+
+
+def cached_perplexity(loaded: models.LoadedModel, windows, protocol, device, progress, label) -> evaluate.Perplexity:
+    """Perplexity of an unchanged model is cached per (files, protocol, dtype): dense baselines are reused."""
+    cache = models.cache_dir() / "perplexity"
+    key = evaluate.result_cache_key(loaded.path, protocol, next(loaded.model.parameters()).dtype)
+    hit = evaluate.cached(cache, key)
+    if hit is not None:
+        return hit
+    result = run_perplexity(loaded.model, windows, protocol, device, progress, label)
+    evaluate.store(cache, key, result)
+    return result
+
+
+@dataclass
+class EvalSummary:
+    model: str
+    perplexity: evaluate.Perplexity
+    sparsity: float  # over all decoder linears
+    artifact: bool
+
+    def to_json(self) -> dict:
+        return {"model": self.model, **self.perplexity.to_json(), "linear_sparsity": self.sparsity,
+                "artifact": self.artifact}
+
+
+def evaluate_model(model: str, protocol: data.EvaluationProtocol, device: str = "cpu",
+                   progress: Progress = Silent(), use_cache: bool = True) -> EvalSummary:
+    check_device(device)
+    path = models.resolve(model)
+    loaded = models.load(model, dtype=compute_dtype(device, _stored_dtype(path, None)))
+    adapter = adapt(loaded.model)
+    zeros, total = linear_sparsity(adapter.linears())
+    windows = data.evaluation_windows(loaded.tokenizer, protocol)
+    if use_cache:
+        result = cached_perplexity(loaded, windows, protocol, device, progress, model)
+    else:
+        result = run_perplexity(loaded.model, windows, protocol, device, progress, model)
+    return EvalSummary(model, result, zeros / max(total, 1), loaded.artifact is not None)
+
+
+def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str:
+    table = "\n".join(f"| {k} | {v} |" for k, v in summary.rows() if k not in ("artifact", "prune time"))
+    calibration = job.calibration
+    lines = [
+        f"# {Path(job.out).name}",
+        "",
+        f"`{job.model}` pruned by [mixsparse](https://pypi.org/project/mixsparse/) with **{job.metric}**.",
+        "2:4 modules are stored packed (values + 2-bit indices, 56.25% of dense bf16 bytes); other modules dense.",
+        "",
+        "| | |",
+        "|---|---|",
+        table,
+        "",
+        f"Calibration: {calibration.samples} windows of {calibration.seqlen} tokens from "
+        f"{data.describe(calibration.source, data.CALIBRATION)}, seed {calibration.seed} "
+        f"({'not used by ' + job.metric if not get_metric(job.metric).needs_calibration else 'sequential, block by block'}).",
+    ]
+    if summary.perplexity:
+        protocol = job.evaluation
+        lines.append(f"Perplexity: non-overlapping windows of {protocol.seqlen} tokens of "
+                     f"{data.describe(protocol.source, data.EVALUATION)}, {summary.perplexity['pruned'].windows} "
+                     f"windows, {summary.perplexity['pruned'].tokens} tokens.")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```",
+        f"mixsparse serve {job.out}                 # OpenAI-compatible endpoint (vLLM + mixsparse plugin)",
+        f"mixsparse eval ppl {job.out}              # perplexity",
+        f"mixsparse export --dense {job.out} OUT    # plain transformers copy (zeros kept)",
+        "```",
+        "",
+        f"Pruned in {summary.result.seconds:.1f} s on {summary.result.device}. Per-module specs, timings and "
+        f"the calibration protocol are in `plan.json`. Stored dtype: {dtype_name(stored)}.",
+        "",
+    ]
+    return "\n".join(lines)
