@@ -84,10 +84,15 @@ class PruneSummary:
 
 def describe_plan(plan: Plan) -> str:
     counts: dict[str, int] = {}
+    ratios = [s.sparsity for s in plan.modules.values() if s.kind == "unstructured"]
     for spec in plan.modules.values():
-        counts[str(spec)] = counts.get(str(spec), 0) + 1
-    parts = ", ".join(f"{n} x {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    return f"{plan.info.get('allocator', 'custom')}: {parts} ({plan.weight_sparsity():.1%} of weights)"
+        if spec.kind != "unstructured":
+            counts[str(spec)] = counts.get(str(spec), 0) + 1
+    parts = [f"{n} x {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if ratios:
+        spread = f"{min(ratios):.3f}" if max(ratios) - min(ratios) < 5e-4 else f"{min(ratios):.3f}-{max(ratios):.3f}"
+        parts.insert(0, f"{len(ratios)} x unstructured {spread}")
+    return f"{plan.info.get('allocator', 'custom')}: {', '.join(parts)} ({plan.weight_sparsity():.1%} of weights)"
 
 
 def compute_dtype(device: str, stored: torch.dtype) -> torch.dtype:

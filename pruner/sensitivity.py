@@ -1,0 +1,144 @@
+"""Sensitivity: the trace of the empirical Fisher information of each module (MSP.md §1).
+
+    Tr(F_l) ≈ (1/N) Σ_i ‖∇_{θ_l} ℓ(x_i)‖²      ℓ = next-token cross-entropy of calibration sequence i
+
+One backward per sequence, so the squared norms are per-sample (the square of a summed gradient would
+be a different, smaller quantity). Memory stays bounded: as soon as a weight's gradient is complete a
+hook reduces it to one number and frees it, so at most one module's gradient lives at a time.
+Only the prunable weights take gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mixsparse.pruner.adapter import ModelAdapter
+from mixsparse.runtime.atomic import atomic_file
+from mixsparse.runtime.errors import MixsparseError
+
+SENSITIVITY_FORMAT = "mixsparse-sensitivity"
+
+
+@dataclass
+class Sensitivity:
+    traces: dict[str, float]  # module -> Tr(F) (sum over its weights, mean over samples)
+    sizes: dict[str, int]  # module -> number of weights
+    blocks: dict[str, list[str]]  # block name -> its modules, in order
+    info: dict = field(default_factory=dict)  # samples, tokens, seconds, calibration protocol, model
+
+    def per_weight(self, name: str) -> float:
+        return self.traces[name] / self.sizes[name]
+
+    def block_trace(self, block: str) -> float:
+        return sum(self.traces[n] for n in self.blocks[block])
+
+    def block_per_weight(self, block: str) -> float:
+        return self.block_trace(block) / sum(self.sizes[n] for n in self.blocks[block])
+
+    def to_json(self) -> dict:
+        return {
+            "format": SENSITIVITY_FORMAT,
+            **self.info,
+            "blocks": {b: {"trace": self.block_trace(b), "per_weight": self.block_per_weight(b), "modules": names}
+                       for b, names in self.blocks.items()},
+            "modules": {n: {"trace": t, "per_weight": self.per_weight(n), "weights": self.sizes[n]}
+                        for n, t in self.traces.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "sensitivity") -> "Sensitivity":
+        if not isinstance(data, dict) or data.get("format") != SENSITIVITY_FORMAT:
+            raise MixsparseError(f"{source} is not a mixsparse sensitivity file")
+        try:
+            traces = {n: float(m["trace"]) for n, m in data["modules"].items()}
+            sizes = {n: int(m["weights"]) for n, m in data["modules"].items()}
+            blocks = {b: list(v["modules"]) for b, v in data["blocks"].items()}
+        except (KeyError, TypeError, ValueError) as error:
+            raise MixsparseError(f"{source}: malformed sensitivity file ({error!r})") from None
+        info = {k: v for k, v in data.items() if k not in {"format", "modules", "blocks"}}
+        return cls(traces, sizes, blocks, info)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        with atomic_file(path, overwrite=overwrite) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Sensitivity":
+        path = Path(path)
+        try:
+            return cls.from_json(json.loads(path.read_text()), str(path))
+        except FileNotFoundError:
+            raise MixsparseError(f"sensitivity file {path} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise MixsparseError(f"sensitivity file {path} is not valid JSON ({error})") from None
+
+    def check_model(self, shapes: dict[str, tuple[int, int]]) -> None:
+        missing = sorted(set(shapes) - set(self.traces))
+        wrong = sorted(n for n in shapes if n in self.sizes and self.sizes[n] != shapes[n][0] * shapes[n][1])
+        if missing or wrong:
+            raise MixsparseError(f"sensitivity file does not match this model: {len(missing)} modules missing, "
+                                 f"{len(wrong)} of another size (e.g. {(missing + wrong)[0]})")
+
+
+def fisher_traces(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    names: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    after_sample: Callable[[int], None] = lambda index: None,
+) -> Sensitivity:
+    """Tr of the empirical Fisher per module over ``windows`` (samples x tokens), one backward per sample."""
+    model = adapter.model
+    linears = adapter.linears()
+    names = list(linears) if names is None else names
+    device = torch.device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()  # no dropout: the Fisher of the deployed model
+    previous = {p: p.requires_grad for p in model.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
+    hooks = []
+    for name in names:
+        weight = linears[name].weight
+        weight.requires_grad_(True)
+
+        def reduce_and_free(param, name=name):
+            sums[name] += param.grad.detach().double().square().sum()
+            param.grad = None
+
+        hooks.append(weight.register_post_accumulate_grad_hook(reduce_and_free))
+    start = time.perf_counter()
+    try:
+        for index, window in enumerate(windows):
+            ids = window.unsqueeze(0).to(device)
+            with torch.enable_grad():
+                loss = model(ids, labels=ids, use_cache=False).loss
+                loss.backward()
+            after_sample(index)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for param, flag in previous.items():
+            param.requires_grad_(flag)
+            param.grad = None
+        model.train(was_training)
+    samples = len(windows)
+    traces = {name: float(total) / samples for name, total in sums.items()}
+    if not all(math.isfinite(t) for t in traces.values()):
+        raise MixsparseError("Fisher traces are not finite (the model's loss overflowed); try --device cpu/float32")
+    sizes = {name: linears[name].weight.numel() for name in names}
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        blocks.setdefault(f"{adapter.blocks_name}.{adapter.block_of(name)}", []).append(name)
+    info = {"samples": samples, "tokens": int(windows.numel()), "seconds": round(time.perf_counter() - start, 2)}
+    return Sensitivity(traces, sizes, blocks, info)

@@ -1,0 +1,173 @@
+"""Sensitivity, allocators and the MSP search on tiny random Llamas."""
+
+import json
+
+import pytest
+import torch
+
+from mixsparse.pruner import data, models, pipeline
+from mixsparse.pruner.adapter import adapt
+from mixsparse.pruner.planning import PlanJob, make_plan
+from mixsparse.pruner.plan import Plan
+from mixsparse.pruner.search import SearchSettings
+from mixsparse.pruner.sensitivity import fisher_traces
+from mixsparse.runtime.errors import MixsparseError
+from mixsparse.serve.cli import main
+
+FAST = SearchSettings(generations=3, population=3, offspring=4, survivors=2, steps=(1, 2), seed=0)
+
+
+def test_fisher_traces_match_a_direct_per_parameter_computation(tiny_llama):
+    loaded = models.load(str(tiny_llama), dtype=torch.float64)
+    adapter = adapt(loaded.model)
+    windows = torch.randint(0, 384, (3, 24), generator=torch.Generator().manual_seed(0))
+    result = fisher_traces(adapter, windows)
+    weights = {name: module.weight for name, module in adapter.linears().items()}
+    expected = dict.fromkeys(weights, 0.0)
+    for window in windows:
+        ids = window.unsqueeze(0)
+        loss = loaded.model(ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        for name, grad in zip(weights, grads):
+            expected[name] += float(grad.square().sum()) / len(windows)
+    assert result.traces == pytest.approx(expected, rel=1e-9)
+    assert all(not w.requires_grad or w.grad is None for w in loaded.model.parameters())
+    assert result.info["samples"] == 3 and result.sizes["model.layers.0.mlp.down_proj"] == 64 * 96
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tiny_llama):
+    """4 blocks; every block but block 1 is scaled down 20x, so the output hangs on block 1."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for index, block in enumerate(model.model.layers):
+            for module in block.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.mul_(3.0 if index == 1 else 0.05)
+    directory = tmp_path_factory.mktemp("planted")
+    model.save_pretrained(directory)
+    for file in tiny_llama.glob("tokenizer*"):
+        (directory / file.name).write_bytes(file.read_bytes())
+    return directory
+
+
+def plan_job(model, out, **kw):
+    return PlanJob(model=str(model), out=str(out), **{
+        "calibration": data.CalibrationProtocol(samples=4, seqlen=32), "fisher_samples": 3, "fitness_seqlen": 32,
+        "search": FAST, **kw})
+
+
+def test_the_search_learns_to_keep_the_planted_sensitive_block_denser(planted, tmp_path):
+    search = SearchSettings(generations=12, population=4, offspring=6, survivors=2, steps=(2, 4), moves=6,
+                            patience=50, seed=0)
+    outcome = make_plan(plan_job(planted, tmp_path / "plan.json", allocator="msp", target=0.6, fitness="kl",
+                                 search=search, delta=0.05))
+    info = outcome.plan.info
+    ratios = {label: gene["ratio"] for label, gene in info["genes"].items()}
+    assert ratios["model.layers.1"] < 0.5 < min(r for label, r in ratios.items() if label != "model.layers.1")
+    uniform = info["search"]["seed_fitness"]["uniform"]
+    assert info["search"]["best_fitness"] < 0.7 * uniform
+    assert outcome.plan.weight_sparsity() == pytest.approx(0.6, abs=1e-6)
+    history = info["search"]["history"]
+    assert history[-1]["best"] <= history[0]["best"] and info["search"]["evaluations"] > 12
+    assert (tmp_path / "plan.search.json").is_file()
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "owl", "fisher", "msp"])
+@pytest.mark.parametrize("granularity", ["block", "module"])
+def test_every_allocator_keeps_the_budget_and_drives_prune(tiny_llama, tmp_path, allocator, granularity):
+    outcome = make_plan(plan_job(tiny_llama, tmp_path / "plan.json", allocator=allocator, target=0.7,
+                                 granularity=granularity, plot=str(tmp_path / "plan.png")))
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.weight_sparsity() == pytest.approx(0.7, abs=1e-6)
+    assert plan.info["allocator"] == allocator and plan.info["calibration"]["samples"] == 4
+    assert (tmp_path / "plan.png").stat().st_size > 1000
+    summary = pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="sparsegpt", plan=str(tmp_path / "plan.json"),
+                                               out=str(tmp_path / "art"),
+                                               calibration=data.CalibrationProtocol(samples=4, seqlen=32)))
+    assert summary.sparsity == pytest.approx(0.7, abs=0.01)
+    assert outcome.plan.modules == plan.modules
+
+
+def test_deployment_plan_and_memory_target(tiny_llama, tmp_path):
+    outcome = make_plan(plan_job(tiny_llama, tmp_path / "d.json", allocator="msp", deploy=True, budget=0.5))
+    info = outcome.plan.info
+    assert abs(info["achieved_fraction"] - 0.5) <= 0.25 and info["deploy"]
+    assert {str(s) for s in outcome.plan.modules.values()} == {"2:4"}
+    formats = {tuple(g["modules"]): g["format"] for g in info["groups"]}
+    qkv = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
+    assert qkv in formats  # decisions are per fused group
+    summary = pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="wanda", plan=str(tmp_path / "d.json"),
+                                               out=str(tmp_path / "art"),
+                                               calibration=data.CalibrationProtocol(samples=4, seqlen=32)))
+    assert summary.weight_bytes["packed_dense_equivalent"] > 0
+    memory = make_plan(plan_job(tiny_llama, tmp_path / "m.json", allocator="fisher", deploy=True, memory=0.9))
+    assert memory.plan.info["weight_memory"] == pytest.approx(0.9, abs=0.05)
+
+
+def test_pareto_front(tiny_llama, tmp_path, capsys):
+    outcome = make_plan(plan_job(tiny_llama, tmp_path / "front", allocator="msp", deploy=True, pareto=True,
+                                 budgets=(0.0, 0.5, 1.0)))
+    assert [round(p["budget"], 2) for p in outcome.front] == [0.0, 0.5, 1.0]
+    memories = [p["weight_memory"] for p in outcome.front]
+    assert memories == sorted(memories, reverse=True) and memories[0] == pytest.approx(1.0)
+    assert {"front.json", "front.md", "front.png", "plan-b0.50.json"} <= {p.name for p in (tmp_path / "front").iterdir()}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--allocator", "fisher", "--target", "0.995"], "target 0.995 is infeasible"),
+    (["--allocator", "owl", "--target", "0.3", "--min-ratio", "0.5"], "infeasible"),
+    (["--allocator", "uniform", "--target", "1.2"], "outside [0, 1)"),
+    (["--allocator", "uniform", "--deploy", "--budget", "0.5"], "allocator 'uniform' does not apply"),
+    (["--allocator", "msp", "--deploy"], "exactly one of --budget or --memory"),
+    (["--allocator", "msp", "--deploy", "--memory", "0.2"], "--memory 0.2 is infeasible"),
+    (["--allocator", "msp"], "--target is required"),
+])
+def test_plan_errors(tiny_llama, tmp_path, capsys, argv, message):
+    code = main(["plan", str(tiny_llama), "--out", str(tmp_path / "p.json"), "--samples", "4", "--seqlen", "32",
+                 "--fisher-samples", "2", "--generations", "1", *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_for_another_model_lists_what_does_not_match(tiny_llama, tiny_llama_odd, tmp_path, capsys):
+    make_plan(plan_job(tiny_llama, tmp_path / "plan.json", allocator="uniform", target=0.5))
+    code = main(["prune", str(tiny_llama_odd), "--metric", "wanda", "--plan", str(tmp_path / "plan.json"),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "plan does not match this model" in err and "model.layers.0.mlp.down_proj (plan [64, 96]" in err
+
+
+def test_resume_and_corrupt_state(tiny_llama, tmp_path, capsys):
+    args = ["plan", str(tiny_llama), "--allocator", "msp", "--target", "0.6", "--out", str(tmp_path / "p.json"),
+            "--samples", "4", "--seqlen", "32", "--fisher-samples", "2", "--fitness-seqlen", "32", "--steps", "1,2",
+            "--population", "3", "--offspring", "3", "--survivors", "1"]
+    assert main([*args, "--generations", "2"]) == 0
+    state = json.loads((tmp_path / "p.search.json").read_text())
+    assert state["generation"] == 2
+    capsys.readouterr()
+    assert main([*args, "--generations", "4"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--generations", "4", "--resume"]) == 0
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["search"]["generations"] == 4
+    (tmp_path / "p.search.json").write_text("{not json")
+    assert main([*args, "--generations", "5", "--resume"]) == 2
+    assert "is corrupt" in capsys.readouterr().err
+
+
+def test_sensitivity_command(tiny_llama, tmp_path, capsys):
+    assert main(["sensitivity", str(tiny_llama), "--samples", "2", "--seqlen", "32", "--out", str(tmp_path / "s.json"),
+                 "--plot", str(tmp_path / "s.png"), "--json"]) == 0
+    data_ = json.loads((tmp_path / "s.json").read_text())
+    assert data_["samples"] == 2 and len(data_["blocks"]) == 2 and len(data_["modules"]) == 14
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    out = make_plan(plan_job(tiny_llama, tmp_path / "p.json", allocator="fisher", target=0.5,
+                             sensitivity=str(tmp_path / "s.json")))
+    assert out.plan.info["fisher"]["samples"] == 2
