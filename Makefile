@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest -q
 
+# Prune the built-in model with SparseGPT 2:4 (reused on later runs), serve it, ask one question, print the
+# answer and the metrics, then keep serving until Ctrl-C. DEMO_FLAGS=--once stops after the answer.
+DEMO_FLAGS ?=
 demo: install
-	$(BIN)/mixsparse prune smollm2-135m --metric wanda --sparsity 2:4 --out runs/demo-wanda-2of4 --overwrite \
-		--eval-windows 40
+	$(BIN)/mixsparse deploy smollm2-135m --metric sparsegpt --sparsity 2:4 --out runs/demo-sparsegpt-2of4 \
+		--eval-windows 10 --chat "What is the capital of France? Answer in one sentence." $(DEMO_FLAGS)
 
 bench: install
 	$(BIN)/python benchmarks/prune_table.py

@@ -1,8 +1,9 @@
 """Cheap candidate evaluation for plan search (MSP.md §3, "Fitness").
 
-Importance scores are computed once (Wanda: |W|·‖X_j‖ from one dense calibration pass; magnitude: |W|),
-so a candidate plan's masks are top-k selections of stored scores: no recalibration per candidate, and
-only the modules whose spec changed since the last candidate are recomputed. Fitness is the mean
+Importance scores are computed once (Wanda: |W|·‖X_j‖ from one dense calibration pass; magnitude: |W|)
+and turned into ranks (within each row for Wanda, over the layer for magnitude), so a candidate's mask
+for ratio r is just ``rank >= round(r·n)``: no recalibration and no sorting per candidate, and only the
+modules whose spec changed since the last candidate are touched. Fitness is the mean
 next-token NLL (or the KL divergence to the dense model) on held-out calibration sequences; the number
 of sequences is the evaluation step, so the same tokens serve every candidate of a step.
 """
@@ -17,7 +18,7 @@ from torch import nn
 
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import run_blocks
-from mixsparse.pruner.masks import mask_for
+from mixsparse.pruner.masks import mask_nm, pruned_count
 from mixsparse.pruner.spec import Spec
 from mixsparse.pruner.stats import accumulate, empty_stats
 
@@ -36,6 +37,17 @@ def activation_norms(adapter: ModelAdapter, windows: torch.Tensor, names: list[s
 
     run_blocks(adapter, windows, collect, device, names=set(names), after_block=after_block)
     return norms
+
+
+def ranks(scores_: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """Each weight's position in ascending score order (per row, or over the whole layer); int16 when it fits."""
+    flat = scores_ if per_row else scores_.reshape(1, -1)
+    order = flat.argsort(dim=1)
+    width = flat.shape[1]
+    dtype = torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
+    rank = torch.empty_like(order, dtype=dtype)
+    rank.scatter_(1, order, torch.arange(width, dtype=dtype, device=flat.device).expand_as(order).contiguous())
+    return rank.reshape(scores_.shape)
 
 
 def scores(metric: str, weight: torch.Tensor, sq_norm: torch.Tensor | None) -> torch.Tensor:
@@ -59,7 +71,9 @@ class PlanEvaluator:
         self.dense = {name: module.weight.detach().clone() for name, module in self.modules.items()}
         self.metric = metric
         self.per_row = metric != "magnitude"
-        self.norms = norms or {}
+        norms = norms or {}
+        self.scores = {name: scores(metric, w, norms.get(name)) for name, w in self.dense.items()}
+        self.ranks = {name: ranks(s, self.per_row) for name, s in self.scores.items()}
         self.current = {name: Spec.dense() for name in names}
         self.sequences = sequences
         self.fitness = fitness
@@ -74,11 +88,15 @@ class PlanEvaluator:
             if spec == self.current[name]:
                 continue
             dense = self.dense[name]
+            weight = self.modules[name].weight
             if spec.is_dense:
-                self.modules[name].weight.copy_(dense)
+                weight.copy_(dense)
+            elif spec.kind == "nm":
+                weight.copy_(dense * mask_nm(self.scores[name], spec.n, spec.m))
             else:
-                keep = mask_for(scores(self.metric, dense, self.norms.get(name)), spec, self.per_row)
-                self.modules[name].weight.copy_(dense * keep)
+                count = dense.shape[1] if self.per_row else dense.numel()
+                keep = self.ranks[name] >= pruned_count(count, spec.sparsity)
+                torch.where(keep, dense, torch.zeros((), dtype=dense.dtype, device=dense.device), out=weight.data)
             self.current[name] = spec
 
     def restore(self) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from mixsparse.runtime.atomic import atomic_dir
+from mixsparse.runtime.cache import cache_dir
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.formats.hf import load_dense
@@ -43,10 +44,6 @@ BUILTINS = {
                             "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0"),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MIXSPARSE_CACHE") or Path.home() / ".cache" / "mixsparse")
 
 
 @dataclass

@@ -5,6 +5,7 @@ The CLI is a thin layer over these; tests and benchmarks call them directly.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,7 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
 
     save_start = time.perf_counter()
     record = {
+        "request": request_of(job, path),
         "metric": job.metric,
         "model": {"name": job.model, "path": loaded.path},
         "calibration": job.calibration.to_json() if metric.needs_calibration else None,
@@ -191,6 +193,17 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
     summary = summaries[-1]
     summary.save_seconds = time.perf_counter() - save_start
     return summary
+
+
+def request_of(job: PruneJob, resolved: str) -> dict:
+    """What determines an artifact's weights; `deploy` reuses an artifact whose request is the same."""
+    plan_digest = None
+    if job.plan:
+        plan_digest = hashlib.sha256(Path(job.plan).read_bytes()).hexdigest()
+    return {"model": str(Path(resolved).resolve()) if Path(resolved).exists() else resolved, "metric": job.metric,
+            "sparsity": job.sparsity, "plan_sha256": plan_digest, "include": job.include, "exclude": job.exclude,
+            "prune_lm_head": job.prune_lm_head, "calibration": job.calibration.to_json(), "dtype": job.dtype,
+            "options": vars(job.options)}
 
 
 def _stored_dtype(path: str, requested: str | None) -> torch.dtype:

@@ -26,6 +26,16 @@ def _windows(text: str) -> int | str:
     return value
 
 
+def _add_server(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server (other flags are passed to vLLM)")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    group.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    group.add_argument("--api-key", help="require this bearer token")
+    group.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
+    group.add_argument("--metrics-window", type=float, default=10.0,
+                       help="seconds of the sliding window behind mixsparse_tokens_per_second (default: 10)")
+
+
 def _count(windows: int | str) -> int | None:
     return None if windows == "all" else windows
 
@@ -195,6 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration(plan)
     _add_device(plan)
 
+    serve = verbs.add_parser(
+        "serve", help="serve a model or artifact through vLLM's OpenAI-compatible server",
+        description="Start vLLM's OpenAI-compatible server (chat, completions, streaming, models list) with the "
+                    "mixsparse plugin: 2:4 modules run on sparse GEMMs on CUDA sm80+, on the exact dense fallback "
+                    "elsewhere. /metrics keeps vLLM's metrics and adds mixsparse_* gauges (weight bytes, modules "
+                    "per format, memory ratio, tokens/s). Any other flag is passed to vLLM unchanged; on CPU the "
+                    "defaults are --enforce-eager --no-enable-prefix-caching --dtype float32 (correct output).",
+        epilog="Examples:\n  mixsparse serve runs/smollm2-135m-sparsegpt-2of4\n"
+               "  mixsparse serve my-artifact --port 9000 --api-key secret --max-num-seqs 64\n\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("model", help="artifact (or plain HF model) directory")
+    _add_server(serve)
+
+    deploy = verbs.add_parser(
+        "deploy", help="prune (or reuse a matching artifact) and serve, in one command",
+        description="Prune MODEL (or reuse an artifact already made with the same settings), print what was "
+                    "pruned and saved, then serve it like `mixsparse serve`. Other flags go to vLLM.",
+        epilog="Examples:\n  mixsparse deploy smollm2-135m --metric sparsegpt --sparsity 2:4\n"
+               "  mixsparse deploy smollm2-135m --plan deploy50.json --metric sparsegpt --chat 'Hi!' --once\n\n"
+               + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    deploy.add_argument("model", help="model to prune and serve")
+    deploy.add_argument("--metric", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                        help="base metric (default: %(default)s)")
+    deploy_target = deploy.add_mutually_exclusive_group()
+    deploy_target.add_argument("--sparsity", help="uniform spec (default: 2:4 when no --plan is given)")
+    deploy_target.add_argument("--plan", help="a plan.json from `mixsparse plan`")
+    deploy.add_argument("--out", help="artifact directory (default: runs/<model>-<metric>-<spec>)")
+    deploy.add_argument("--overwrite", action="store_true", help="replace --out if it was made differently")
+    deploy.add_argument("--eval-windows", type=_windows, metavar="N|all",
+                        help="measure dense and pruned perplexity when pruning (shown in the summary)")
+    deploy.add_argument("--chat", metavar="TEXT", help="send this chat message once the server is up, print the "
+                                                      "answer and a metrics summary")
+    deploy.add_argument("--max-tokens", type=int, default=64, help="tokens for --chat's answer (default: 64)")
+    deploy.add_argument("--once", action="store_true", help="stop after --chat's answer instead of serving on")
+    _add_calibration(deploy)
+    deploy.add_argument("--device", default="cpu", help="device for pruning: cpu or cuda (default: %(default)s)")
+    _add_server(deploy)
+
     export = verbs.add_parser(
         "export", help="write a plain transformers copy of an artifact",
         description="Write a plain transformers-loadable copy of an artifact (dense weights with zeros).")
@@ -346,26 +394,60 @@ def cmd_plan(args) -> None:
     _print_rows(f"mixsparse plan --allocator {args.allocator}", rows)
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity,
+def _serve_options(args, model: str | None):
+    from mixsparse.serve.server import ServeOptions
+
+    return ServeOptions(model, args.host, args.port, args.api_key, args.served_model_name, args.metrics_window,
+                        list(args.vllm_args))
+
+
+def cmd_serve(args) -> None:
+    from mixsparse.serve.server import serve
+
+    serve(_serve_options(args, args.model))
+
+
+def cmd_deploy(args) -> int:
+    from mixsparse.pruner import data, pipeline
+    from mixsparse.pruner.progress import RichProgress
+    from mixsparse.serve.deploy import DeployJob, deploy
+
+    sparsity = args.sparsity if args.sparsity or args.plan else "2:4"
+    job = DeployJob(
+        prune=pipeline.PruneJob(
+            model=args.model, metric=args.metric, out=args.out, sparsity=sparsity, plan=args.plan,
+            calibration=data.CalibrationProtocol(args.calib, args.samples, args.seqlen, args.seed),
+            evaluation=None if args.eval_windows is None else data.EvaluationProtocol(windows=_count(args.eval_windows)),
+            device=args.device, overwrite=args.overwrite),
+        serve=_serve_options(args, None), chat=args.chat, once=args.once, max_tokens=args.max_tokens,
+        verbose=args.verbose)
+    return deploy(job, RichProgress(), show=_print_rows)
+
+
+COMMANDS = {"serve": cmd_serve, "deploy": cmd_deploy, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity,
             "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb not in ("serve", "deploy"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.vllm_args = extra
     _quiet_libraries(args.verbose)
     from mixsparse.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
     try:
-        COMMANDS[args.verb](args)
+        code = COMMANDS[args.verb](args)
     except MixsparseError as error:
         print(f"mixsparse: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mixsparse: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

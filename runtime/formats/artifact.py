@@ -189,6 +189,39 @@ _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16"
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def tensor_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, safetensors dtype)} from the files' headers; no tensor data is read."""
+    headers = {}
+    for name in config.files:
+        try:
+            with safe_open(config.path / name, framework="pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_slice(key)
+                    headers[key] = (tuple(tensor.get_shape()), tensor.get_dtype())
+        except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+            raise MixsparseError(f"{config.path}: cannot read {name} ({error})") from None
+    return headers
+
+
+def check_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every recorded module's tensors exist with the shapes its entry implies (headers only)."""
+    headers = tensor_headers(config)
+    for name, entry in config.modules.items():
+        out_features, in_features = entry.shape
+        if entry.storage == PACKED24:
+            expected = {f"{name}.values": (out_features, in_features // 2),
+                        f"{name}.meta": (out_features, (in_features + 7) // 8)}
+        else:
+            expected = {f"{name}.weight": (out_features, in_features)}
+        for key, shape in expected.items():
+            if key not in headers:
+                raise MixsparseError(f"{config.path}: tensor {key} of module {name} is missing")
+            if headers[key][0] != shape:
+                raise MixsparseError(f"{config.path}: {key} has shape {list(headers[key][0])}, the artifact "
+                                     f"records {list(shape)} for module {name}")
+    return headers
+
+
 def weight_bytes(config: ArtifactConfig) -> dict[str, int]:
     """Bytes of all stored tensors, read from the safetensors headers (no tensor is loaded).
 
@@ -196,14 +229,11 @@ def weight_bytes(config: ArtifactConfig) -> dict[str, int]:
     ``packed_stored`` / ``packed_dense_equivalent``: the packed 2:4 modules alone.
     """
     stored = 0
-    for name in config.files:
-        with safe_open(config.path / name, framework="pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_slice(key)
-                count = 1
-                for size in tensor.get_shape():
-                    count *= size
-                stored += count * _DTYPE_BYTES[tensor.get_dtype()]
+    for shape, dtype in tensor_headers(config).values():
+        count = 1
+        for size in shape:
+            count *= size
+        stored += count * _DTYPE_BYTES[dtype]
     element = torch.empty((), dtype=config.dtype).element_size()
     packed_dense = sum(e.shape[0] * e.shape[1] * element for e in config.packed.values())
     packed_stored = sum(e.shape[0] * (e.shape[1] // 2 * element + (e.shape[1] + 7) // 8)

@@ -44,14 +44,16 @@ def load_dense(path: str | os.PathLike, dtype: torch.dtype | None = None):
     return model, config
 
 
-def load_state(model, state: dict[str, torch.Tensor], source) -> None:
-    """Load ``state`` into ``model``; only weights tied to another (e.g. lm_head) may be absent."""
+def load_state(model, state: dict[str, torch.Tensor], source, allowed_missing: set[str] = frozenset()) -> None:
+    """Load ``state`` into ``model``; only weights tied to another (e.g. lm_head) or ``allowed_missing``
+    may be absent."""
     result = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = {name for name, param in model.named_parameters(remove_duplicate=False)} - {
         name for name, _ in model.named_parameters()
     }
-    missing = [k for k in result.missing_keys if k not in tied and not k.endswith("rotary_emb.inv_freq")]
+    missing = [k for k in result.missing_keys
+               if k not in tied and k not in allowed_missing and not k.endswith("rotary_emb.inv_freq")]
     if missing or result.unexpected_keys:
         problem = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {result.unexpected_keys[0]}"
         raise MixsparseError(f"{source}: {problem} (artifact does not match its config)")

@@ -54,3 +54,14 @@ def test_mask_for_dispatches_on_the_spec():
     layerwise = mask_for(scores, Spec.parse("0.5"), per_row=False)
     assert layerwise[0].sum() == 0 and layerwise[1].all()  # the whole first row holds the smallest scores
     assert (mask_for(scores, Spec.parse("0.5"), per_row=True).sum(1) == 4).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 30), sparsity=st.floats(0, 0.99), per_row=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_rank_thresholds_give_the_same_masks_as_mask_ratio(rows, cols, sparsity, per_row, seed):
+    from mixsparse.pruner.fitness import ranks
+
+    scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed))  # distinct: no ties
+    count = cols if per_row else rows * cols
+    assert torch.equal(ranks(scores, per_row) >= pruned_count(count, sparsity), mask_ratio(scores, sparsity, per_row))

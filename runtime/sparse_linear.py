@@ -1,0 +1,151 @@
+"""A packed 2:4 module prepared once for its device, and the nn.Module that runs it.
+
+``prepare`` unpacks the artifact's values/meta on the device, then compresses into the backend chosen
+for the shape: on CUDA sm80+ the faster of cuSPARSELt and CUTLASS (or dense, if both lose) by a one-time
+timing search whose result is cached per GPU, torch version, shape and dtype; elsewhere, or for shapes
+below the kernels' minimums (one warning per shape), the exact dense fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixsparse.runtime import kernels, ops  # ops: registers torch.ops.mixsparse.sparse_linear
+from mixsparse.runtime.cache import cache_dir
+from mixsparse.runtime.formats.packed24 import Packed24
+
+log = logging.getLogger(__name__)
+
+TUNING_TOKENS = (16, 256, 2048)  # decode-, mixed- and prefill-like token counts
+
+
+@dataclass
+class Prepared:
+    backend: str
+    weight: torch.Tensor
+    meta: torch.Tensor | None
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes resident on the device for this weight."""
+        total = self.weight.numel() * self.weight.element_size()
+        if self.meta is not None:
+            total += self.meta.numel() * self.meta.element_size()
+        return total
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unsupported(shape: tuple[int, int]) -> None:
+    log.warning("2:4 kernels need out %% %d == 0 and in %% %d == 0; shape %s runs on the exact dense fallback",
+                kernels.LIMITS.min_rows, kernels.LIMITS.min_cols, list(shape))
+
+
+def candidates(device: torch.device, shape: tuple[int, int], dtype: torch.dtype) -> tuple[str, ...]:
+    backends = kernels.available(str(device))
+    if backends == (kernels.DENSE,):
+        return backends
+    if dtype not in kernels.SPARSE_DTYPES:
+        log.warning("2:4 kernels take float16/bfloat16, not %s: using the exact dense fallback", dtype)
+        return (kernels.DENSE,)
+    if not kernels.shape_supported(*shape):
+        _warn_unsupported(tuple(shape))
+        return (kernels.DENSE,)
+    return backends
+
+
+def prepare(packed: Packed24, device: str | torch.device, dtype: torch.dtype | None = None,
+            backend: str = "auto") -> Prepared:
+    device = torch.device(device)
+    dtype = dtype or packed.dtype
+    dense = Packed24(packed.values.to(device), packed.meta.to(device), packed.shape).unpack().to(dtype)
+    options = candidates(device, packed.shape, dtype)
+    if backend == "auto":
+        backend = choose(dense, options) if len(options) > 1 else options[0]
+    elif backend not in options:
+        raise ValueError(f"backend {backend!r} is not available here (available: {', '.join(options)})")
+    weight, meta = kernels.compress(backend, dense)
+    return Prepared(backend, weight, meta, *packed.shape)
+
+
+def _tuning_file(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+    return str(cache_dir() / "kernels" / f"{name}-torch{torch.__version__}.json")
+
+
+def choose(dense: torch.Tensor, options: tuple[str, ...]) -> str:
+    """The fastest backend for this weight's shape, timed once and cached per device and torch version."""
+    key = f"{dense.shape[0]}x{dense.shape[1]}:{str(dense.dtype).removeprefix('torch.')}"
+    path = _tuning_file(dense.device)
+    try:
+        with open(path) as handle:
+            table = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        table = {}
+    if table.get(key, {}).get("backend") in options:
+        return table[key]["backend"]
+    timings = {backend: time_backend(backend, dense) for backend in options}
+    # each backend's time relative to dense, summed over the token counts: no single regime dominates
+    score = {b: sum(t / d for t, d in zip(times, timings[kernels.DENSE])) for b, times in timings.items()}
+    best = min(score, key=score.get)
+    table[key] = {"backend": best, "tokens": list(TUNING_TOKENS),
+                  "milliseconds": {b: [round(t, 4) for t in times] for b, times in timings.items()}}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(table, handle, indent=1)
+    os.replace(tmp, path)
+    log.info("2:4 %s: %s (%s)", key, best, {b: round(s, 3) for b, s in score.items()})
+    return best
+
+
+def time_backend(backend: str, dense: torch.Tensor, repeats: int = 20) -> list[float]:
+    """Median milliseconds of y = x Wᵀ at each of TUNING_TOKENS, with CUDA events, after warm-up."""
+    weight, meta = kernels.compress(backend, dense)
+    results = []
+    for tokens in TUNING_TOKENS:
+        x = torch.randn(tokens, dense.shape[1], device=dense.device, dtype=dense.dtype)
+        for _ in range(3):
+            kernels.linear(backend, x, weight, meta, None, dense.shape[0])
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            kernels.linear(backend, x, weight, meta, None, dense.shape[0])
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        results.append(sorted(times)[len(times) // 2])
+    return results
+
+
+class SparseLinear(nn.Module):
+    """Drop-in for nn.Linear with a prepared 2:4 weight; forward is ``torch.ops.mixsparse.sparse_linear``."""
+
+    def __init__(self, prepared: Prepared, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.backend = prepared.backend
+        self.backend_id = kernels.BACKEND_IDS[prepared.backend]
+        self.in_features, self.out_features = prepared.in_features, prepared.out_features
+        self.register_buffer("weight", prepared.weight)
+        self.register_buffer("meta", prepared.meta)
+        self.register_buffer("bias", bias)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.weight, self.meta) if b is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_linear(x, self.weight, self.meta, self.bias, self.backend_id,
+                                                 self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"

