@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from mixsparse.pruner.search import SearchSettings
 from mixsparse.runtime.errors import MixsparseError
@@ -243,6 +244,36 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--device", default="cpu", help="device for pruning: cpu or cuda (default: %(default)s)")
     _add_server(deploy)
 
+    bench = verbs.add_parser(
+        "bench", help="dense vs sparse tokens/s, latency and memory through vLLM, side by side",
+        description="Serve the dense model, then the sparse artifact, with the same vLLM flags; warm each up, "
+                    "then stream the same prompts at each concurrency. Reports output/prompt tokens/s, requests/s, "
+                    "time to first token and inter-token latency (p50/p99), weight bytes (dense-equivalent, "
+                    "stored, resident), peak process and GPU memory, and the sparse/dense ratio of each. Writes "
+                    "bench.json, bench.md and bench.png into --out, and records the sparse/dense output tokens/s "
+                    "into the artifact for the mixsparse_throughput_gain_ratio gauge. Other flags go to vLLM.",
+        epilog="Examples:\n  mixsparse bench --dense smollm2-135m --sparse runs/demo-sparsegpt-2of4\n"
+               "  mixsparse bench --dense ./llama --sparse ./llama-24 --workload decode --concurrency 1,16,64 "
+               "--max-num-seqs 64\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--dense", required=True, help="the dense model (a directory or the built-in name)")
+    bench.add_argument("--sparse", required=True, help="a mixsparse artifact of the same base model")
+    bench.add_argument("--workload", default="chat", choices=["chat", "prefill", "decode"],
+                       help="chat: 256 prompt -> 128 generated tokens; prefill: 1024 -> 1; decode: 32 -> 256 "
+                            "(default: %(default)s)")
+    bench.add_argument("--prompt-tokens", type=int, help="override the workload's prompt length")
+    bench.add_argument("--output-tokens", type=int, help="override the workload's generated tokens")
+    bench.add_argument("--concurrency", default="1,4,16,64",
+                       help="comma-separated requests in flight (default: %(default)s)")
+    bench.add_argument("--requests", type=int, help="requests per concurrency level (default: 4 x concurrency, "
+                                                   "at least 8)")
+    bench.add_argument("--warmup", type=int, default=4, help="unmeasured requests per engine (default: 4)")
+    bench.add_argument("--out", help="report directory (default: runs/bench-<artifact>-<workload>)")
+    bench.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    bench.add_argument("--no-record", action="store_true", help="do not write bench.json into the artifact")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the prompt sampling (default: 0)")
+    bench.add_argument("--host", default="127.0.0.1", help="address the servers listen on (default: %(default)s)")
+    bench.add_argument("--port", type=int, default=8000, help="port the servers use (default: %(default)s)")
+
     export = verbs.add_parser(
         "export", help="write a plain transformers copy of an artifact",
         description="Write a plain transformers-loadable copy of an artifact (dense weights with zeros).")
@@ -424,7 +455,29 @@ def cmd_deploy(args) -> int:
     return deploy(job, RichProgress(), show=_print_rows)
 
 
-COMMANDS = {"serve": cmd_serve, "deploy": cmd_deploy, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity,
+def cmd_bench(args) -> None:
+    from mixsparse.pruner.progress import RichProgress
+    from mixsparse.serve import loadgen
+    from mixsparse.serve.bench import BenchJob, bench
+
+    try:
+        concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        raise MixsparseError(f"--concurrency takes comma-separated integers, not {args.concurrency!r}") from None
+    job = BenchJob(dense=args.dense, sparse=args.sparse,
+                   workload=loadgen.make_workload(args.workload, args.prompt_tokens, args.output_tokens),
+                   concurrency=concurrency, requests=args.requests, warmup=args.warmup, out=args.out,
+                   overwrite=args.overwrite, record=not args.no_record, host=args.host, port=args.port,
+                   vllm_args=list(args.vllm_args), seed=args.seed, verbose=args.verbose)
+    result = bench(job, RichProgress())
+    print((Path(result["out"]) / "bench.md").read_text())
+    where = f"wrote {result['out']}/ (bench.json, bench.md, bench.png)"
+    if job.record and "output_tokens_per_second_ratio" in result:
+        where += f"; recorded the gain in {args.sparse}/bench.json"
+    print(where)
+
+
+COMMANDS = {"serve": cmd_serve, "bench": cmd_bench, "deploy": cmd_deploy, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity,
             "plan": cmd_plan}
 
 
@@ -432,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.verb not in ("serve", "deploy"):
+    if extra and args.verb not in ("serve", "deploy", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.vllm_args = extra
     _quiet_libraries(args.verbose)

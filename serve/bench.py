@@ -1,0 +1,301 @@
+"""``mixsparse bench``: the same load against a dense and a sparse vLLM server, one after the other.
+
+Both engines are started by ``mixsparse serve`` with the same flags, warmed up (not measured), then
+driven at each concurrency with prompts of the same lengths (the same prompts, in the same order). The
+server's process tree is sampled for peak memory, and its /metrics for weight bytes. Results are written
+after every measured level, so a server that dies mid-run stops the bench with what was measured kept
+(bench.json says ``complete: false``). A complete run also records the sparse/dense output tokens/s
+into the artifact (``bench.json`` there) for the ``mixsparse_throughput_gain_ratio`` gauge.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixsparse.pruner import models
+from mixsparse.pruner.progress import Progress, Silent
+from mixsparse.runtime.atomic import atomic_file, refuse_existing
+from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats import artifact
+from mixsparse.runtime.machine import machine
+from mixsparse.serve import loadgen, report
+from mixsparse.serve.deploy import request, wait_healthy
+from mixsparse.serve.metrics import BENCH_RECORD
+from mixsparse.serve.server import check_port, preflight
+
+# What makes two checkpoints the same base model for a throughput comparison.
+ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                     "max_position_embeddings", "tie_word_embeddings", "rope_theta")
+SERVED_NAME = "bench"
+
+
+@dataclass
+class BenchJob:
+    dense: str
+    sparse: str
+    workload: loadgen.Workload
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    requests: int | None = None  # per level; default: 4 x concurrency, at least 8
+    warmup: int = 4
+    out: str | None = None
+    overwrite: bool = False
+    record: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    vllm_args: list[str] = field(default_factory=list)
+    seed: int = 0
+    startup_timeout: float = 900.0
+    request_timeout: float = 3600.0
+    verbose: bool = False
+
+    def requests_at(self, concurrency: int) -> int:
+        return self.requests or max(4 * concurrency, 8)
+
+
+def architecture(path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    return {k: config.get(k) for k in ARCHITECTURE_KEYS}
+
+
+def check_same_base(dense: Path, sparse: Path) -> None:
+    a, b = architecture(dense), architecture(sparse)
+    differ = [f"{k}: {a[k]!r} vs {b[k]!r}" for k in ARCHITECTURE_KEYS if a[k] != b[k]]
+    if differ:
+        raise MixsparseError(f"--dense {dense} and --sparse {sparse} are not the same base model "
+                             f"({'; '.join(differ[:4])})")
+
+
+def check_job(job: BenchJob) -> tuple[Path, Path]:
+    if not job.concurrency or min(job.concurrency) < 1:
+        raise MixsparseError("--concurrency takes positive integers, e.g. 1,4,16,64")
+    if job.requests is not None and job.requests < 1:
+        raise MixsparseError("--requests must be at least 1")
+    dense = Path(models.resolve(job.dense))
+    if not dense.is_dir():
+        raise MixsparseError(f"--dense {job.dense}: not a local model directory (bench serves local weights)")
+    sparse = Path(job.sparse).expanduser()
+    if not artifact.is_artifact(sparse):
+        raise MixsparseError(f"--sparse {job.sparse} is not a mixsparse artifact (no quantization_config with "
+                             f"quant_method mixsparse in config.json)")
+    preflight(str(dense))
+    preflight(str(sparse))
+    check_same_base(dense, sparse)
+    check_port(job.host, job.port)
+    return dense, sparse
+
+
+class MemorySampler:
+    """Peak RSS of a process and its children, and peak GPU memory in use, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_gpu = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._gpu = _gpu_handles()
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        except psutil.Error:
+            return
+        self.peak_rss = max(self.peak_rss, rss)
+        if self._gpu:
+            import pynvml
+
+            used = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self._gpu)
+            self.peak_gpu = max(self.peak_gpu or 0, used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "MemorySampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def _gpu_handles() -> list:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else \
+            range(pynvml.nvmlDeviceGetCount())
+        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+    except Exception:  # no NVML (CPU machine): GPU memory is not reported
+        return []
+
+
+def weight_bytes(metrics_text: str) -> dict[str, float]:
+    found = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("mixsparse_weight_bytes{"):
+            kind = line.split('kind="', 1)[1].split('"', 1)[0]
+            found[kind] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def server_command(job: BenchJob, model: Path) -> list[str]:
+    return [sys.executable, "-m", "mixsparse.serve.cli", *(["-v"] if job.verbose else []), "serve", str(model),
+            "--host", job.host, "--port", str(job.port), "--served-model-name", SERVED_NAME, *job.vllm_args]
+
+
+class Server:
+    """``mixsparse serve`` in a child process, its log in a file."""
+
+    def __init__(self, job: BenchJob, model: Path, log: Path):
+        command = server_command(job, model)
+        self.url = f"http://{job.host}:{job.port}"
+        self.log_path = log
+        self.log = open(log, "w")
+        self.child = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.child.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.alive():
+            self.child.send_signal(signal.SIGINT)
+            try:
+                self.child.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
+        self.log.close()
+
+
+def run_engine(job: BenchJob, kind: str, model: Path, tokenizer, scratch: Path, progress: Progress,
+               publish, result: dict) -> None:
+    """Start one engine, warm it up, measure every level into ``result``; ``publish`` after each level."""
+    result.update({"model": str(model), "levels": [], "complete": False})
+    server = Server(job, model, scratch / f"server-{kind}.log")
+    try:
+        prompts = loadgen.PromptSource(tokenizer, job.workload, job.seed)
+        with MemorySampler(server.child.pid) as memory:  # from the start: loading can be the peak
+            try:
+                wait_healthy(server.url, server.child, job.startup_timeout)
+            except MixsparseError as error:
+                raise MixsparseError(f"the {kind} server did not start: {error}\n{server.tail()}") from None
+            warm = loadgen.run_level(server.url, job.workload, SERVED_NAME, prompts.take(job.warmup),
+                                     min(job.warmup, max(job.concurrency)), timeout=job.request_timeout,
+                                     alive=server.alive)
+            if warm.failed:
+                raise MixsparseError(f"the {kind} server failed warm-up requests: {'; '.join(warm.errors)}\n"
+                                     f"{server.tail()}")
+            for concurrency in job.concurrency:
+                count = job.requests_at(concurrency)
+                with progress.task(f"{kind}, concurrency {concurrency}", count) as advance:
+                    level = loadgen.run_level(server.url, job.workload, SERVED_NAME, prompts.take(count), concurrency,
+                                              on_done=lambda r: advance(), timeout=job.request_timeout,
+                                              alive=server.alive)
+                entry = level.to_json() | {"peak_process_bytes": memory.peak_rss, "peak_gpu_bytes": memory.peak_gpu}
+                if level.failed:
+                    result["levels"].append(entry)
+                    why = "the server died" if not server.alive() else f"{level.failed} requests failed"
+                    result["error"] = f"{kind}, concurrency {concurrency}: {why} ({'; '.join(level.errors)})"
+                    publish()
+                    raise MixsparseError(f"{result['error']}\n{server.tail()}")
+                result["levels"].append(entry)
+                publish()
+            result["weight_bytes"] = weight_bytes(request(f"{server.url}/metrics"))
+        result["peak_process_bytes"] = memory.peak_rss
+        result["peak_gpu_bytes"] = memory.peak_gpu
+        result["complete"] = True
+    finally:
+        server.stop()
+
+
+def gain_ratio(data: dict) -> tuple[int, float] | None:
+    """Sparse/dense output tokens/s at the highest concurrency both engines completed."""
+    dense = {lv["concurrency"]: lv for lv in data["engines"].get("dense", {}).get("levels", []) if not lv["failed"]}
+    sparse = {lv["concurrency"]: lv for lv in data["engines"].get("sparse", {}).get("levels", []) if not lv["failed"]}
+    shared = sorted(set(dense) & set(sparse))
+    if not shared:
+        return None
+    top = shared[-1]
+    return top, sparse[top]["output_tokens_per_second"] / dense[top]["output_tokens_per_second"]
+
+
+def bench(job: BenchJob, progress: Progress = Silent()) -> dict:
+    dense, sparse = check_job(job)
+    out = Path(job.out or Path("runs") / f"bench-{sparse.name}-{job.workload.name}")
+    refuse_existing(out, job.overwrite)
+    tokenizer = models.load_tokenizer(str(sparse))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    data = {"format": "mixsparse-bench", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine(), "dense": str(dense), "sparse": str(sparse), "workload": job.workload.__dict__,
+            "concurrency": list(job.concurrency), "requests": {c: job.requests_at(c) for c in job.concurrency},
+            "warmup": job.warmup, "vllm_args": job.vllm_args, "engines": {}, "complete": False}
+
+    def publish() -> None:
+        (scratch / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    try:
+        for kind, model in (("dense", dense), ("sparse", sparse)):
+            data["engines"][kind] = {}
+            try:
+                run_engine(job, kind, model, tokenizer, scratch, progress, publish, data["engines"][kind])
+            except MixsparseError as error:
+                data["error"] = str(error).splitlines()[0]
+                raise
+            finally:
+                publish()
+        data["complete"] = True
+        gain = gain_ratio(data)
+        if gain:
+            data["output_tokens_per_second_ratio"] = gain[1]
+            data["ratio_concurrency"] = gain[0]
+    finally:
+        finish(data, scratch, out, job.overwrite)
+    if job.record and "output_tokens_per_second_ratio" in data:
+        record(data, sparse, out)
+    return data | {"out": str(out)}
+
+
+def finish(data: dict, scratch: Path, out: Path, overwrite: bool) -> None:
+    """Write the report (whatever was measured) and move it into place."""
+    (scratch / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
+    if any(e.get("levels") for e in data["engines"].values()):
+        (scratch / "bench.md").write_text(report.bench_markdown(data))
+        report.plot_bench(data, scratch / "bench.png")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    os.replace(scratch, out)
+
+
+def record(data: dict, sparse: Path, out: Path) -> None:
+    summary = {"output_tokens_per_second_ratio": data["output_tokens_per_second_ratio"],
+               "concurrency": data["ratio_concurrency"], "workload": data["workload"]["name"],
+               "dense": data["dense"], "date": data["date"], "report": str(out.resolve() / "bench.json")}
+    with atomic_file(sparse / BENCH_RECORD, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
