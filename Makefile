@@ -34,11 +34,8 @@ test: install
 # prunes them, and the server answers one question and prints its metrics, then keeps serving until Ctrl-C.
 # Plan and artifact are reused on later runs. DEMO_FLAGS=--once stops after the answer.
 DEMO_FLAGS ?=
-DEMO_PLAN := runs/demo-deploy50.json
 demo: install
-	@test -f $(DEMO_PLAN) || $(BIN)/mixsparse plan smollm2-135m --deploy --allocator fisher --budget 0.5 \
-		--out $(DEMO_PLAN)
-	$(BIN)/mixsparse deploy smollm2-135m --plan $(DEMO_PLAN) --metric sparsegpt --out runs/demo-sparsegpt-deploy50 \
+	$(BIN)/mixsparse deploy smollm2-135m --budget 0.5 --metric sparsegpt --out runs/demo-sparsegpt-deploy50 \
 		--eval-windows 10 --chat "What is the capital of France? Answer in one sentence." $(DEMO_FLAGS)
 
 # Regenerate BENCHMARKS.md: every script keeps its finished steps under runs/, so an interrupted run resumes.

@@ -136,7 +136,7 @@ def deployment(args, work: Path, sensitivity: Path) -> dict:
         info = json.loads(plan.read_text())
         rows[name] = {"fitness": fitness[name], "achieved_fraction": info["achieved_fraction"],
                       **{base: pruned_perplexity(args, work, f"deploy-{name}-{budget:g}", plan, base)
-                         for base in BASES}}
+                         for base in args.deploy_bases}}
     return {"budget": budget, "rows": rows, "random": randoms, "search": msp_info["search"]}
 
 
@@ -184,13 +184,13 @@ def research_markdown(cells: list[dict], targets: list[float]) -> str:
                               "tokens evaluated", "generations", "best held-out loss"], costs))
 
 
-def deployment_markdown(result: dict) -> str:
+def deployment_markdown(result: dict, bases: list[str]) -> str:
     rows = [[name.replace("_", " "), f"{r['achieved_fraction']:.3f}", f"{r['fitness']:.4f}",
-             f"{r['wanda']['perplexity']:.2f}", f"{r['sparsegpt']['perplexity']:.2f}"]
+             *(f"{r[base]['perplexity']:.2f}" for base in bases)]
             for name, r in result["rows"].items()]
     randoms = result["random"]["fitnesses"]
     return (markdown_table(["choice", "2:4 fraction", "held-out loss (search fitness, Wanda masks)",
-                            "test ppl, Wanda", "test ppl, SparseGPT"], rows)
+                            *(f"test ppl, {base}" for base in bases)], rows)
             + f"\n\nRandom choices: {len(randoms)} with the same budget, held-out loss from {min(randoms):.4f} "
               f"to {max(randoms):.4f}; the best is shown. MSP search: {result['search']['evaluations']} "
               f"evaluations, {result['search']['tokens']:,} tokens, {result['search']['seconds']:.0f} s.")
@@ -209,6 +209,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.7,0.8,0.6,0.5", help="comma-separated average sparsities")
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all' (quick protocol: 40)")
     parser.add_argument("--deploy-budget", type=float, default=0.5)
+    parser.add_argument("--deploy-bases", default="wanda,sparsegpt", help="metrics the deployment plans are "
+                                                                         "applied with for test perplexity")
     parser.add_argument("--random", type=int, default=20, help="random deployment choices to beat")
     parser.add_argument("--front-generations", type=int, help="generations per front point (default: the CLI's)")
     parser.add_argument("--skip-research", action="store_true")
@@ -217,6 +219,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-allocators", help="kept between runs; delete to start over")
     args = parser.parse_args()
     args.targets = [float(t) for t in args.targets.split(",")]
+    args.deploy_bases = args.deploy_bases.split(",")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sensitivity = work / "sensitivity.json"
@@ -235,13 +238,15 @@ def main() -> None:
     if not args.skip_deploy:
         data["deployment"] = deployment(args, work, sensitivity)
         parts.append(f"#### Deployment: which fused groups go 2:4 at budget {args.deploy_budget:g}\n\n"
-                     + deployment_markdown(data["deployment"]))
+                     + deployment_markdown(data["deployment"], args.deploy_bases))
     if not args.skip_front:
         data["front"] = front(args, work, sensitivity)
         parts.append("#### Deployment front (`mixsparse plan --deploy --pareto`)\n\n" + front_markdown(data["front"]))
     markdown = "\n\n".join(parts)
     print(markdown)
-    save("allocators", "Mixed-sparsity plans: allocators, deployment choice, front", markdown, data, order=20)
+    shown = [name for name, skip in (("allocators", args.skip_research), ("deployment choice", args.skip_deploy),
+                                     ("deployment front", args.skip_front)) if not skip]
+    save("allocators", "Mixed-sparsity plans: " + ", ".join(shown), markdown, data, order=20)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ def point(args, work: Path, metric: str, sparsity: str) -> dict:
     cache = work / f"{metric}-{sparsity.replace(':', 'of')}-w{args.windows}.json"
     if cache.exists():
         return json.loads(cache.read_text())
+    # allocators.py's uniform plans give every module this ratio: the same masks as --sparsity, same protocol
+    uniform = Path(args.allocator_work) / f"ppl-uniform-{sparsity}-{metric}-w{args.windows}.json"
+    if ":" not in sparsity and uniform.exists():
+        found = json.loads(uniform.read_text())
+        return {"metric": metric, "sparsity": sparsity, "perplexity": found["perplexity"], "dense": found["dense"],
+                "linear_sparsity": found["linear_sparsity"], "from": str(uniform)}
     out = work / "artifact"
     command = [sys.executable, "-m", "mixsparse.serve.cli", "prune", args.model, "--metric", metric, "--sparsity",
                sparsity, "--out", str(out), "--overwrite", "--eval-windows", args.windows, "--json"]
@@ -88,6 +94,8 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.3,0.4,0.5,0.6,0.7,0.8,2:4")
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all'")
     parser.add_argument("--work", default="runs/bench-quality", help="kept between runs; delete to start over")
+    parser.add_argument("--allocator-work", default="runs/bench-allocators",
+                        help="allocators.py's --work: its uniform-plan points are reused")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

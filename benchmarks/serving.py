@@ -6,18 +6,20 @@ at most 0.6x their dense bytes on disk. The artifact is made first when missing 
 `make demo` one).
 
     python benchmarks/serving.py
-    python benchmarks/serving.py --concurrency 1,4,16,64 --workload decode
+    python benchmarks/serving.py --concurrency 1,4,16,64 --workload decode --fresh
+    (a complete run already in --out is reported again without measuring; --fresh measures)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from common import markdown_table, save
+from common import RESULTS, markdown_table, save
 
 from mixsparse.runtime.formats import artifact
 
@@ -36,14 +38,20 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests", help="per level (default: the bench's)")
     parser.add_argument("--out", default="runs/bench-serving")
+    parser.add_argument("--fresh", action="store_true", help="measure again even if --out holds a complete run")
     args, vllm_args = parser.parse_known_args()
     sparse = Path(args.sparse)
     if not sparse.exists():
         mixsparse("prune", args.dense, "--metric", "sparsegpt", "--sparsity", "2:4", "--out", str(sparse))
-    mixsparse("bench", "--dense", args.dense, "--sparse", str(sparse), "--workload", args.workload,
-              "--concurrency", args.concurrency, "--out", args.out, "--overwrite",
-              *(["--requests", args.requests] if args.requests else []), *vllm_args)
-    data = json.loads((Path(args.out) / "bench.json").read_text())
+    report = Path(args.out) / "bench.json"
+    done = report.exists() and json.loads(report.read_text()).get("complete")
+    if args.fresh or not done:
+        mixsparse("bench", "--dense", args.dense, "--sparse", str(sparse), "--workload", args.workload,
+                  "--concurrency", args.concurrency, "--out", args.out, "--overwrite",
+                  *(["--requests", args.requests] if args.requests else []), *vllm_args)
+    data = json.loads(report.read_text())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(args.out) / "bench.png", RESULTS / "serving.png")
     sizes = artifact.weight_bytes(artifact.read_config(sparse))
     disk = sizes["packed_stored"] / sizes["packed_dense_equivalent"]
     rows = []
@@ -61,6 +69,7 @@ def main() -> None:
                 f"{workload['output_tokens']} generated tokens, streamed, EOS ignored), dense `{args.dense}` vs "
                 f"`{sparse}` (SparseGPT 2:4 on every decoder linear), one engine after the other with the same "
                 f"flags. Full report: `{args.out}/bench.md`.\n\n"
+                f"![dense vs 2:4 served](benchmarks/results/serving.png)\n\n"
                 + markdown_table(["concurrency", "dense output tok/s", "2:4 output tok/s", "2:4 / dense",
                                   "TTFT p50 ms (dense / 2:4)", "ITL p50 ms (dense / 2:4)", "within 5%"], rows)
                 + f"\n\nOn disk, the 2:4 modules take {sizes['packed_stored'] / 2**20:.1f} MiB against "

@@ -224,14 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune MODEL (or reuse an artifact already made with the same settings), print what was "
                     "pruned and saved, then serve it like `mixsparse serve`. Other flags go to vLLM.",
         epilog="Examples:\n  mixsparse deploy smollm2-135m --metric sparsegpt --sparsity 2:4\n"
-               "  mixsparse deploy smollm2-135m --plan deploy50.json --metric sparsegpt --chat 'Hi!' --once\n\n"
+               "  mixsparse deploy smollm2-135m --budget 0.5 --metric sparsegpt --chat 'Hi!' --once\n"
+               "  mixsparse deploy smollm2-135m --plan deploy50.json --metric sparsegpt\n\n"
                + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     deploy.add_argument("model", help="model to prune and serve")
     deploy.add_argument("--metric", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
                         help="base metric (default: %(default)s)")
     deploy_target = deploy.add_mutually_exclusive_group()
-    deploy_target.add_argument("--sparsity", help="uniform spec (default: 2:4 when no --plan is given)")
+    deploy_target.add_argument("--sparsity", help="uniform spec (default: 2:4 when neither --plan nor --budget "
+                                                  "is given)")
     deploy_target.add_argument("--plan", help="a plan.json from `mixsparse plan`")
+    deploy_target.add_argument("--budget", type=float,
+                               help="make a deployment plan first: this fraction of the decoder linear weights in "
+                                    "2:4, the rest dense (see `mixsparse plan --deploy`); reused on later runs")
+    deploy.add_argument("--allocator", default="fisher", choices=["fisher", "msp"],
+                        help="with --budget: least Fisher-sensitive groups first (seconds), or the MSP search "
+                             "(minutes, better quality) (default: %(default)s)")
     deploy.add_argument("--out", help="artifact directory (default: runs/<model>-<metric>-<spec>)")
     deploy.add_argument("--overwrite", action="store_true", help="replace --out if it was made differently")
     deploy.add_argument("--eval-windows", type=_windows, metavar="N|all",
@@ -443,7 +451,7 @@ def cmd_deploy(args) -> int:
     from mixsparse.pruner.progress import RichProgress
     from mixsparse.serve.deploy import DeployJob, deploy
 
-    sparsity = args.sparsity if args.sparsity or args.plan else "2:4"
+    sparsity = args.sparsity if args.sparsity or args.plan or args.budget is not None else "2:4"
     job = DeployJob(
         prune=pipeline.PruneJob(
             model=args.model, metric=args.metric, out=args.out, sparsity=sparsity, plan=args.plan,
@@ -451,7 +459,7 @@ def cmd_deploy(args) -> int:
             evaluation=None if args.eval_windows is None else data.EvaluationProtocol(windows=_count(args.eval_windows)),
             device=args.device, overwrite=args.overwrite),
         serve=_serve_options(args, None), chat=args.chat, once=args.once, max_tokens=args.max_tokens,
-        verbose=args.verbose)
+        verbose=args.verbose, budget=args.budget, allocator=args.allocator)
     return deploy(job, RichProgress(), show=_print_rows)
 
 

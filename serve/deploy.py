@@ -37,10 +37,26 @@ class DeployJob:
     startup_timeout: float = 900.0
     verbose: bool = False
     environment: dict = field(default_factory=dict)
+    budget: float | None = None  # make a deployment plan with this 2:4 fraction first
+    allocator: str = "fisher"
 
 
-def default_out(model: str, metric: str, sparsity: str | None, plan: str | None) -> str:
-    what = Path(plan).stem if plan else (sparsity or "2:4").replace(":", "of")
+def deployment_plan(job: DeployJob, progress: Progress, show) -> str:
+    """The plan for ``job.budget``, next to the artifact (``<out>.plan.json``): made once, then reused."""
+    from mixsparse.pruner.planning import PlanJob, make_plan
+
+    prune = job.prune
+    path = Path(f"{prune.out}.plan.json")
+    if path.exists():
+        show("deployment plan", [("plan", f"{path} (reused)")])
+        return str(path)
+    make_plan(PlanJob(model=prune.model, out=str(path), allocator=job.allocator, metric=prune.metric, deploy=True,
+                      budget=job.budget, calibration=prune.calibration, device=prune.device), progress)
+    return str(path)
+
+
+def default_out(model: str, metric: str, sparsity: str | None, plan: str | None, what: str | None = None) -> str:
+    what = what or (Path(plan).stem if plan else (sparsity or "2:4").replace(":", "of"))
     return str(Path("runs") / f"{Path(model).name}-{metric}-{what}")
 
 
@@ -151,7 +167,11 @@ def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
     """Prune or reuse, print the summary, run the server; returns its exit code."""
     prune = job.prune
     if prune.out is None:
-        prune.out = default_out(prune.model, prune.metric, prune.sparsity, prune.plan)
+        what = f"deploy{job.budget:g}-{job.allocator}" if job.budget is not None else None
+        prune.out = default_out(prune.model, prune.metric, prune.sparsity, prune.plan, what)
+    if job.budget is not None:
+        check_port(job.serve.host, job.serve.port)  # before the planning
+        prune.plan, prune.sparsity = deployment_plan(job, progress, show), None
     check_port(job.serve.host, job.serve.port)
     reused = reusable(prune)
     if not reused:

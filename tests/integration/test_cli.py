@@ -9,7 +9,7 @@ import pytest
 
 from mixsparse.serve.cli import build_parser, main
 
-VERBS = [["prune"], ["eval"], ["eval", "ppl"], ["export"], ["sensitivity"], ["plan"], ["serve"], ["deploy"]]
+VERBS = [["prune"], ["eval"], ["eval", "ppl"], ["export"], ["sensitivity"], ["plan"], ["serve"], ["deploy"], ["bench"]]
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=" ".join)

@@ -207,3 +207,41 @@ def test_deploy_once_then_reuse(servable_llama, tmp_path):
     other = subprocess.run([*command[:command.index("--sparsity")], "--sparsity", "4:8",
                             *command[command.index("--sparsity") + 2:]], capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "made with other settings" in other.stderr
+
+
+def test_bench_runs_both_real_engines(servable_llama, servable_24, tmp_path):
+    from mixsparse.serve import loadgen
+    from mixsparse.serve.bench import BenchJob, bench
+
+    sparse = tmp_path / "tiny-24"
+    shutil.copytree(servable_24, sparse)
+    job = BenchJob(dense=str(servable_llama), sparse=str(sparse), out=str(tmp_path / "report"),
+                   workload=loadgen.make_workload("chat", prompt_tokens=40, output_tokens=6), concurrency=(1, 2),
+                   requests=3, warmup=1, port=free_port())
+    data = bench(job)
+    assert data["complete"] and (sparse / "bench.json").exists()
+    for kind in ("dense", "sparse"):
+        engine = data["engines"][kind]
+        assert [lv["output_tokens"] for lv in engine["levels"]] == [18, 18]  # EOS ignored: exactly 3 x 6
+        assert all(lv["output_tokens_per_second"] > 0 for lv in engine["levels"])
+    sizes = artifact.weight_bytes(artifact.read_config(sparse))
+    assert data["engines"]["sparse"]["weight_bytes"]["stored"] == sizes["stored"]
+    assert data["engines"]["dense"]["weight_bytes"]["stored"] == sizes["dense_equivalent"]
+
+
+def test_deploy_with_a_budget_plans_prunes_and_serves(servable_llama, tmp_path):
+    out = tmp_path / "half"
+    command = [sys.executable, "-m", "mixsparse.serve.cli", "deploy", str(servable_llama), "--budget", "0.5",
+               "--metric", "wanda", "--out", str(out), "--samples", "4", "--seqlen", "64", "--port",
+               str(free_port()), "--chat", "Hello there", "--max-tokens", "8", "--once"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    plan = json.loads((tmp_path / "half.plan.json").read_text())
+    assert plan["deploy"] and plan["allocator"] == "fisher" and abs(plan["achieved_fraction"] - 0.5) <= 0.25
+    config = artifact.read_config(out)
+    packed = set(config.packed)
+    assert packed and packed == set(plan["modules"])  # exactly the planned groups are 2:4, the rest dense
+    assert "first answer" in first.stdout
+    command[command.index("--port") + 1] = str(free_port())
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0 and "(reused)" in second.stdout
