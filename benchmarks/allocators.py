@@ -87,17 +87,15 @@ def random_baseline(args, work: Path, sensitivity: Path, budget: float) -> dict:
     def run():
         from mixsparse.pruner import planning
         from mixsparse.pruner.deployment import DeployBudget, random_choice
-        from mixsparse.pruner.fitness import PlanEvaluator
         from mixsparse.pruner.plan import Plan
         from mixsparse.pruner.spec import Spec
 
-        job = planning.PlanJob(args.model, str(work / "unused.json"), allocator="msp", metric="wanda", deploy=True,
-                               budget=budget, sensitivity=str(sensitivity))
-        evidence = planning.gather(job, planning.Silent(), need_fisher=True, need_norms=True)
+        job = planning.PlanJob(args.model, str(work / "unused.json"), allocator="msp", metric=args.deploy_metric,
+                               deploy=True, budget=budget, sensitivity=str(sensitivity))
+        evidence = planning.gather(job, planning.Silent(), need_fisher=True, need_norms=False)
         groups, sizes = planning.deployment_groups(evidence)
         deploy_budget = DeployBudget.for_fraction(groups, sizes, budget)
-        evaluator = PlanEvaluator(evidence.adapter, list(evidence.shapes), "wanda", evidence.norms,
-                                  planning.fitness_sequences(job, evidence.loaded.tokenizer), job.device, job.fitness)
+        evaluator = planning.deploy_evaluator(job, evidence, planning.Silent())
         rng = random.Random(0)
         tried = []
         for index in range(args.random):
@@ -110,23 +108,27 @@ def random_baseline(args, work: Path, sensitivity: Path, budget: float) -> dict:
         best = min(tried, key=lambda t: t["fitness"])
         modules = {m: Spec.nm(2, 4) for g, bit in zip(groups, best["bits"]) if bit for m in g}
         Plan(modules, dict(evidence.shapes), {"allocator": "random", "deploy": True, "budget": budget,
-                                              "achieved_fraction": best["fraction"], "metric": "wanda"}
-             ).save(work / f"deploy-random-{budget:g}.json", overwrite=True)
+                                              "achieved_fraction": best["fraction"], "metric": args.deploy_metric}
+             ).save(work / f"deploy-random-{args.deploy_metric}-{budget:g}.json", overwrite=True)
         return {"fitnesses": [t["fitness"] for t in tried], "best": best["fitness"],
                 "best_fraction": best["fraction"]}
 
-    return cached(work / f"deploy-random-{budget:g}.result.json", run)
+    return cached(work / f"deploy-random-{args.deploy_metric}-{budget:g}.result.json", run)
 
 
 def deployment(args, work: Path, sensitivity: Path) -> dict:
-    budget = args.deploy_budget
-    plans = {"msp": work / f"deploy-msp-{budget:g}.json", "least_sensitive_first": work / f"deploy-fisher-{budget:g}.json"}
+    budget, metric = args.deploy_budget, args.deploy_metric
+    plans = {"msp": work / f"deploy-msp-{metric}-{budget:g}.json",
+             "least_sensitive_first": work / f"deploy-fisher-{metric}-{budget:g}.json"}
     for allocator, plan in (("msp", plans["msp"]), ("fisher", plans["least_sensitive_first"])):
         if not plan.exists():
+            started = time.perf_counter()
             mixsparse("plan", args.model, "--deploy", "--allocator", allocator, "--budget", f"{budget:g}",
-                      "--metric", "wanda", "--sensitivity", str(sensitivity), "--out", str(plan), "--overwrite")
+                      "--metric", metric, "--sensitivity", str(sensitivity), "--out", str(plan), "--overwrite")
+            plan.with_suffix(".cost.json").write_text(json.dumps(
+                {"command_seconds": round(time.perf_counter() - started, 1)}) + "\n")
     randoms = random_baseline(args, work, sensitivity, budget)
-    plans["best_random"] = work / f"deploy-random-{budget:g}.json"
+    plans["best_random"] = work / f"deploy-random-{metric}-{budget:g}.json"
     msp_info = json.loads(plans["msp"].read_text())
     fitness = {"msp": msp_info["search"]["best_fitness"],
                "least_sensitive_first": msp_info["search"]["seed_fitness"]["least_sensitive_first"],
@@ -135,21 +137,22 @@ def deployment(args, work: Path, sensitivity: Path) -> dict:
     for name, plan in plans.items():
         info = json.loads(plan.read_text())
         rows[name] = {"fitness": fitness[name], "achieved_fraction": info["achieved_fraction"],
-                      **{base: pruned_perplexity(args, work, f"deploy-{name}-{budget:g}", plan, base)
-                         for base in args.deploy_bases}}
-    return {"budget": budget, "rows": rows, "random": randoms, "search": msp_info["search"]}
+                      "test": pruned_perplexity(args, work, f"deploy-{name}-{budget:g}", plan, metric)}
+    cost = json.loads(plans["msp"].with_suffix(".cost.json").read_text())
+    return {"budget": budget, "metric": metric, "rows": rows, "random": randoms,
+            "search": msp_info["search"] | cost}
 
 
 def front(args, work: Path, sensitivity: Path) -> dict | None:
-    out = work / "front"
+    out = work / f"front-{args.deploy_metric}"
     if not (out / "front.json").exists():
         extra = ["--generations", str(args.front_generations)] if args.front_generations else []
-        mixsparse("plan", args.model, "--deploy", "--pareto", "--allocator", "msp", "--metric", "wanda",
+        mixsparse("plan", args.model, "--deploy", "--pareto", "--allocator", "msp", "--metric", args.deploy_metric,
                   "--sensitivity", str(sensitivity), "--out", str(out), "--overwrite", *extra)
     result = json.loads((out / "front.json").read_text())
     for point in result["front"]:
-        point["sparsegpt"] = pruned_perplexity(args, work, f"front-{point['budget']:g}", out / point["plan"],
-                                               "sparsegpt")
+        point["test"] = pruned_perplexity(args, work, f"front-{point['budget']:g}", out / point["plan"],
+                                          args.deploy_metric)
     return result
 
 
@@ -184,23 +187,32 @@ def research_markdown(cells: list[dict], targets: list[float]) -> str:
                               "tokens evaluated", "generations", "best held-out loss"], costs))
 
 
-def deployment_markdown(result: dict, bases: list[str]) -> str:
-    rows = [[name.replace("_", " "), f"{r['achieved_fraction']:.3f}", f"{r['fitness']:.4f}",
-             *(f"{r[base]['perplexity']:.2f}" for base in bases)]
-            for name, r in result["rows"].items()]
+def deployment_markdown(result: dict, windows: str) -> str:
+    metric, rows = result["metric"], result["rows"]
+    table = [[name.replace("_", " "), f"{r['achieved_fraction']:.3f}", f"{r['fitness']:.4f}",
+              f"{r['test']['perplexity']:.2f}"] for name, r in rows.items()]
     randoms = result["random"]["fitnesses"]
-    return (markdown_table(["choice", "2:4 fraction", "held-out loss (search fitness, Wanda masks)",
-                            *(f"test ppl, {base}" for base in bases)], rows)
-            + f"\n\nRandom choices: {len(randoms)} with the same budget, held-out loss from {min(randoms):.4f} "
-              f"to {max(randoms):.4f}; the best is shown. MSP search: {result['search']['evaluations']} "
-              f"evaluations, {result['search']['tokens']:,} tokens, {result['search']['seconds']:.0f} s.")
+    search = result["search"]
+    best_other = min(("least_sensitive_first", "best_random"), key=lambda n: rows[n]["test"]["perplexity"])
+    msp, other = rows["msp"]["test"]["perplexity"], rows[best_other]["test"]["perplexity"]
+    verdict = (f"MSP {msp:.2f} vs the better baseline ({best_other.replace('_', ' ')}) {other:.2f}: "
+               + ("MSP's choice is better" if msp < other else "MSP's choice is NOT better"))
+    return (f"Each choice puts 2:4 on fused groups (q/k/v, o, gate/up, down of a block) holding half of the decoder "
+            f"linear weights, pruned with {metric}. The search fitness is the held-out loss of the model whose 2:4 "
+            f"groups hold {metric}'s own 2:4 weights (every group pruned once, sequentially); the test perplexity "
+            f"is `mixsparse prune --plan ... --metric {metric}` on the first {windows} test windows.\n\n"
+            + markdown_table(["choice", "2:4 fraction", "held-out loss (search fitness)", f"test ppl, {metric}"], table)
+            + f"\n\n- {verdict}\n- Random choices: {len(randoms)} with the same budget, held-out loss from "
+              f"{min(randoms):.4f} to {max(randoms):.4f}; the best is shown.\n- MSP search: {search['evaluations']} "
+              f"evaluations, {search['tokens']:,} tokens, {search['seconds']:.0f} s of search, "
+              f"{search['command_seconds']:.0f} s for the whole plan command.")
 
 
-def front_markdown(result: dict) -> str:
+def front_markdown(result: dict, metric: str) -> str:
     rows = [[f"{p['budget']:.2f}", f"{p['achieved_fraction']:.3f}", f"{p['weight_memory']:.3f}",
-             f"{p['perplexity']:.2f}", f"{p['sparsegpt']['perplexity']:.2f}"] for p in result["front"]]
+             f"{p['perplexity']:.2f}", f"{p['test']['perplexity']:.2f}"] for p in result["front"]]
     return markdown_table(["2:4 fraction (budget)", "achieved", "weight memory (of dense)",
-                           "held-out ppl (search, Wanda)", "test ppl, SparseGPT"], rows)
+                           "held-out ppl (search fitness)", f"test ppl, {metric}"], rows)
 
 
 def main() -> None:
@@ -209,8 +221,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.7,0.8,0.6,0.5", help="comma-separated average sparsities")
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all' (quick protocol: 40)")
     parser.add_argument("--deploy-budget", type=float, default=0.5)
-    parser.add_argument("--deploy-bases", default="wanda,sparsegpt", help="metrics the deployment plans are "
-                                                                         "applied with for test perplexity")
+    parser.add_argument("--deploy-metric", default="sparsegpt", choices=BASES,
+                        help="base metric of the deployment plans (searched with its own 2:4 weights, applied with it)")
     parser.add_argument("--random", type=int, default=20, help="random deployment choices to beat")
     parser.add_argument("--front-generations", type=int, help="generations per front point (default: the CLI's)")
     parser.add_argument("--skip-research", action="store_true")
@@ -219,35 +231,35 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-allocators", help="kept between runs; delete to start over")
     args = parser.parse_args()
     args.targets = [float(t) for t in args.targets.split(",")]
-    args.deploy_bases = args.deploy_bases.split(",")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sensitivity = work / "sensitivity.json"
     if not sensitivity.exists():
         mixsparse("sensitivity", args.model, "--samples", "32", "--out", str(sensitivity))
 
-    data, parts = {}, []
+    # each part is its own results file (and table in BENCHMARKS.md, under the command that made it), so a run
+    # that skips a part leaves that part's published numbers alone
     if not args.skip_research:
-        data["research"] = research(args, work, sensitivity)
-        shown = sorted(args.targets)
-        parts.append("#### Perplexity by allocator and target (unstructured, average sparsity exact in weights)\n\n"
-                     f"Plans are found with Wanda scores (`mixsparse plan --metric wanda`) and applied with each base "
-                     f"(`mixsparse prune --plan`); WikiText-2 test perplexity on the first {args.windows} windows of "
-                     f"2048 tokens; dense {data['research'][0]['wanda']['dense']:.2f}.\n\n"
-                     + research_markdown(data["research"], shown))
+        cells = research(args, work, sensitivity)
+        markdown = ("Plans are found with Wanda scores (`mixsparse plan --metric wanda`) and applied with each base "
+                    f"(`mixsparse prune --plan`); WikiText-2 test perplexity on the first {args.windows} windows of "
+                    f"2048 tokens; dense {cells[0]['wanda']['dense']:.2f}.\n\n"
+                    + research_markdown(cells, sorted(args.targets)))
+        print(markdown)
+        save("allocators", "Mixed-sparsity plans: perplexity by allocator and target (unstructured, average "
+             "sparsity exact in weights)", markdown, {"research": cells}, order=20)
     if not args.skip_deploy:
-        data["deployment"] = deployment(args, work, sensitivity)
-        parts.append(f"#### Deployment: which fused groups go 2:4 at budget {args.deploy_budget:g}\n\n"
-                     + deployment_markdown(data["deployment"], args.deploy_bases))
+        result = deployment(args, work, sensitivity)
+        markdown = deployment_markdown(result, args.windows)
+        print(markdown)
+        save("allocators-deploy", f"Deployment plans: which fused groups go 2:4 at budget {args.deploy_budget:g}",
+             markdown, {"deployment": result}, order=21)
     if not args.skip_front:
-        data["front"] = front(args, work, sensitivity)
-        parts.append("#### Deployment front (`mixsparse plan --deploy --pareto`)\n\n" + front_markdown(data["front"]))
-    markdown = "\n\n".join(parts)
-    print(markdown)
-    shown = [name for name, skip in (("allocators", args.skip_research), ("deployment choice", args.skip_deploy),
-                                     ("deployment front", args.skip_front)) if not skip]
-    save("allocators", "Mixed-sparsity plans: " + ", ".join(shown), markdown, data, order=20)
-
+        result = front(args, work, sensitivity)
+        markdown = front_markdown(result, args.deploy_metric)
+        print(markdown)
+        save("allocators-front", "Deployment plans: the quality/memory front (`mixsparse plan --deploy --pareto`)",
+             markdown, {"front": result}, order=22)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,10 @@ for ratio r is just ``rank >= round(r·n)``: no recalibration and no sorting per
 modules whose spec changed since the last candidate are touched. Fitness is the mean
 next-token NLL (or the KL divergence to the dense model) on held-out calibration sequences; the number
 of sequences is the evaluation step, so the same tokens serve every candidate of a step.
+
+Deployment candidates (dense or 2:4 per group) can do better than masks of scores: every module is pruned
+to 2:4 once by the base metric itself, sequentially as ``prune`` does (for SparseGPT: with its weight
+update), and a candidate swaps those weights in, so the search ranks what ``prune --plan`` will produce.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def ranks(scores_: torch.Tensor, per_row: bool) -> torch.Tensor:
 
 def scores(metric: str, weight: torch.Tensor, sq_norm: torch.Tensor | None) -> torch.Tensor:
     """What the search ranks weights by. SparseGPT's own saliency needs its sequential update, so a
-    search for a SparseGPT plan ranks by Wanda scores (the plan is then applied with SparseGPT)."""
+    research search for a SparseGPT plan ranks by Wanda scores (the plan is then applied with SparseGPT)."""
     if metric == "magnitude":
         return weight.abs().float()
     return weight.abs().float() * sq_norm.to(weight.device).sqrt().unsqueeze(0)
@@ -61,7 +65,7 @@ def scores(metric: str, weight: torch.Tensor, sq_norm: torch.Tensor | None) -> t
 class PlanEvaluator:
     def __init__(self, adapter: ModelAdapter, names: list[str], metric: str,
                  norms: dict[str, torch.Tensor] | None, sequences: torch.Tensor, device: str | torch.device = "cpu",
-                 fitness: str = "loss"):
+                 fitness: str = "loss", weights_24: dict[str, torch.Tensor] | None = None):
         if fitness not in FITNESS:
             raise ValueError(f"fitness must be one of {FITNESS}")
         self.model = adapter.model.to(device)
@@ -70,10 +74,10 @@ class PlanEvaluator:
         self.modules = {name: linears[name] for name in names}
         self.dense = {name: module.weight.detach().clone() for name, module in self.modules.items()}
         self.metric = metric
+        self.weights_24 = weights_24 or {}  # the base metric's own 2:4 weights, used for 2:4 specs
         self.per_row = metric != "magnitude"
-        norms = norms or {}
-        self.scores = {name: scores(metric, w, norms.get(name)) for name, w in self.dense.items()}
-        self.ranks = {name: ranks(s, self.per_row) for name, s in self.scores.items()}
+        self.norms = norms or {}
+        self._ranks: dict[str, torch.Tensor] = {}
         self.current = {name: Spec.dense() for name in names}
         self.sequences = sequences
         self.fitness = fitness
@@ -91,13 +95,24 @@ class PlanEvaluator:
             weight = self.modules[name].weight
             if spec.is_dense:
                 weight.copy_(dense)
+            elif spec.kind == "nm" and (spec.n, spec.m) == (2, 4) and name in self.weights_24:
+                weight.copy_(self.weights_24[name])
             elif spec.kind == "nm":
-                weight.copy_(dense * mask_nm(self.scores[name], spec.n, spec.m))
+                weight.copy_(dense * mask_nm(self.scores(name), spec.n, spec.m))
             else:
                 count = dense.shape[1] if self.per_row else dense.numel()
-                keep = self.ranks[name] >= pruned_count(count, spec.sparsity)
+                keep = self.ranks(name) >= pruned_count(count, spec.sparsity)
                 torch.where(keep, dense, torch.zeros((), dtype=dense.dtype, device=dense.device), out=weight.data)
             self.current[name] = spec
+
+    def scores(self, name: str) -> torch.Tensor:
+        return scores(self.metric, self.dense[name], self.norms.get(name))
+
+    def ranks(self, name: str) -> torch.Tensor:
+        """Computed on first use and kept: a candidate's unstructured mask is a threshold of these."""
+        if name not in self._ranks:
+            self._ranks[name] = ranks(self.scores(name), self.per_row)
+        return self._ranks[name]
 
     def restore(self) -> None:
         self.apply({name: Spec.dense() for name in self.modules})

@@ -23,6 +23,7 @@ from mixsparse.pruner.fitness import FITNESS, PlanEvaluator, activation_norms, s
 from mixsparse.pruner.genome import Budget, Genes, RatioOps, from_ratios, genes_for
 from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.plan import Plan
+from mixsparse.pruner.prune import prune_model
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.pruner.search import SearchSettings, SearchState, evolve
 from mixsparse.pruner.sensitivity import Sensitivity, fisher_traces
@@ -31,6 +32,7 @@ from mixsparse.runtime.atomic import atomic_dir, refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 
 ALLOCATORS = ("uniform", "owl", "fisher", "msp")
+DEPLOY_SCORES = "the base metric's own 2:4 weights (every group pruned once, sequentially)"
 DEPLOY_ALLOCATORS = ("fisher", "msp")
 
 
@@ -82,6 +84,7 @@ class Evidence:
     shapes: dict[str, tuple[int, int]]
     sensitivity: Sensitivity | None = None
     norms: dict[str, torch.Tensor] | None = None
+    weights_24: dict[str, torch.Tensor] | None = None  # every module pruned to 2:4 by the base metric
 
 
 def check_job(job: PlanJob) -> None:
@@ -165,6 +168,35 @@ def fitness_sequences(job: PlanJob, tokenizer) -> torch.Tensor:
     return data.calibration_windows(tokenizer, protocol)
 
 
+def base_weights_24(job: PlanJob, evidence: Evidence, progress: Progress) -> dict[str, torch.Tensor]:
+    """Every decoder linear pruned to 2:4 by the job's metric, once (sequential calibration, as ``prune`` does),
+    then the dense weights put back. Deployment candidates swap these in for their 2:4 groups."""
+    if evidence.weights_24 is None:
+        linears = evidence.adapter.linears()
+        names = list(evidence.shapes)
+        dense = {n: linears[n].weight.detach().clone() for n in names}
+        metric = get_metric(job.metric)
+        windows = data.calibration_windows(evidence.loaded.tokenizer, job.calibration) \
+            if metric.needs_calibration else None
+        plan = Plan({n: Spec.nm(2, 4) for n in names}, dict(evidence.shapes), {"allocator": "all 2:4"})
+        blocks = len(evidence.adapter.blocks)
+        with progress.task(f"{job.metric} 2:4 weights of every group ({blocks} blocks)", blocks) as advance:
+            prune_model(evidence.adapter, plan, job.metric, windows, job.device, after_block=lambda index: advance())
+        evidence.adapter.model.to("cpu")
+        with torch.no_grad():
+            evidence.weights_24 = {n: linears[n].weight.detach().clone() for n in names}
+            for n in names:
+                linears[n].weight.copy_(dense[n])
+    return evidence.weights_24
+
+
+def deploy_evaluator(job: PlanJob, evidence: Evidence, progress: Progress) -> PlanEvaluator:
+    """The fitness of deployment choices: held-out loss with each 2:4 group holding the base metric's own weights."""
+    weights = base_weights_24(job, evidence, progress)
+    return PlanEvaluator(evidence.adapter, list(evidence.shapes), job.metric, evidence.norms,
+                         fitness_sequences(job, evidence.loaded.tokenizer), job.device, job.fitness, weights)
+
+
 def gene_table(genes: Genes, ratios: list[float], evidence: Evidence, outliers: list[float] | None) -> dict:
     table = {}
     for index, label in enumerate(genes.labels):
@@ -187,11 +219,11 @@ def _fingerprint(job: PlanJob, evidence: Evidence, what: dict) -> dict:
 
 
 def run_search(job: PlanJob, evidence: Evidence, ops, seeds, to_specs, fingerprint: dict, label: str,
-               progress: Progress, state_path: Path | None) -> tuple[SearchState, PlanEvaluator]:
-    names = list(evidence.shapes)
-    sequences = fitness_sequences(job, evidence.loaded.tokenizer)
-    evaluator = PlanEvaluator(evidence.adapter, names, job.metric, evidence.norms, sequences, job.device,
-                              job.fitness)
+               progress: Progress, state_path: Path | None,
+               evaluator: PlanEvaluator | None = None) -> tuple[SearchState, PlanEvaluator]:
+    if evaluator is None:
+        evaluator = PlanEvaluator(evidence.adapter, list(evidence.shapes), job.metric, evidence.norms,
+                                  fitness_sequences(job, evidence.loaded.tokenizer), job.device, job.fitness)
     if job.resume and state_path is not None:
         state = SearchState.load(state_path, fingerprint)
         state.finished = False
@@ -310,9 +342,11 @@ def deploy_plan(job: PlanJob, evidence: Evidence, fraction: float, progress: Pro
     bits = least_sensitive
     info: dict = {}
     if job.allocator == "msp":
-        fingerprint = _fingerprint(job, evidence, {"allocator": "msp-deploy", "budget": fraction, "groups": sizes})
+        fingerprint = _fingerprint(job, evidence, {"allocator": "msp-deploy", "budget": fraction, "groups": sizes,
+                                                   "candidates": DEPLOY_SCORES})
         state, evaluator = run_search(job, evidence, DeployOps(budget), [least_sensitive], to_specs, fingerprint,
-                                      f"deploy, 2:4 fraction {fraction:g}", progress, state_path)
+                                      f"deploy, 2:4 fraction {fraction:g}", progress, state_path,
+                                      deploy_evaluator(job, evidence, progress))
         bits = tuple(state.best["genome"])
         info["search"] = search_summary(state, job)
         info["search"]["seed_fitness"] = {"least_sensitive_first": state.seed_fitness(least_sensitive)}
@@ -321,8 +355,7 @@ def deploy_plan(job: PlanJob, evidence: Evidence, fraction: float, progress: Pro
     achieved = budget.fraction(bits)
     modules = {m: s for m, s in to_specs(bits).items() if not s.is_dense}
     return Plan(modules, dict(evidence.shapes), {
-        "allocator": job.allocator, "metric": job.metric, "deploy": True,
-        "search_scores": "magnitude" if job.metric == "magnitude" else "wanda",
+        "allocator": job.allocator, "metric": job.metric, "deploy": True, "search_scores": DEPLOY_SCORES,
         "target": f"2:4 on {fraction:g} of decoder linear weights",
         "budget": fraction, "achieved_fraction": achieved,
         "weight_memory": memory_of(achieved, linear, other),
@@ -351,7 +384,8 @@ def make_plan(job: PlanJob, progress: Progress = Silent()) -> PlanOutcome:
         refuse_existing(job.plot, job.overwrite)
     start = time.perf_counter()
     need_fisher = job.deploy or job.allocator in ("fisher", "msp")
-    need_norms = job.allocator == "owl" or (job.metric != "magnitude" and (job.allocator == "msp" or job.pareto))
+    # deployment candidates use the base metric's own 2:4 weights, not scores of the dense model
+    need_norms = job.allocator == "owl" or (job.metric != "magnitude" and job.allocator == "msp" and not job.deploy)
     evidence = gather(job, progress, need_fisher, need_norms)
     if job.pareto:
         front = pareto(job, evidence, progress)
@@ -383,9 +417,7 @@ def pareto(job: PlanJob, evidence: Evidence, progress: Progress) -> list[dict]:
             plan = deploy_plan(job, evidence, fraction, progress, None)
             best = plan.info.get("search", {}).get("best_fitness")
             if best is None:  # fisher allocator: score the least-sensitive-first choice itself
-                sequences = fitness_sequences(job, evidence.loaded.tokenizer)
-                evaluator = PlanEvaluator(evidence.adapter, list(evidence.shapes), job.metric, evidence.norms,
-                                          sequences, job.device, job.fitness)
+                evaluator = deploy_evaluator(job, evidence, progress)
                 best = evaluator.evaluate(plan.modules | {n: Spec.dense() for n in evidence.shapes
                                                           if n not in plan.modules}, max(job.search.steps))
                 evaluator.restore()

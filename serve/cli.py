@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "seeded from it (default: %(default)s)")
     plan.add_argument("--target", type=float, help="average unstructured sparsity, e.g. 0.7 (research plans)")
     plan.add_argument("--metric", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
-                      help="base metric the plan is for; the search ranks weights by its scores (Wanda scores "
-                           "for sparsegpt) (default: %(default)s)")
+                      help="base metric the plan is for; research searches rank weights by its scores (Wanda "
+                           "scores for sparsegpt), deployment searches use its own 2:4 weights "
+                           "(default: %(default)s)")
     plan.add_argument("--granularity", default="block", choices=["block", "module"],
                       help="one ratio per decoder block or per module (default: %(default)s)")
     plan.add_argument("--out", required=True, help="plan.json to write (a directory with --pareto)")

@@ -110,6 +110,37 @@ def test_deployment_plan_and_memory_target(tiny_llama, tmp_path):
     assert memory.plan.info["weight_memory"] == pytest.approx(0.9, abs=0.05)
 
 
+def test_deployment_fitness_scores_what_prune_with_the_plan_produces(tiny_llama, tmp_path):
+    """Deployment candidates hold the base metric's own 2:4 weights (SparseGPT: with its update), so a
+    candidate's fitness is the loss of exactly the model `prune --plan --metric sparsegpt` writes."""
+    from mixsparse.pruner import planning
+    from mixsparse.pruner.progress import Silent
+    from mixsparse.pruner.prune import prune_model
+    from mixsparse.pruner.spec import Spec
+
+    job = plan_job(tiny_llama, tmp_path / "d.json", allocator="msp", metric="sparsegpt", deploy=True, budget=1.0)
+    evidence = planning.gather(job, Silent(), need_fisher=False, need_norms=False)
+    dense = {n: m.weight.detach().clone() for n, m in evidence.adapter.linears().items()}
+    evaluator = planning.deploy_evaluator(job, evidence, Silent())
+    assert all(torch.equal(m.weight, dense[n]) for n, m in evidence.adapter.linears().items())  # dense put back
+
+    reference = models.load(str(tiny_llama), dtype=torch.float32)
+    ref = adapt(reference.model)
+    windows = data.calibration_windows(reference.tokenizer, job.calibration)
+    prune_model(ref, Plan({n: Spec.nm(2, 4) for n in ref.shapes()}, ref.shapes()), "sparsegpt", windows)
+    for name, module in ref.linears().items():
+        assert torch.equal(evidence.weights_24[name], module.weight), name
+    # SparseGPT's update moves the kept weights: not a mask of the dense ones
+    assert any(not torch.equal(w, dense[n] * (w != 0)) for n, w in evidence.weights_24.items())
+
+    every = {n: Spec.nm(2, 4) for n in evidence.shapes}
+    ids = evaluator.sequences[:2]
+    expected = reference.model(ids, labels=ids, use_cache=False).loss.item()
+    assert evaluator.evaluate(every, 2) == pytest.approx(expected, rel=1e-6)
+    evaluator.restore()
+    assert all(torch.equal(m.weight, dense[n]) for n, m in evidence.adapter.linears().items())
+
+
 def test_pareto_front(tiny_llama, tmp_path, capsys):
     outcome = make_plan(plan_job(tiny_llama, tmp_path / "front", allocator="msp", deploy=True, pareto=True,
                                  budgets=(0.0, 0.5, 1.0)))
