@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import markdown_table, save
+from common import RESULTS, markdown_table, save
 
 ALLOCATORS = ("uniform", "owl", "fisher", "msp")
 BASES = ("wanda", "sparsegpt")
@@ -256,7 +257,15 @@ def main() -> None:
              markdown, {"deployment": result}, order=21)
     if not args.skip_front:
         result = front(args, work, sensitivity)
-        markdown = front_markdown(result, args.deploy_metric)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(work / f"front-{args.deploy_metric}" / "front.png", RESULTS / "allocators-front.png")
+        generations = f"{args.front_generations} generations" if args.front_generations else "the default generations"
+        markdown = (f"One MSP search per budget ({generations}), with {args.deploy_metric}'s own 2:4 weights as in the "
+                    f"deployment choice above; each plan then applied with `mixsparse prune --plan ... --metric "
+                    f"{args.deploy_metric}` and evaluated on the first {args.windows} test windows. Weight memory "
+                    f"counts the whole model (embeddings stay dense).\n\n"
+                    "![deployment front](benchmarks/results/allocators-front.png)\n\n"
+                    + front_markdown(result, args.deploy_metric))
         print(markdown)
         save("allocators-front", "Deployment plans: the quality/memory front (`mixsparse plan --deploy --pareto`)",
              markdown, {"front": result}, order=22)
