@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, markdown_table, save
+from common import RESULTS, command_line, machine, machine_line, markdown_table, save
 
 ALLOCATORS = ("uniform", "owl", "fisher", "msp")
 BASES = ("wanda", "sparsegpt")
@@ -157,6 +157,35 @@ def front(args, work: Path, sensitivity: Path) -> dict | None:
     return result
 
 
+def with_published_targets(cells: list[dict]) -> list[dict]:
+    """This run's cells plus the published cells of targets it did not measure, each naming the command and
+    machine that measured it, so one column can be added or refreshed without rerunning the others."""
+    provenance = {"command": command_line(), "machine": machine_line(machine())}
+    cells = [{**c, **provenance} for c in cells]
+    path = RESULTS / "allocators.json"
+    if not path.exists():
+        return cells
+    published = json.loads(path.read_text())
+    measured = {c["target"] for c in cells}
+    default = {"command": published["command"], "machine": machine_line(published["machine"])}
+    dense = cells[0]["wanda"]["dense"] if cells else None
+    # the same evaluation protocol shows as the same dense perplexity; other published columns are dropped
+    kept = [{**default, **c} for c in published["data"].get("research", []) if c["target"] not in measured
+            and (dense is None or abs(c["wanda"]["dense"] - dense) <= 1e-3 * dense)]
+    return sorted(kept + cells, key=lambda c: (c["target"], ALLOCATORS.index(c["allocator"])))
+
+
+def provenance_markdown(cells: list[dict]) -> str:
+    runs: dict[tuple[str, str], set[float]] = {}
+    for cell in cells:
+        runs.setdefault((cell["command"], cell["machine"]), set()).add(cell["target"])
+    if len(runs) < 2:
+        return ""
+    lines = [f"- target {', '.join(f'{t:g}' for t in sorted(targets))}: `{command}` on {where}"
+             for (command, where), targets in sorted(runs.items(), key=lambda kv: min(kv[1]))]
+    return "Columns were measured in separate runs (same protocol):\n\n" + "\n".join(lines) + "\n\n"
+
+
 def research_markdown(cells: list[dict], targets: list[float]) -> str:
     headers = ["allocator"] + [f"{t:g} {base}" for t in targets for base in BASES]
     rows = []
@@ -241,11 +270,11 @@ def main() -> None:
     # each part is its own results file (and table in BENCHMARKS.md, under the command that made it), so a run
     # that skips a part leaves that part's published numbers alone
     if not args.skip_research:
-        cells = research(args, work, sensitivity)
+        cells = with_published_targets(research(args, work, sensitivity))
         markdown = ("Plans are found with Wanda scores (`mixsparse plan --metric wanda`) and applied with each base "
                     f"(`mixsparse prune --plan`); WikiText-2 test perplexity on the first {args.windows} windows of "
-                    f"2048 tokens; dense {cells[0]['wanda']['dense']:.2f}.\n\n"
-                    + research_markdown(cells, sorted(args.targets)))
+                    f"2048 tokens; dense {cells[0]['wanda']['dense']:.2f}.\n\n" + provenance_markdown(cells)
+                    + research_markdown(cells, sorted({c["target"] for c in cells})))
         print(markdown)
         save("allocators", "Mixed-sparsity plans: perplexity by allocator and target (unstructured, average "
              "sparsity exact in weights)", markdown, {"research": cells}, order=20)

@@ -178,6 +178,15 @@ class Server:
     def alive(self) -> bool:
         return self.child.poll() is None
 
+    def died(self, grace: float = 5.0) -> bool:
+        """After failed requests: did the server exit? A crashing engine drops its connections a moment
+        before its process is gone, so give it ``grace`` seconds."""
+        try:
+            self.child.wait(timeout=grace)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def tail(self, lines: int = 15) -> str:
         self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -220,7 +229,7 @@ def run_engine(job: BenchJob, kind: str, model: Path, tokenizer, scratch: Path, 
                 entry = level.to_json() | {"peak_process_bytes": memory.peak_rss, "peak_gpu_bytes": memory.peak_gpu}
                 if level.failed:
                     result["levels"].append(entry)
-                    why = "the server died" if not server.alive() else f"{level.failed} requests failed"
+                    why = "the server died" if server.died() else f"{level.failed} requests failed"
                     result["error"] = f"{kind}, concurrency {concurrency}: {why} ({'; '.join(level.errors)})"
                     publish()
                     raise MixsparseError(f"{result['error']}\n{server.tail()}")
