@@ -1,8 +1,11 @@
 """The built-in model (smollm2-135m) end to end: perplexity after pruning, and served output.
 
 Reference numbers (first 4 test windows, default calibration protocol), measured with
-`mixsparse prune smollm2-135m --metric wanda --sparsity 2:4 --eval-windows 4`: dense 20.25, Wanda 2:4 121.16.
-The 40-window figures are in BENCHMARKS.md (dense 17.88, Wanda 2:4 103.3).
+`mixsparse prune smollm2-135m --metric wanda --sparsity 2:4 --eval-windows 4`: dense 20.25, Wanda 2:4 121.16
+(Intel Xeon, 2 threads). The 40-window figures are in BENCHMARKS.md (dense 17.88, Wanda 2:4 103.3).
+Dense perplexity agrees across machines to 0.5%; Wanda 2:4 leaves the model so damaged that float reduction
+order (CPU model, thread count) flips near-tied scores and the cascade moves it: 109.76 on an AMD EPYC with one
+thread. The tolerance covers that spread; a broken metric lands far outside it (magnitude 2:4: thousands).
 """
 
 import pytest
@@ -28,7 +31,7 @@ def test_perplexity_stays_finite_and_close_to_the_benchmark(wanda_24):
     dense, pruned = summary.perplexity["dense"], summary.perplexity["pruned"]
     assert dense.tokens == pruned.tokens == 4 * 2047
     assert dense.perplexity == pytest.approx(DENSE_4, rel=0.005)
-    assert pruned.perplexity == pytest.approx(WANDA_24_4, rel=0.03)
+    assert pruned.perplexity == pytest.approx(WANDA_24_4, rel=0.15)
     assert summary.sparsity == pytest.approx(0.5, abs=1e-4)  # a few kept weights are zero already
     assert summary.weight_bytes["packed_stored"] / summary.weight_bytes["packed_dense_equivalent"] == \
         pytest.approx(0.5625)
