@@ -227,10 +227,11 @@ def deployment_markdown(result: dict, windows: str) -> str:
     msp, other = rows["msp"]["test"]["perplexity"], rows[best_other]["test"]["perplexity"]
     verdict = (f"MSP {msp:.2f} vs the better baseline ({best_other.replace('_', ' ')}) {other:.2f}: "
                + ("MSP's choice is better" if msp < other else "MSP's choice is NOT better"))
-    return (f"Each choice puts 2:4 on fused groups (q/k/v, o, gate/up, down of a block) holding a {result['budget']:g} "
-            f"fraction of the decoder linear weights, pruned with {metric}. The search fitness is the held-out loss of the model whose 2:4 "
-            f"groups hold {metric}'s own 2:4 weights (every group pruned once, sequentially); the test perplexity "
-            f"is `mixsparse prune --plan ... --metric {metric}` on the first {windows} test windows.\n\n"
+    return (f"Each choice puts 2:4 on fused groups (q/k/v, o, gate/up, down of a block) holding a "
+            f"{result['budget']:g} fraction of the decoder linear weights, pruned with {metric}. The search fitness "
+            f"is the held-out loss of the model whose 2:4 groups hold {metric}'s own 2:4 weights (every group "
+            f"pruned once, sequentially); the test perplexity is `mixsparse prune --plan ... --metric {metric}` "
+            f"on the first {windows} test windows.\n\n"
             + markdown_table(["choice", "2:4 fraction", "held-out loss (search fitness)", f"test ppl, {metric}"], table)
             + f"\n\n- {verdict}\n- Random choices: {len(randoms)} with the same budget, held-out loss from "
               f"{min(randoms):.4f} to {max(randoms):.4f}; the best is shown.\n- MSP search: {search['evaluations']} "

@@ -22,7 +22,7 @@ from torch import nn
 
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import run_blocks
-from mixsparse.pruner.masks import mask_nm, pruned_count
+from mixsparse.pruner.masks import pruned_count
 from mixsparse.pruner.spec import Spec
 from mixsparse.pruner.stats import accumulate, empty_stats
 
@@ -95,23 +95,21 @@ class PlanEvaluator:
             weight = self.modules[name].weight
             if spec.is_dense:
                 weight.copy_(dense)
-            elif spec.kind == "nm" and (spec.n, spec.m) == (2, 4) and name in self.weights_24:
-                weight.copy_(self.weights_24[name])
             elif spec.kind == "nm":
-                weight.copy_(dense * mask_nm(self.scores(name), spec.n, spec.m))
+                if (spec.n, spec.m) != (2, 4) or name not in self.weights_24:
+                    raise ValueError(f"{name}: {spec} candidates need the base metric's own 2:4 weights "
+                                     f"(planning.deploy_evaluator)")
+                weight.copy_(self.weights_24[name])
             else:
                 count = dense.shape[1] if self.per_row else dense.numel()
                 keep = self.ranks(name) >= pruned_count(count, spec.sparsity)
                 torch.where(keep, dense, torch.zeros((), dtype=dense.dtype, device=dense.device), out=weight.data)
             self.current[name] = spec
 
-    def scores(self, name: str) -> torch.Tensor:
-        return scores(self.metric, self.dense[name], self.norms.get(name))
-
     def ranks(self, name: str) -> torch.Tensor:
         """Computed on first use and kept: a candidate's unstructured mask is a threshold of these."""
         if name not in self._ranks:
-            self._ranks[name] = ranks(self.scores(name), self.per_row)
+            self._ranks[name] = ranks(scores(self.metric, self.dense[name], self.norms.get(name)), self.per_row)
         return self._ranks[name]
 
     def restore(self) -> None:
