@@ -5,6 +5,7 @@ The CLI is a thin layer over these; tests and benchmarks call them directly.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.pruner.prune import PruneOptions, PruneResult, linear_sparsity, prune_model
+from mixsparse.pruner.recover import RecoverOptions, RecoverResult, RecoveryState, recover_model
 from mixsparse.pruner.spec import Spec
 from mixsparse.runtime.atomic import refuse_existing
 from mixsparse.runtime.errors import MixsparseError
@@ -42,6 +44,7 @@ class PruneJob:
     dtype: str | None = None  # artifact dtype; default: the model's own
     options: PruneOptions = field(default_factory=PruneOptions)
     overwrite: bool = False
+    recover: RecoverOptions | None = None  # tune the kept weights to match the dense model after pruning
 
 
 @dataclass
@@ -54,6 +57,7 @@ class PruneSummary:
     perplexity: dict[str, evaluate.Perplexity]
     load_seconds: float
     save_seconds: float
+    recovery: RecoverResult | None = None
 
     def to_json(self) -> dict:
         return {"out": str(self.out), "metric": self.result.metric, "plan": describe_plan(self.plan),
@@ -62,7 +66,8 @@ class PruneSummary:
                 "perplexity": {k: v.to_json() for k, v in self.perplexity.items()},
                 "prune_seconds": self.result.seconds, "load_seconds": self.load_seconds,
                 "save_seconds": self.save_seconds, "peak_memory_bytes": self.result.peak_memory_bytes,
-                "device": self.result.device}
+                "device": self.result.device,
+                **({"recovery": self.recovery.to_json()} if self.recovery else {})}
 
     def rows(self) -> list[tuple[str, str]]:
         ppl = self.perplexity
@@ -70,7 +75,9 @@ class PruneSummary:
                 ("linear sparsity (planned modules)", f"{self.sparsity:.2%}")]
         if ppl:
             label = f"perplexity ({ppl['pruned'].windows} windows)"
-            rows.append((label, f"{ppl['dense'].perplexity:.2f} dense -> {ppl['pruned'].perplexity:.2f} pruned"))
+            one_shot = f"{ppl['one_shot'].perplexity:.2f} one-shot -> " if "one_shot" in ppl else ""
+            rows.append((label, f"{ppl['dense'].perplexity:.2f} dense -> {one_shot}{ppl['pruned'].perplexity:.2f} "
+                                f"{'recovered' if one_shot else 'pruned'}"))
         wb = self.weight_bytes
         rows += [("stored weight bytes", f"{human_bytes(wb['stored'])} of {human_bytes(wb['dense_equivalent'])} "
                                          f"dense ({wb['stored'] / wb['dense_equivalent']:.1%})"),
@@ -78,7 +85,10 @@ class PruneSummary:
                                         f"{human_bytes(wb['packed_dense_equivalent'])} dense"),
                  ("prune time", f"{self.result.seconds:.1f} s on {self.result.device} "
                                 f"(load {self.load_seconds:.1f} s, save {self.save_seconds:.1f} s)"),
-                 ("peak memory", human_bytes(self.result.peak_memory_bytes)),
+                 *([("recovery", f"{self.recovery.seconds:.1f} s on {self.recovery.device}, "
+                                 f"{describe_recovery(self.recovery)}")] if self.recovery else []),
+                 ("peak memory", human_bytes(max(self.result.peak_memory_bytes,
+                                                 self.recovery.peak_memory_bytes if self.recovery else 0))),
                  ("artifact", str(self.out))]
         return rows
 
@@ -94,6 +104,13 @@ def describe_plan(plan: Plan) -> str:
         spread = f"{min(ratios):.3f}" if max(ratios) - min(ratios) < 5e-4 else f"{min(ratios):.3f}-{max(ratios):.3f}"
         parts.insert(0, f"{len(ratios)} x unstructured {spread}")
     return f"{plan.info.get('allocator', 'custom')}: {', '.join(parts)} ({plan.weight_sparsity():.1%} of weights)"
+
+
+def describe_recovery(result: RecoverResult) -> str:
+    o = result.options
+    resumed = f", {result.resumed_blocks} blocks resumed" if result.resumed_blocks else ""
+    return (f"{o.epochs} epochs x {len(result.blocks)} blocks, batch {o.batch}, lr {o.lr:g} (norms {o.norm_lr:g}), "
+            f"{o.target} targets{resumed}")
 
 
 def compute_dtype(device: str, stored: torch.dtype) -> torch.dtype:
@@ -148,6 +165,8 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
     loaded = models.load(job.model, dtype=compute_dtype(job.device, stored))
     adapter = adapt(loaded.model)
     plan = build_plan(job, adapter)
+    # the reference recovery matches; kept on the CPU, its blocks visit the device one at a time
+    dense = copy.deepcopy(loaded.model) if job.recover is not None else None
     groups = fused_groups(adapter)
     load_seconds = time.perf_counter() - start
 
@@ -158,11 +177,22 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
         perplexities["dense"] = cached_perplexity(loaded, windows, job.evaluation, job.device, progress, "dense")
 
     metric = get_metric(job.metric)
-    calibration = data.calibration_windows(loaded.tokenizer, job.calibration) if metric.needs_calibration else None
+    needs_calibration = metric.needs_calibration or job.recover is not None
+    calibration = data.calibration_windows(loaded.tokenizer, job.calibration) if needs_calibration else None
     with progress.task(f"pruning ({job.metric}, {len(adapter.blocks)} blocks)", len(adapter.blocks)) as advance:
-        result = prune_model(adapter, plan, job.metric, calibration, job.device, job.options,
-                             after_block=lambda index: advance())
+        result = prune_model(adapter, plan, job.metric, calibration if metric.needs_calibration else None,
+                             job.device, job.options, after_block=lambda index: advance())
     loaded.model.to("cpu")
+    recovery = None
+    state = RecoveryState(recovery_state_dir(job.out), request_of(job, path)) if job.recover is not None else None
+    if job.recover is not None:
+        if windows is not None:
+            perplexities["one_shot"] = run_perplexity(loaded.model, windows, job.evaluation, job.device, progress,
+                                                      "one-shot")
+            loaded.model.to("cpu")
+        recovery = run_recovery(adapter, adapt(dense), plan, calibration, job.recover, job.device, state, progress)
+        del dense
+        loaded.model.to("cpu")
     pruned_names = {n for n, s in plan.modules.items() if not s.is_dense}
     zeros, total = linear_sparsity({n: m for n, m in adapter.linears().items() if n in pruned_names})
 
@@ -175,9 +205,10 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
         "request": request_of(job, path),
         "metric": job.metric,
         "model": {"name": job.model, "path": loaded.path},
-        "calibration": job.calibration.to_json() if metric.needs_calibration else None,
+        "calibration": job.calibration.to_json() if needs_calibration else None,
         "prune": {**result.to_json(), "options": vars(job.options), "module_seconds":
                   {k: round(v, 3) for k, v in result.module_seconds.items()}},
+        **({"recover": recovery.to_json()} if recovery else {}),
         "measurements": {"linear_sparsity": zeros / max(total, 1),
                          "perplexity": {k: v.to_json() for k, v in perplexities.items()}},
     }
@@ -185,14 +216,29 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
 
     def card(written: artifact.ArtifactConfig) -> str:
         summaries.append(PruneSummary(Path(job.out), plan, result, zeros / max(total, 1),
-                                      artifact.weight_bytes(written), perplexities, load_seconds, 0.0))
+                                      artifact.weight_bytes(written), perplexities, load_seconds, 0.0, recovery))
         return model_card(job, summaries[-1], stored)
 
     save_artifact(loaded.model, loaded.tokenizer, adapter, plan, groups, job.out, stored, record, card,
                   overwrite=job.overwrite)
+    if state is not None:
+        state.remove()  # only now: the artifact holds the tuned weights
     summary = summaries[-1]
     summary.save_seconds = time.perf_counter() - save_start
     return summary
+
+
+def recovery_state_dir(out: str) -> Path:
+    """Where an interrupted recovery keeps its tuned blocks: beside the artifact, never inside it."""
+    out_path = Path(out)
+    return out_path.with_name(f".{out_path.name}.recovery")
+
+
+def run_recovery(adapter, dense, plan, calibration, options, device, state, progress: Progress) -> RecoverResult:
+    steps = options.epochs * -(-calibration.shape[0] // options.batch)
+    total = len(adapter.blocks) * (steps + 1)
+    with progress.task(f"recovering ({len(adapter.blocks)} blocks x {options.epochs} epochs)", total) as advance:
+        return recover_model(adapter, dense, plan, calibration, options, device, state, after_step=advance)
 
 
 def request_of(job: PruneJob, resolved: str) -> dict:
@@ -203,7 +249,7 @@ def request_of(job: PruneJob, resolved: str) -> dict:
     return {"model": str(Path(resolved).resolve()) if Path(resolved).exists() else resolved, "metric": job.metric,
             "sparsity": job.sparsity, "plan_sha256": plan_digest, "include": job.include, "exclude": job.exclude,
             "prune_lm_head": job.prune_lm_head, "calibration": job.calibration.to_json(), "dtype": job.dtype,
-            "options": vars(job.options)}
+            "options": vars(job.options), **({"recover": job.recover.to_json()} if job.recover else {})}
 
 
 def _stored_dtype(path: str, requested: str | None) -> torch.dtype:
@@ -285,6 +331,14 @@ def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str
         f"{data.describe(calibration.source, data.CALIBRATION)}, seed {calibration.seed} "
         f"({'not used by ' + job.metric if not get_metric(job.metric).needs_calibration else 'sequential, block by block'}).",
     ]
+    if summary.recovery is not None:
+        ppl = summary.perplexity
+        change = (f": perplexity {ppl['one_shot'].perplexity:.2f} one-shot -> {ppl['pruned'].perplexity:.2f} "
+                  f"recovered" if "one_shot" in ppl else "")
+        lines.append(f"Recovery: masks frozen, kept weights and norms tuned block by block to match the dense "
+                     f"model's block outputs on the calibration windows ({describe_recovery(summary.recovery)}; "
+                     f"{summary.recovery.seconds:.0f} s on {summary.recovery.device}){change}. Every zero stays "
+                     f"zero; settings and per-block errors are in `plan.json` under `recover`.")
     if summary.perplexity:
         protocol = job.evaluation
         lines.append(f"Perplexity: non-overlapping windows of {protocol.seqlen} tokens of "

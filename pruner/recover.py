@@ -1,0 +1,269 @@
+"""Recovery after pruning: masks frozen, the kept weights (and norms) tuned block by block to match the dense model.
+
+For each decoder block, in order: the pruned block gets the outputs of the already recovered pruned blocks
+as inputs (as the sequential runner gives them) and learns, with Adam and a cosine schedule, to reproduce
+the dense block's outputs (``target="dense"``: the dense block on the dense model's own inputs, so errors
+of earlier blocks are corrected too; ``"same"``: the dense block on the pruned inputs). Gradients of pruned
+weights are zeroed and the mask is re-applied after every step, so a zero stays exactly zero and a 2:4
+module stays 2:4. Arithmetic is float32 whatever the model's dtype.
+
+After each block its tuned weights are saved into a state directory, so an interrupted run resumes at the
+next block; the caller deletes the state once the artifact is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mixsparse.pruner.adapter import ModelAdapter
+from mixsparse.pruner.calibration import capture_block_inputs, place
+from mixsparse.pruner.plan import Plan
+from mixsparse.runtime.errors import MixsparseError
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("dense", "same")
+
+
+@dataclass(frozen=True)
+class RecoverOptions:
+    epochs: int = 2  # passes over the calibration windows per block
+    lr: float = 1e-4  # Adam, kept linear weights; cosine decay to 0 over the block's steps
+    norm_lr: float = 1e-4  # Adam, the block's norm weights and biases (0: leave them as they are)
+    batch: int = 4  # calibration windows per step
+    target: str = "dense"
+    seed: int = 0  # order of the windows
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch < 1:
+            raise MixsparseError("recovery needs at least one epoch and a batch of at least one window")
+        if self.lr < 0 or self.norm_lr < 0:
+            raise MixsparseError("recovery learning rates must be >= 0")
+        if self.target not in TARGETS:
+            raise MixsparseError(f"recovery target {self.target!r}: choose from {', '.join(TARGETS)}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BlockRecord:
+    index: int
+    mse_before: float  # mean squared error of the block output against the target, all calibration tokens
+    mse_after: float
+    seconds: float
+    resumed: bool = False
+
+
+@dataclass
+class RecoverResult:
+    options: RecoverOptions
+    seconds: float
+    peak_memory_bytes: int
+    device: str
+    blocks: list[BlockRecord] = field(default_factory=list)
+
+    @property
+    def resumed_blocks(self) -> int:
+        return sum(b.resumed for b in self.blocks)
+
+    def to_json(self) -> dict:
+        return {"options": self.options.to_json(), "seconds": round(self.seconds, 2), "device": self.device,
+                "peak_memory_bytes": self.peak_memory_bytes, "resumed_blocks": self.resumed_blocks,
+                "blocks": [{**asdict(b), "mse_before": float(f"{b.mse_before:.6g}"),
+                            "mse_after": float(f"{b.mse_after:.6g}"), "seconds": round(b.seconds, 2)}
+                           for b in self.blocks]}
+
+
+class RecoveryState:
+    """Tuned blocks saved one file each, with the request they belong to; a different request starts over."""
+
+    def __init__(self, directory: str | os.PathLike, request: dict):
+        self.directory = Path(directory)
+        self.key = json.dumps(request, sort_keys=True, default=str)
+        manifest = self.directory / "state.json"
+        if manifest.is_file():
+            try:
+                same = json.loads(manifest.read_text()).get("request") == self.key
+            except (OSError, json.JSONDecodeError):
+                same = False
+            if not same:
+                log.warning("recovery state in %s belongs to another request; starting over", self.directory)
+                shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(manifest, lambda path: path.write_text(json.dumps({"request": self.key}) + "\n"))
+
+    def _file(self, index: int) -> Path:
+        return self.directory / f"block-{index}.pt"
+
+    def load(self, index: int) -> dict | None:
+        file = self._file(index)
+        return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+
+    def save(self, index: int, block: nn.Module, record: BlockRecord) -> None:
+        payload = {"state": {k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
+                   "record": asdict(record)}
+        _atomic_write(self._file(index), lambda path: torch.save(payload, path))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _rows(value, index: torch.Tensor, samples: int):
+    """``value`` with its batch dimension indexed, where it has one (kwargs: masks, rotary cos/sin...)."""
+    if isinstance(value, torch.Tensor):
+        return value[index] if value.dim() and value.shape[0] == samples else value
+    if isinstance(value, tuple):
+        return tuple(_rows(v, index, samples) for v in value)
+    return value
+
+
+def _float(value):
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_float(v) for v in value)
+    return value
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, kwargs: dict, index: torch.Tensor, samples: int) -> torch.Tensor:
+    output = block(hidden[index], **{k: _rows(v, index, samples) for k, v in kwargs.items()})
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
+    samples = hidden.shape[0]
+    return torch.cat([_call(block, hidden, kwargs, torch.arange(i, min(i + batch, samples)), samples)
+                      for i in range(0, samples, batch)])
+
+
+def block_masks(adapter: ModelAdapter, index: int, plan: Plan) -> dict[str, torch.Tensor]:
+    """Parameter name (within the block) -> keep mask, for the block's pruned linears."""
+    prefix = f"{adapter.blocks_name}.{index}."
+    return {name[len(prefix):] + ".weight": module.weight != 0 for name, module in adapter.block_linears(index).items()
+            if name in plan.modules and not plan.modules[name].is_dense}
+
+
+def tune_block(block: nn.Module, masks: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+               kwargs: dict, options: RecoverOptions, generator: torch.Generator,
+               after_step: Callable[[], None] = lambda: None) -> None:
+    """Adam on ``block``'s parameters (float32, in place) to map ``inputs`` to ``targets``; masked entries stay 0."""
+    weights, others = [], []
+    for name, parameter in block.named_parameters():
+        (weights if parameter.dim() >= 2 else others).append(parameter)
+    groups = [{"params": weights, "lr": options.lr}]
+    if options.norm_lr > 0 and others:
+        groups.append({"params": others, "lr": options.norm_lr})
+    tuned = {id(p) for group in groups for p in group["params"]}
+    for parameter in block.parameters():
+        parameter.requires_grad_(id(parameter) in tuned)
+    masked = [(parameter, masks[name]) for name, parameter in block.named_parameters() if name in masks]
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.95), eps=1e-10)
+    samples = inputs.shape[0]
+    steps_per_epoch = math.ceil(samples / options.batch)
+    total = options.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    with torch.enable_grad():
+        for _ in range(options.epochs):
+            order = torch.randperm(samples, generator=generator)
+            for start in range(0, samples, options.batch):
+                index = order[start:start + options.batch]
+                loss = torch.nn.functional.mse_loss(_call(block, inputs, kwargs, index, samples), targets[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for parameter, mask in masked:
+                    parameter.grad.mul_(mask)
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    for parameter, mask in masked:
+                        parameter.mul_(mask)
+                after_step()
+    for parameter in block.parameters():
+        parameter.requires_grad_(False)
+
+
+def recover_model(
+    adapter: ModelAdapter,
+    dense: ModelAdapter,
+    plan: Plan,
+    calibration: torch.Tensor,
+    options: RecoverOptions = RecoverOptions(),
+    device: str | torch.device = "cpu",
+    state: RecoveryState | None = None,
+    after_step: Callable[..., None] = lambda status=None: None,
+) -> RecoverResult:
+    """Tune ``adapter.model``'s pruned blocks in place to match ``dense`` (the same model before pruning).
+
+    ``after_step(status)`` is called after every optimizer step (and once for each block taken from
+    ``state``, with as many calls as that block's steps) so a progress bar can count them.
+    """
+    if len(adapter.blocks) != len(dense.blocks):
+        raise MixsparseError("recovery: the dense reference has a different number of blocks")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    place(dense, device)
+    hidden, kwargs = capture_block_inputs(dense, calibration, device)
+    hidden, kwargs = hidden.float(), {k: _float(v) for k, v in kwargs.items()}
+    pruned_hidden = hidden.clone()
+    steps = options.epochs * math.ceil(hidden.shape[0] / options.batch)
+    records = []
+    for index in range(len(adapter.blocks)):
+        block_start = time.perf_counter()
+        block, reference = adapter.blocks[index], dense.blocks[index]
+        home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
+        reference.to(device, torch.float32)
+        dense_out = _forward(reference, hidden, kwargs, options.batch)
+        targets = dense_out if options.target == "dense" else _forward(reference, pruned_hidden, kwargs, options.batch)
+        reference.to(home, dtype)
+        block.to(device, torch.float32)
+        saved = state.load(index) if state else None
+        if saved is not None:
+            block.load_state_dict(saved["state"])
+            record = BlockRecord(**{**saved["record"], "resumed": True})
+            for _ in range(steps):
+                after_step()
+            pruned_out = _forward(block, pruned_hidden, kwargs, options.batch)
+        else:
+            before = _forward(block, pruned_hidden, kwargs, options.batch)
+            mse_before = float(torch.nn.functional.mse_loss(before, targets))
+            del before
+            generator = torch.Generator().manual_seed(options.seed * 100_003 + index)
+            tune_block(block, block_masks(adapter, index, plan), pruned_hidden, targets, kwargs, options, generator,
+                       after_step)
+            pruned_out = _forward(block, pruned_hidden, kwargs, options.batch)
+            record = BlockRecord(index, mse_before, float(torch.nn.functional.mse_loss(pruned_out, targets)),
+                                 time.perf_counter() - block_start)
+        block.to(home, dtype)
+        if state is not None and saved is None:
+            state.save(index, block, record)
+        records.append(record)
+        after_step(f"block {index}: mse {record.mse_before:.3g} -> {record.mse_after:.3g}")
+        hidden, pruned_hidden = dense_out, pruned_out
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return RecoverResult(options, seconds, peak, str(device), records)
