@@ -74,16 +74,22 @@ def load_text(source: str, role: str) -> str:
     if not path.is_file():
         raise MixsparseError(f"unknown data source {source!r}: not a file, and not one of "
                              f"{', '.join([DEFAULT_SOURCE, *_HF])}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise MixsparseError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise MixsparseError(f"cannot read {path} ({error.strerror})") from None
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     texts.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise MixsparseError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return text
 
 
 def _load_hf(source: str, name: str, config: str | None, split: str, data_file: str | None) -> str:

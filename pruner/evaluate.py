@@ -70,7 +70,7 @@ def cached(cache: Path, key: str) -> Perplexity | None:
         return None
     try:
         return Perplexity(**json.loads(file.read_text()))
-    except (OSError, TypeError, json.JSONDecodeError):
+    except (OSError, TypeError, ValueError):  # a damaged cache entry is recomputed
         return None
 
 

@@ -93,8 +93,10 @@ class Plan:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise MixsparseError(f"plan file {path} does not exist") from None
-        except json.JSONDecodeError as error:
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise MixsparseError(f"plan file {path} is not valid JSON ({error})") from None
+        except OSError as error:
+            raise MixsparseError(f"cannot read plan file {path} ({error.strerror})") from None
         return cls.from_json(data, str(path))
 
 

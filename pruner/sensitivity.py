@@ -77,8 +77,10 @@ class Sensitivity:
             return cls.from_json(json.loads(path.read_text()), str(path))
         except FileNotFoundError:
             raise MixsparseError(f"sensitivity file {path} does not exist") from None
-        except json.JSONDecodeError as error:
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise MixsparseError(f"sensitivity file {path} is not valid JSON ({error})") from None
+        except OSError as error:
+            raise MixsparseError(f"cannot read sensitivity file {path} ({error.strerror})") from None
 
     def check_model(self, shapes: dict[str, tuple[int, int]]) -> None:
         missing = sorted(set(shapes) - set(self.traces))

@@ -65,8 +65,11 @@ class BenchJob:
 
 
 def architecture(path: Path) -> dict:
-    config = json.loads((path / "config.json").read_text())
-    return {k: config.get(k) for k in ARCHITECTURE_KEYS}
+    try:
+        config = json.loads((path / "config.json").read_text())
+        return {k: config.get(k) for k in ARCHITECTURE_KEYS}
+    except (OSError, ValueError, AttributeError) as error:
+        raise MixsparseError(f"{path / 'config.json'} is not a readable model config ({error})") from None
 
 
 def check_same_base(dense: Path, sparse: Path) -> None:

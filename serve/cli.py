@@ -27,13 +27,54 @@ def _windows(text: str) -> int | str:
     return value
 
 
+def _ranged(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: ``kind`` within [low, high] (open ends where asked), refused in the parser, so a bad
+    number is a one-line usage error before any model is loaded rather than a traceback minutes later."""
+    name = "an integer" if kind is int else "a number"
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if value != value or (low is not None and (value < low or (low_open and value == low))) or \
+                (high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; expected {name} in {bounds}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _listed(item):
+    """An argparse type: comma-separated values, each checked by ``item``."""
+    def parse(text: str):
+        return tuple(item(part) for part in text.split(","))
+
+    parse.__name__ = "list"
+    return parse
+
+
+POSITIVE = _ranged(int, 1)
+COUNT = _ranged(int, 0)
+SEED = _ranged(int, 0, 2**32 - 1)  # numpy's and torch's generators take seeds in this range
+TOKENS = _ranged(int, 2)  # a window needs a token to predict after its first
+PORT = _ranged(int, 1, 65535)
+FRACTION = _ranged(float, 0, 1)
+RATIO = _ranged(float, 0, 1, high_open=True)
+SHARE = _ranged(float, 0, 1, low_open=True)
+POSITIVE_REAL = _ranged(float, 0, low_open=True)
+
+
 def _add_server(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server (other flags are passed to vLLM)")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    group.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    group.add_argument("--port", type=PORT, default=8000, help="port (default: %(default)s)")
     group.add_argument("--api-key", help="require this bearer token")
     group.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
-    group.add_argument("--metrics-window", type=float, default=10.0,
+    group.add_argument("--metrics-window", type=POSITIVE_REAL, default=10.0,
                        help="seconds of the sliding window behind mixsparse_tokens_per_second (default: 10)")
 
 
@@ -47,9 +88,10 @@ def _add_calibration(parser: argparse.ArgumentParser, samples: bool = True) -> N
     group.add_argument("--calib", default="wikitext2", metavar="SOURCE",
                        help="wikitext2 (bundled), hf:wikitext2, hf:c4, or a .txt/.jsonl file (default: %(default)s)")
     if samples:
-        group.add_argument("--samples", type=int, default=64, help="calibration windows (default: %(default)s)")
-    group.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=0, help="seed for the window offsets (default: %(default)s)")
+        group.add_argument("--samples", type=POSITIVE, default=64, help="calibration windows (default: %(default)s)")
+    group.add_argument("--seqlen", type=TOKENS, default=512,
+                       help="tokens per calibration window (default: %(default)s)")
+    group.add_argument("--seed", type=SEED, default=0, help="seed for the window offsets (default: %(default)s)")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "protocol: 40) and record them in the model card")
     prune.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                        help="dtype stored in the artifact (default: the model's)")
-    prune.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block (default: 128)")
-    prune.add_argument("--damp", type=float, default=0.01,
+    prune.add_argument("--blocksize", type=POSITIVE, default=128, help="SparseGPT lazy-update block (default: 128)")
+    prune.add_argument("--damp", type=POSITIVE_REAL, default=0.01,
                        help="SparseGPT dampening, fraction of mean(diag H) (default: 0.01)")
     prune.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_calibration(prune)
@@ -115,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluate the first N windows (default: all)")
     ppl.add_argument("--data", default="wikitext2", metavar="SOURCE",
                      help="wikitext2 (bundled), hf:wikitext2, hf:c4, or a .txt/.jsonl file (default: %(default)s)")
-    ppl.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: %(default)s)")
+    ppl.add_argument("--seqlen", type=TOKENS, default=2048, help="tokens per window (default: %(default)s)")
     ppl.add_argument("--no-cache", action="store_true", help="recompute even if this exact measurement is cached")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_device(ppl)
@@ -128,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example:\n  mixsparse sensitivity smollm2-135m --samples 32 --out sens.json --plot sens.png\n\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sensitivity.add_argument("model", help="model to measure")
-    sensitivity.add_argument("--samples", type=int, default=32,
+    sensitivity.add_argument("--samples", type=POSITIVE, default=32,
                              help="calibration sequences, one backward each (default: %(default)s)")
     sensitivity.add_argument("--out", default="sensitivity.json", help="JSON to write (default: %(default)s)")
     sensitivity.add_argument("--plot", metavar="PNG", help="also draw the traces per block and per module")
@@ -154,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--allocator", default="msp", choices=["uniform", "owl", "fisher", "msp"],
                       help="uniform ratio; OWL outlier-weighed; Fisher-trace allocation; MSP evolutionary search "
                            "seeded from it (default: %(default)s)")
-    plan.add_argument("--target", type=float, help="average unstructured sparsity, e.g. 0.7 (research plans)")
+    plan.add_argument("--target", type=RATIO, help="average unstructured sparsity, e.g. 0.7 (research plans)")
     plan.add_argument("--metric", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
                       help="base metric the plan is for; research searches rank weights by its scores (Wanda "
                            "scores for sparsegpt), deployment searches use its own 2:4 weights "
@@ -166,42 +208,45 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--plot", metavar="PNG", help="draw the plan (ratio per gene, Fisher traces on a 2nd axis)")
     deploy = plan.add_argument_group("deployment plans (dense or 2:4 per fused group)")
     deploy.add_argument("--deploy", action="store_true", help="make a deployment plan")
-    deploy.add_argument("--budget", type=float, help="fraction of decoder linear weights in 2:4, e.g. 0.5")
-    deploy.add_argument("--memory", type=float, help="or: target weight memory as a fraction of dense, e.g. 0.8")
+    deploy.add_argument("--budget", type=FRACTION, help="fraction of decoder linear weights in 2:4, e.g. 0.5")
+    deploy.add_argument("--memory", type=SHARE, help="or: target weight memory as a fraction of dense, e.g. 0.8")
     deploy.add_argument("--pareto", action="store_true",
                         help="sweep the budget; write one plan per point and the quality/memory front "
                              "(front.md, front.png) into --out")
-    deploy.add_argument("--budgets", default="0,0.25,0.5,0.75,1", help="budgets for --pareto (default: %(default)s)")
+    deploy.add_argument("--budgets", type=_listed(FRACTION), default="0,0.25,0.5,0.75,1",
+                        help="budgets for --pareto (default: %(default)s)")
     alloc = plan.add_argument_group("allocators")
     alloc.add_argument("--sensitivity", metavar="JSON", help="reuse Fisher traces from `mixsparse sensitivity`")
-    alloc.add_argument("--fisher-samples", type=int, default=32,
+    alloc.add_argument("--fisher-samples", type=POSITIVE, default=32,
                        help="calibration sequences for the Fisher traces (default: %(default)s)")
-    alloc.add_argument("--spread", type=float, default=0.1, help="λ of the Fisher allocation (default: %(default)s)")
-    alloc.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's λ (default: %(default)s)")
-    alloc.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier multiple M (default: %(default)s)")
-    alloc.add_argument("--min-ratio", type=float, default=0.0, help="lowest ratio of any gene (default: 0)")
-    alloc.add_argument("--max-ratio", type=float, default=0.99, help="highest ratio of any gene (default: 0.99)")
+    alloc.add_argument("--spread", type=FRACTION, default=0.1,
+                       help="λ of the Fisher allocation (default: %(default)s)")
+    alloc.add_argument("--owl-lambda", type=FRACTION, default=0.08, help="OWL's λ (default: %(default)s)")
+    alloc.add_argument("--owl-m", type=POSITIVE_REAL, default=5.0,
+                       help="OWL's outlier multiple M (default: %(default)s)")
+    alloc.add_argument("--min-ratio", type=RATIO, default=0.0, help="lowest ratio of any gene (default: 0)")
+    alloc.add_argument("--max-ratio", type=RATIO, default=0.99, help="highest ratio of any gene (default: 0.99)")
     search = plan.add_argument_group("MSP search")
-    search.add_argument("--generations", type=int, default=defaults.generations,
+    search.add_argument("--generations", type=COUNT, default=defaults.generations,
                         help="generations (default: %(default)s)")
-    search.add_argument("--population", type=int, default=defaults.population,
+    search.add_argument("--population", type=POSITIVE, default=defaults.population,
                         help="population kept (default: %(default)s)")
-    search.add_argument("--offspring", type=int, default=defaults.offspring,
+    search.add_argument("--offspring", type=POSITIVE, default=defaults.offspring,
                         help="children per generation (default: %(default)s)")
-    search.add_argument("--survivors", type=int, default=defaults.survivors,
+    search.add_argument("--survivors", type=POSITIVE, default=defaults.survivors,
                         help="children scored on the final step (default: %(default)s)")
-    search.add_argument("--steps", default=",".join(map(str, defaults.steps)),
+    search.add_argument("--steps", type=_listed(POSITIVE), default=",".join(map(str, defaults.steps)),
                         help="held-out sequences per selection step, growing (default: %(default)s)")
-    search.add_argument("--fitness-seqlen", type=int, default=512,
+    search.add_argument("--fitness-seqlen", type=TOKENS, default=512,
                         help="tokens per held-out sequence (default: %(default)s)")
     search.add_argument("--fitness", default="loss", choices=["loss", "kl"],
                         help="held-out loss, or KL divergence to the dense model (default: %(default)s)")
-    search.add_argument("--delta", type=float, default=0.01, help="mutation step in ratio (default: %(default)s)")
-    search.add_argument("--moves", type=int, default=defaults.moves,
+    search.add_argument("--delta", type=SHARE, default=0.01, help="mutation step in ratio (default: %(default)s)")
+    search.add_argument("--moves", type=POSITIVE, default=defaults.moves,
                         help="mutation moves at the start, decaying to 1 (default: %(default)s)")
-    search.add_argument("--patience", type=int, default=defaults.patience,
+    search.add_argument("--patience", type=POSITIVE, default=defaults.patience,
                         help="stop after this many generations without improvement (default: %(default)s)")
-    search.add_argument("--search-seed", type=int, default=0, help="seed of the search (default: %(default)s)")
+    search.add_argument("--search-seed", type=SEED, default=0, help="seed of the search (default: %(default)s)")
     search.add_argument("--resume", action="store_true", help="continue the search saved in --state")
     search.add_argument("--state", help="search state file (default: next to --out, *.search.json)")
     _add_calibration(plan)
@@ -235,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy_target.add_argument("--sparsity", help="uniform spec (default: 2:4 when neither --plan nor --budget "
                                                   "is given)")
     deploy_target.add_argument("--plan", help="a plan.json from `mixsparse plan`")
-    deploy_target.add_argument("--budget", type=float,
+    deploy_target.add_argument("--budget", type=FRACTION,
                                help="make a deployment plan first: this fraction of the decoder linear weights in "
                                     "2:4, the rest dense (see `mixsparse plan --deploy`); reused on later runs")
     deploy.add_argument("--allocator", default="fisher", choices=["fisher", "msp"],
@@ -247,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure dense and pruned perplexity when pruning (shown in the summary)")
     deploy.add_argument("--chat", metavar="TEXT", help="send this chat message once the server is up, print the "
                                                       "answer and a metrics summary")
-    deploy.add_argument("--max-tokens", type=int, default=64, help="tokens for --chat's answer (default: 64)")
+    deploy.add_argument("--max-tokens", type=POSITIVE, default=64, help="tokens for --chat's answer (default: 64)")
     deploy.add_argument("--once", action="store_true", help="stop after --chat's answer instead of serving on")
     _add_calibration(deploy)
     deploy.add_argument("--device", default="cpu", help="device for pruning: cpu or cuda (default: %(default)s)")
@@ -269,19 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workload", default="chat", choices=["chat", "prefill", "decode"],
                        help="chat: 256 prompt -> 128 generated tokens; prefill: 1024 -> 1; decode: 32 -> 256 "
                             "(default: %(default)s)")
-    bench.add_argument("--prompt-tokens", type=int, help="override the workload's prompt length")
-    bench.add_argument("--output-tokens", type=int, help="override the workload's generated tokens")
-    bench.add_argument("--concurrency", default="1,4,16,64",
+    bench.add_argument("--prompt-tokens", type=POSITIVE, help="override the workload's prompt length")
+    bench.add_argument("--output-tokens", type=POSITIVE, help="override the workload's generated tokens")
+    bench.add_argument("--concurrency", type=_listed(POSITIVE), default="1,4,16,64",
                        help="comma-separated requests in flight (default: %(default)s)")
-    bench.add_argument("--requests", type=int, help="requests per concurrency level (default: 4 x concurrency, "
+    bench.add_argument("--requests", type=POSITIVE, help="requests per concurrency level (default: 4 x concurrency, "
                                                    "at least 8)")
-    bench.add_argument("--warmup", type=int, default=4, help="unmeasured requests per engine (default: 4)")
+    bench.add_argument("--warmup", type=COUNT, default=4, help="unmeasured requests per engine (default: 4)")
     bench.add_argument("--out", help="report directory (default: runs/bench-<artifact>-<workload>)")
     bench.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     bench.add_argument("--no-record", action="store_true", help="do not write bench.json into the artifact")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the prompt sampling (default: 0)")
+    bench.add_argument("--seed", type=SEED, default=0, help="seed of the prompt sampling (default: 0)")
     bench.add_argument("--host", default="127.0.0.1", help="address the servers listen on (default: %(default)s)")
-    bench.add_argument("--port", type=int, default=8000, help="port the servers use (default: %(default)s)")
+    bench.add_argument("--port", type=PORT, default=8000, help="port the servers use (default: %(default)s)")
 
     export = verbs.add_parser(
         "export", help="write a plain transformers copy of an artifact",
@@ -394,20 +439,14 @@ def cmd_plan(args) -> None:
     from mixsparse.pruner.planning import PlanJob, make_plan
     from mixsparse.pruner.progress import RichProgress
 
-    try:
-        steps = tuple(int(s) for s in args.steps.split(","))
-        budgets = tuple(float(b) for b in args.budgets.split(","))
-    except ValueError:
-        raise MixsparseError(f"--steps/--budgets take comma-separated numbers ({args.steps!r}, {args.budgets!r})") \
-            from None
     job = PlanJob(
         model=args.model, out=args.out, allocator=args.allocator, metric=args.metric, target=args.target,
         granularity=args.granularity, deploy=args.deploy or args.pareto, budget=args.budget, memory=args.memory,
-        pareto=args.pareto, budgets=budgets,
+        pareto=args.pareto, budgets=args.budgets,
         calibration=data.CalibrationProtocol(args.calib, args.samples, args.seqlen, args.seed),
         fisher_samples=args.fisher_samples, sensitivity=args.sensitivity, spread=args.spread,
         owl_lambda=args.owl_lambda, owl_multiple=args.owl_m, min_ratio=args.min_ratio, max_ratio=args.max_ratio,
-        search=SearchSettings(args.generations, args.population, args.offspring, args.survivors, steps, args.moves,
+        search=SearchSettings(args.generations, args.population, args.offspring, args.survivors, args.steps, args.moves,
                               args.patience, args.search_seed),
         delta=args.delta, fitness=args.fitness, fitness_seqlen=args.fitness_seqlen, resume=args.resume,
         state=args.state, device=args.device, plot=args.plot, overwrite=args.overwrite)
@@ -469,13 +508,9 @@ def cmd_bench(args) -> None:
     from mixsparse.serve import loadgen
     from mixsparse.serve.bench import BenchJob, bench
 
-    try:
-        concurrency = tuple(int(c) for c in args.concurrency.split(","))
-    except ValueError:
-        raise MixsparseError(f"--concurrency takes comma-separated integers, not {args.concurrency!r}") from None
     job = BenchJob(dense=args.dense, sparse=args.sparse,
                    workload=loadgen.make_workload(args.workload, args.prompt_tokens, args.output_tokens),
-                   concurrency=concurrency, requests=args.requests, warmup=args.warmup, out=args.out,
+                   concurrency=args.concurrency, requests=args.requests, warmup=args.warmup, out=args.out,
                    overwrite=args.overwrite, record=not args.no_record, host=args.host, port=args.port,
                    vllm_args=list(args.vllm_args), seed=args.seed, verbose=args.verbose)
     result = bench(job, RichProgress())

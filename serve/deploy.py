@@ -71,7 +71,7 @@ def reusable(job: pipeline.PruneJob) -> bool:
         raise MixsparseError(f"{out} exists and is not a mixsparse artifact; pass --overwrite or another --out")
     try:
         recorded = json.loads((out / "plan.json").read_text()).get("request")
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):  # missing, not UTF-8, not JSON, not an object: not reusable
         recorded = None
     wanted = pipeline.request_of(job, models.resolve(job.model))
     if recorded == json.loads(json.dumps(wanted)):

@@ -112,9 +112,9 @@ def is_artifact(path: str | os.PathLike) -> bool:
         return False
     try:
         quant = json.loads(config.read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
+        return quant.get("quant_method") == QUANT_METHOD
+    except (OSError, ValueError, AttributeError):  # unreadable, not UTF-8/JSON, or not an object
         return False
-    return quant.get("quant_method") == QUANT_METHOD
 
 
 def read_config(path: str | os.PathLike) -> ArtifactConfig:
@@ -125,8 +125,13 @@ def read_config(path: str | os.PathLike) -> ArtifactConfig:
         hf_config = json.loads(config_file.read_text())
     except FileNotFoundError:
         raise MixsparseError(f"{path} is not a mixsparse artifact: config.json is missing") from None
-    except json.JSONDecodeError as error:
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MixsparseError(f"{config_file} is not valid JSON ({error})") from None
+    except OSError as error:
+        raise MixsparseError(f"cannot read {config_file} ({error.strerror})") from None
+    if not isinstance(hf_config, dict) or not isinstance(hf_config.get("quantization_config") or {}, dict):
+        raise MixsparseError(f"{config_file} is not a model config (a JSON object with a quantization_config "
+                             f"object)")
     quant = hf_config.get("quantization_config") or {}
     if quant.get("quant_method") != QUANT_METHOD:
         raise MixsparseError(f"{path} is not a mixsparse artifact (quantization_config.quant_method is "
