@@ -97,6 +97,13 @@ def check_job(job: PlanJob) -> None:
                                  f"does not apply (use {' or '.join(DEPLOY_ALLOCATORS)})")
         if not job.pareto and (job.budget is None) == (job.memory is None):
             raise MixsparseError("--deploy needs exactly one of --budget or --memory (or --pareto)")
+        # the same range DeployBudget enforces, checked here so it fails before the Fisher traces
+        for fraction in ([job.budget] if job.budget is not None else []) + (list(job.budgets) if job.pareto else []):
+            if not 0.0 <= fraction <= 1.0:
+                raise MixsparseError(f"--budget {fraction:g} is infeasible: the fraction of weights in 2:4 must be "
+                                     f"in [0, 1]")
+        if job.memory is not None and not 0.0 < job.memory <= 1.0:
+            raise MixsparseError(f"--memory {job.memory:g} is not a fraction of the dense weight memory in (0, 1]")
     else:
         if job.allocator not in ALLOCATORS:
             raise MixsparseError(f"unknown allocator {job.allocator!r}; choose from {', '.join(ALLOCATORS)}")

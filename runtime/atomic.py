@@ -2,14 +2,18 @@
 
 Every artifact, plan or report is written into a temporary sibling and renamed into place when
 complete, so an interrupted run never leaves a half-written output behind, and an existing output
-is only replaced when the caller asked for it.
+is only replaced when the caller asked for it. A run killed outright (SIGKILL, power loss) cannot
+remove its temporary sibling; it is named after its host and process id so that the next write of
+the same output removes it once that process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +26,55 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool, flag: str = "--ove
     path = Path(path)
     if path.exists() and not overwrite:
         raise MixsparseError(f"output {path} already exists; pass {flag} to replace it")
+    check_writable(path)
     return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before long work when ``path`` could not be created: its nearest existing ancestor is not a
+    directory we can write in (read-only, another user's, a read-only mount). Probed by creating an entry
+    there, since os.access says yes to root even where the write would fail."""
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MixsparseError(f"cannot write {path}: {parent} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+    except OSError as error:
+        raise MixsparseError(f"cannot write {path}: no permission to create entries in {parent} "
+                             f"({error.strerror})") from None
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> list[Path]:
+    """Remove temporary siblings of ``path`` left by processes of this host that no longer exist."""
+    host = socket.gethostname()
+    removed = []
+    for entry in path.parent.glob(f"{glob.escape(f'.{path.name}.tmp-')}*"):
+        owner = entry.name[len(f".{path.name}.tmp-"):].rsplit("-", 2)
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit() or _alive(int(owner[1])):
+            continue  # another host's, a live process's, or not ours to judge
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -30,7 +82,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Yield a temporary directory that becomes ``path`` when the block ends without error."""
     path = refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
         yield tmp
     except BaseException:
@@ -44,7 +97,8 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     """Yield a temporary file path that becomes ``path`` when the block ends without error."""
     path = refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale(path)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

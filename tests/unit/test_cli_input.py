@@ -1,6 +1,11 @@
 """Bad input a new user types is refused up front, in one line, before any model is loaded."""
 
 import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -110,3 +115,64 @@ def test_unreadable_input_files_are_one_line_errors(argv, named, tiny_llama, tmp
     bad = random_bytes(tmp_path / "bad.json")
     argv = [a.format(model=tiny_llama, bad=bad, tmp=tmp_path) for a in argv]
     assert named in error_line(argv, capsys)
+
+
+def refuse_loading(monkeypatch):
+    from mixsparse.pruner import models
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the cheap checks")
+
+    monkeypatch.setattr(models, "load", load)
+
+
+def test_prune_out_under_a_file_fails_before_loading(tiny_llama, tmp_path, monkeypatch, capsys):
+    refuse_loading(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    message = error_line(["prune", str(tiny_llama), "--metric", "magnitude", "--sparsity", "0.5", "--out",
+                          str(tmp_path / "a-file" / "out")], capsys)
+    assert "a-file is not a directory" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_prune_out_under_a_read_only_directory_fails_before_loading(tiny_llama, tmp_path, monkeypatch, capsys):
+    refuse_loading(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        message = error_line(["prune", str(tiny_llama), "--metric", "magnitude", "--sparsity", "0.5", "--out",
+                              str(locked / "new" / "out")], capsys)
+    finally:
+        locked.chmod(0o755)
+    assert f"no permission to create entries in {locked}" in message
+
+
+def test_an_infeasible_budget_fails_before_loading(tiny_llama, tmp_path, monkeypatch):
+    from mixsparse.pruner.planning import PlanJob, make_plan
+    from mixsparse.runtime.errors import MixsparseError
+
+    refuse_loading(monkeypatch)
+    with pytest.raises(MixsparseError, match="--budget -1 is infeasible"):
+        make_plan(PlanJob(model=str(tiny_llama), out=str(tmp_path / "p.json"), allocator="fisher", deploy=True,
+                          budget=-1.0))
+
+
+def test_a_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
+    from mixsparse.runtime.atomic import atomic_dir
+
+    out = tmp_path / "artifact"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal\n"
+        "from mixsparse.runtime.atomic import atomic_dir\n"
+        f"with atomic_dir({str(out)!r}) as tmp:\n"
+        "    (tmp / 'weights').write_bytes(bytes(1000))\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")])
+    assert killed.returncode == -signal.SIGKILL
+    left = list(tmp_path.glob(".artifact.tmp-*"))
+    assert len(left) == 1 and (left[0] / "weights").exists()
+    alive = tmp_path / f".artifact.tmp-{socket.gethostname()}-{os.getpid()}-inflight"  # a writer still running
+    alive.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "weights").write_bytes(b"done")
+    assert (out / "weights").read_bytes() == b"done"
+    assert sorted(tmp_path.iterdir()) == sorted([out, alive])
