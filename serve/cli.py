@@ -72,7 +72,15 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server (other flags are passed to vLLM)")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     group.add_argument("--port", type=PORT, default=8000, help="port (default: %(default)s)")
-    group.add_argument("--api-key", help="require this bearer token")
+    group.add_argument("--api-key", help="require this bearer token on every route but /health (and /metrics with "
+                                         "--public-metrics)")
+    group.add_argument("--public-metrics", action="store_true",
+                       help="leave /metrics open to anyone when --api-key is set (default: it needs the key)")
+    group.add_argument("--max-n", type=POSITIVE, default=16,
+                       help="refuse (400) requests asking for more completions (n, best_of) (default: %(default)s)")
+    group.add_argument("--max-output-tokens", type=POSITIVE, default=4096,
+                       help="refuse (400) requests asking for more output tokens, and stop those that name no "
+                            "limit there (default: %(default)s)")
     group.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
     group.add_argument("--metrics-window", type=POSITIVE_REAL, default=10.0,
                        help="seconds of the sliding window behind mixsparse_tokens_per_second (default: 10)")
@@ -474,10 +482,11 @@ def cmd_plan(args) -> None:
 
 
 def _serve_options(args, model: str | None):
+    from mixsparse.serve.guard import GuardSettings
     from mixsparse.serve.server import ServeOptions
 
     return ServeOptions(model, args.host, args.port, args.api_key, args.served_model_name, args.metrics_window,
-                        list(args.vllm_args))
+                        list(args.vllm_args), GuardSettings(args.max_n, args.max_output_tokens, args.public_metrics))
 
 
 def cmd_serve(args) -> None:

@@ -186,6 +186,9 @@ def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
         command += ["--api-key", job.serve.api_key]
     if job.serve.served_name:
         command += ["--served-model-name", job.serve.served_name]
+    guard = job.serve.guard
+    command += ["--max-n", str(guard.max_n), "--max-output-tokens", str(guard.max_tokens),
+                *(["--public-metrics"] if guard.public_metrics else [])]
     environment = {**os.environ, **job.environment}
     if not job.verbose:
         environment.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

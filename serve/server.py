@@ -9,6 +9,7 @@ torch.compile + prefix caching produced wrong greedy text on the default model, 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import sys
@@ -18,9 +19,12 @@ from pathlib import Path
 
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
+from mixsparse.serve.guard import ENVIRONMENT as GUARD_ENVIRONMENT
+from mixsparse.serve.guard import GuardSettings
 
 CPU_DEFAULTS = {"--enforce-eager": None, "--no-enable-prefix-caching": None, "--dtype": "float32"}
 CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+GUARD = "mixsparse.serve.guard.RequestGuard"  # the API key on every route, and the per-request caps
 
 
 @dataclass
@@ -32,6 +36,7 @@ class ServeOptions:
     served_name: str | None = None
     metrics_window: float = 10.0
     vllm_args: list[str] = field(default_factory=list)
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
 
 def preflight(model: str) -> Path:
@@ -98,12 +103,28 @@ def vllm_argv(options: ServeOptions, path: Path, cuda: bool) -> list[str]:
             "--served-model-name", options.served_name or path.name]
     if options.api_key:
         argv += ["--api-key", options.api_key]
+    argv += ["--middleware", GUARD]
+    user = list(options.vllm_args)
+    override = next((i for i, arg in enumerate(user) if arg.split("=", 1)[0] == "--override-generation-config"), None)
+    if override is None:
+        argv += ["--override-generation-config", json.dumps({"max_new_tokens": options.guard.max_tokens})]
+    else:  # keep the user's overrides, and the cap on requests that give no max_tokens
+        inline = "=" in user[override]
+        if not inline and override + 1 >= len(user):
+            raise MixsparseError("--override-generation-config needs a JSON object")
+        text = user[override].split("=", 1)[1] if inline else user[override + 1]
+        try:
+            settings = json.loads(text)
+            settings.setdefault("max_new_tokens", options.guard.max_tokens)
+        except (ValueError, AttributeError):
+            raise MixsparseError(f"--override-generation-config {text!r} is not a JSON object") from None
+        user[override:override + (1 if inline else 2)] = ["--override-generation-config", json.dumps(settings)]
     if not cuda:
         for flag, value in CPU_DEFAULTS.items():
             opposite = flag.replace("--no-", "--") if flag.startswith("--no-") else None
             if flag not in given and opposite not in given:
                 argv += [flag] if value is None else [flag, value]
-    return argv + list(options.vllm_args)
+    return argv + user
 
 
 def serving_dtype(argv: list[str]) -> str | None:
@@ -133,6 +154,7 @@ def serve(options: ServeOptions) -> None:
     argv = vllm_argv(options, path, cuda)
     with tempfile.TemporaryDirectory(prefix="mixsparse-stats-") as stats:
         os.environ["MIXSPARSE_STATS_DIR"] = stats  # inherited by vLLM's engine and worker processes
+        os.environ[GUARD_ENVIRONMENT] = options.guard.to_environment()
         metrics = Metrics(path, stats, serving_dtype(argv), window=options.metrics_window).start()
         saved = sys.argv
         sys.argv = ["mixsparse serve", *argv]
