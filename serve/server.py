@@ -39,23 +39,64 @@ class ServeOptions:
     guard: GuardSettings = field(default_factory=GuardSettings)
 
 
-def preflight(model: str) -> Path:
-    """Check the model directory (and, for an artifact, every recorded tensor) without loading weights."""
+def preflight(model: str, tokenizer: bool = True) -> Path:
+    """Check what the engine will need from the model directory (config, every tensor's name, shape and
+    dtype, an artifact's 2:4 indices, the tokenizer) without loading weights, so that a bad directory is one
+    line here rather than a long traceback from vLLM's engine process."""
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise MixsparseError(f"{model} is not a model directory (no config.json); serve an artifact from "
                              f"`mixsparse prune` or an HF model directory")
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise MixsparseError(f"{path / 'config.json'} is not readable JSON ({error})") from None
+    if not isinstance(hf_config, dict):
+        raise MixsparseError(f"{path / 'config.json'} is not a JSON object")
     if artifact.is_artifact(path):
         config = artifact.read_config(path)
-        artifact.check_headers(config)
-        check_modules(config)
-    elif not list(path.glob("*.safetensors")):
-        raise MixsparseError(f"{model} has no safetensors weights")
+        headers = artifact.check_headers(config)
+        artifact.check_meta(config)
+        check_modules(config, headers)
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise MixsparseError(f"{model} has no safetensors weights")
+        check_plain(path, hf_config, files)
+    if tokenizer:
+        check_tokenizer(path)
     return path
 
 
-def check_modules(config: artifact.ArtifactConfig) -> None:
-    """Every module the artifact names exists in its architecture, with the recorded shape (meta device)."""
+def check_plain(path: Path, hf_config: dict, files: list[Path]) -> None:
+    """A model directory without a mixsparse quantization_config holds no packed 2:4 tensors."""
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                packed = sorted(k for k in handle.keys() if k.endswith((".values", ".meta")))
+        except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+            raise MixsparseError(f"{path}: cannot read {file.name} ({error})") from None
+        if packed:
+            raise MixsparseError(f"{path}: {file.name} holds packed 2:4 tensors ({packed[0]}) but config.json has "
+                                 f"no mixsparse quantization_config (it is {hf_config.get('quantization_config')!r})")
+
+
+def check_tokenizer(path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise MixsparseError(f"{path}: no usable tokenizer ({type(error).__name__}: {reason}); copy the base "
+                             f"model's tokenizer files into it, or pass --tokenizer") from None
+
+
+def check_modules(config: artifact.ArtifactConfig, headers: dict | None = None) -> None:
+    """Every module the artifact names exists in its architecture, with the recorded shape (meta device);
+    with the files' ``headers``, every other linear layer of the architecture has its weight stored."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -74,6 +115,14 @@ def check_modules(config: artifact.ArtifactConfig) -> None:
         listing = ", ".join((unknown + wrong)[:6])
         raise MixsparseError(f"{config.path}: the artifact names {len(unknown)} modules its model lacks and "
                              f"{len(wrong)} of another shape: {listing}")
+    if headers is not None:
+        every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        shared = every - {name for name, _ in model.named_parameters()}  # tied to another (lm_head)
+        missing = sorted(f"{n}.weight" for n in linears if n not in config.packed and f"{n}.weight" not in headers
+                         and f"{n}.weight" not in shared)
+        if missing:
+            raise MixsparseError(f"{config.path}: tensor {missing[0]} is missing and quantization_config.modules "
+                                 f"does not record it as packed ({len(missing)} weights missing)")
 
 
 def check_port(host: str, port: int) -> None:
@@ -138,7 +187,8 @@ def serving_dtype(argv: list[str]) -> str | None:
 
 def serve(options: ServeOptions) -> None:
     """Run the server in this process until it is stopped (Ctrl-C)."""
-    path = preflight(options.model)
+    own_tokenizer = any(arg.split("=", 1)[0] in ("--tokenizer", "--skip-tokenizer-init") for arg in options.vllm_args)
+    path = preflight(options.model, tokenizer=not own_tokenizer)
     check_port(options.host, options.port)
     try:
         from vllm.entrypoints.launchers.api_server.entry import main as vllm_main

@@ -190,6 +190,7 @@ def check_tensors(config: ArtifactConfig, tensors: dict[str, torch.Tensor]) -> N
                                      f"the artifact records {list(entry.shape)}")
 
 
+_FLOAT_DTYPES = ("BF16", "F16", "F32")
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -224,7 +225,34 @@ def check_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], st
             if headers[key][0] != shape:
                 raise MixsparseError(f"{config.path}: {key} has shape {list(headers[key][0])}, the artifact "
                                      f"records {list(shape)} for module {name}")
+        if entry.storage == PACKED24 and headers[f"{name}.meta"][1] != "U8":
+            raise MixsparseError(f"{config.path}: {name}.meta is stored as {headers[f'{name}.meta'][1]}, a 2:4 "
+                                 f"index tensor must be U8 (uint8)")
+        if entry.storage == PACKED24 and headers[f"{name}.values"][1] not in _FLOAT_DTYPES:
+            raise MixsparseError(f"{config.path}: {name}.values is stored as {headers[f'{name}.values'][1]}, "
+                                 f"expected a floating dtype ({', '.join(_FLOAT_DTYPES)})")
+    packed = config.packed
+    orphans = sorted(key for key in headers
+                     if key.endswith((".values", ".meta")) and key.rsplit(".", 1)[0] not in packed)
+    if orphans:
+        raise MixsparseError(f"{config.path}: tensor {orphans[0]} is packed 2:4 but quantization_config.modules "
+                             f"does not record its module {orphans[0].rsplit('.', 1)[0]} as packed")
     return headers
+
+
+def check_meta(config: ArtifactConfig) -> None:
+    """Every packed module's 2:4 indices are valid; reads only the ``.meta`` tensors (1/16 of the bytes)."""
+    wanted = {f"{name}.meta": (name, entry) for name, entry in config.packed.items()}
+    for file in config.files:
+        try:
+            with safe_open(config.path / file, framework="pt") as handle:
+                for key in wanted.keys() & set(handle.keys()):
+                    name, entry = wanted[key]
+                    Packed24.check_meta(handle.get_tensor(key), entry.shape, name)
+        except MixsparseError as error:
+            raise MixsparseError(f"{config.path}: {error}") from None
+        except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+            raise MixsparseError(f"{config.path}: cannot read {file} ({error})") from None
 
 
 def weight_bytes(config: ArtifactConfig) -> dict[str, int]:

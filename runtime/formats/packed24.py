@@ -63,13 +63,18 @@ class Packed24:
                 f"{list(values.shape)} (expected {list(expected_values)}), meta {list(meta.shape)} "
                 f"(expected {list(expected_meta)})"
             )
+        packed = cls(values, meta, (out_features, in_features))
+        cls.check_meta(meta, packed.shape, name)
+        return packed
+
+    @classmethod
+    def check_meta(cls, meta: torch.Tensor, shape, name: str = "weight") -> None:
+        """``meta`` is uint8 and every group's two indices are distinct and ordered (what pack writes)."""
         if meta.dtype != torch.uint8:
             raise MixsparseError(f"{name}: meta must be uint8, got {meta.dtype}")
-        packed = cls(values, meta, (out_features, in_features))
-        first, second = packed._indices()
+        first, second = cls(meta.new_empty(0), meta, tuple(int(s) for s in shape))._indices()
         if not bool((first < second).all()):
             raise MixsparseError(f"{name}: meta holds invalid 2:4 indices (corrupt artifact?)")
-        return packed
 
     def _indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         out_features, in_features = self.shape

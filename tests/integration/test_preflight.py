@@ -1,0 +1,92 @@
+"""`serve`'s pre-flight check catches what vLLM's engine would die on, in one line, before the engine starts."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixsparse.pruner import pipeline
+from mixsparse.pruner.data import CalibrationProtocol
+from mixsparse.runtime.errors import MixsparseError
+from mixsparse.serve.cli import main
+from mixsparse.serve.server import preflight
+
+PACKED = "model.layers.1.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def artifact_24(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("preflight") / "tiny-24"
+    pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="magnitude", sparsity="2:4", out=str(out),
+                                     calibration=CalibrationProtocol(samples=2, seqlen=32)))
+    return out
+
+
+def edit_tensors(change):
+    def edit(path):
+        tensors = load_file(path / "model.safetensors")
+        change(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"]["files"]["model.safetensors"] = (path / "model.safetensors").stat().st_size
+        (path / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def edit_config(change):
+    def edit(path):
+        config = json.loads((path / "config.json").read_text())
+        change(config)
+        (path / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def zero_meta_byte(tensors):
+    tensors[f"{PACKED}.meta"][0, 0] = 0  # both indices of two groups 0: not a 2:4 packing
+
+
+def remove_tokenizer(path):
+    for file in path.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            file.unlink()
+
+
+CASES = {
+    "meta byte 0x00": (edit_tensors(zero_meta_byte), f"{PACKED}: meta holds invalid 2:4 indices"),
+    "config not JSON": (lambda p: (p / "config.json").write_text("{not json"), "config.json is not readable JSON"),
+    "quantization_config null": (edit_config(lambda c: c.__setitem__("quantization_config", None)),
+                                 "holds packed 2:4 tensors"),
+    "module entry deleted": (edit_config(lambda c: c["quantization_config"]["modules"].pop(PACKED)),
+                             f"does not record its module {PACKED} as packed"),
+    "tokenizer deleted": (remove_tokenizer, "no usable tokenizer"),
+    "meta stored as I8": (edit_tensors(lambda t: t.__setitem__(f"{PACKED}.meta", t[f"{PACKED}.meta"].view(torch.int8))),
+                          f"{PACKED}.meta is stored as I8"),
+}
+
+
+def test_a_good_artifact_passes(artifact_24):
+    assert preflight(str(artifact_24)) == artifact_24
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_what_the_engine_needs_is_checked(case, artifact_24, tmp_path):
+    edit, message = CASES[case]
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact_24, broken)
+    edit(broken)
+    with pytest.raises(MixsparseError, match=None) as error:
+        preflight(str(broken))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_serve_says_it_in_one_line(artifact_24, tmp_path, capsys):
+    from serving_helpers import free_port
+
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact_24, broken)
+    CASES["meta byte 0x00"][0](broken)
+    assert main(["serve", str(broken), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "meta holds invalid 2:4 indices" in err[0]
