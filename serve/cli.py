@@ -106,6 +106,37 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
 
 
+def _add_recovery(parser: argparse.ArgumentParser) -> None:
+    from mixsparse.pruner.recover import TARGETS, RecoverOptions
+
+    defaults = RecoverOptions()
+    group = parser.add_argument_group("recovery (masks frozen; zeros stay zero, 2:4 stays 2:4)")
+    group.add_argument("--recover", action="store_true",
+                       help="after pruning, tune the kept weights and norms block by block to match the dense "
+                            "model's block outputs on the calibration windows (default model on 2 CPU cores: "
+                            "about 10 minutes more); an interrupted run resumes where it stopped")
+    group.add_argument("--recover-epochs", type=int, default=defaults.epochs,
+                       help="passes over the calibration windows per block (default: %(default)s)")
+    group.add_argument("--recover-batch", type=int, default=defaults.batch,
+                       help="calibration windows per step (default: %(default)s)")
+    group.add_argument("--recover-lr", type=float, default=defaults.lr,
+                       help="Adam learning rate of the kept weights, cosine-decayed per block (default: %(default)g)")
+    group.add_argument("--recover-norm-lr", type=float, default=defaults.norm_lr,
+                       help="learning rate of norms and biases; 0 leaves them as they are (default: %(default)g)")
+    group.add_argument("--recover-target", choices=TARGETS, default=defaults.target,
+                       help="dense: match the dense block on the dense model's inputs (also corrects earlier "
+                            "blocks' errors); same: the dense block on the pruned inputs (default: %(default)s)")
+
+
+def _recover_options(args):
+    from mixsparse.pruner.recover import RecoverOptions
+
+    if not args.recover:
+        return None
+    return RecoverOptions(epochs=args.recover_epochs, lr=args.recover_lr, norm_lr=args.recover_norm_lr,
+                          batch=args.recover_batch, target=args.recover_target)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = SearchSettings()
     parser = argparse.ArgumentParser(
@@ -149,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SparseGPT dampening, fraction of mean(diag H) (default: 0.01)")
     prune.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_calibration(prune)
+    _add_recovery(prune)
     _add_device(prune)
 
     evaluate = verbs.add_parser("eval", help="evaluate a model or artifact",
@@ -303,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--max-tokens", type=POSITIVE, default=64, help="tokens for --chat's answer (default: 64)")
     deploy.add_argument("--once", action="store_true", help="stop after --chat's answer instead of serving on")
     _add_calibration(deploy)
+    _add_recovery(deploy)
     deploy.add_argument("--device", default="cpu", help="device for pruning: cpu or cuda (default: %(default)s)")
     _add_server(deploy)
 
@@ -387,7 +420,7 @@ def cmd_prune(args) -> None:
         calibration=data.CalibrationProtocol(args.calib, args.samples, args.seqlen, args.seed),
         evaluation=None if args.eval_windows is None else data.EvaluationProtocol(windows=_count(args.eval_windows)),
         device=args.device, dtype=args.dtype, options=PruneOptions(args.blocksize, args.damp),
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, recover=_recover_options(args))
     summary = pipeline.prune(job, RichProgress())
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
@@ -506,7 +539,7 @@ def cmd_deploy(args) -> int:
             model=args.model, metric=args.metric, out=args.out, sparsity=sparsity, plan=args.plan,
             calibration=data.CalibrationProtocol(args.calib, args.samples, args.seqlen, args.seed),
             evaluation=None if args.eval_windows is None else data.EvaluationProtocol(windows=_count(args.eval_windows)),
-            device=args.device, overwrite=args.overwrite),
+            device=args.device, overwrite=args.overwrite, recover=_recover_options(args)),
         serve=_serve_options(args, None), chat=args.chat, once=args.once, max_tokens=args.max_tokens,
         verbose=args.verbose, budget=args.budget, allocator=args.allocator)
     return deploy(job, RichProgress(), show=_print_rows)
