@@ -17,11 +17,15 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# setup.py builds the native CPU kernels (csrc/cpu) against the installed torch: hence torch first and
+# --no-build-isolation (an isolated build would fetch another torch). Without g++ the install still
+# succeeds and sparse layers run on the exact dense fallback, with a warning that says why.
+$(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/cpu/*)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	@$(BIN)/python -c "from mixsparse.runtime import cpu_sparse; print('CPU sparse kernels:', cpu_sparse.isa() or cpu_sparse.load()[1])"
 	@# PyPI's torchvision/torchaudio/torchcodec do not import beside torch 2.13.0+cpu; nothing here needs them
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@

@@ -3,6 +3,8 @@
 - ``dense``:      the weight unpacked once (exact); F.linear. Everywhere.
 - ``cusparselt``: ``torch._cslt_compress`` once, ``torch._cslt_sparse_mm`` per call. CUDA sm80+.
 - ``cutlass``:    torch's CUTLASS semi-structured layout (packed + meta), ``torch._sparse_semi_structured_mm``.
+- ``cpu_sparse``: mixsparse's native CPU kernel (runtime/cpu_sparse.py): the weight stays compressed
+  (kept values + bitmask + row offsets); built by ``make install``. Any shape, float32/bfloat16/float16.
 
 The sparse layouts are device-specific and never written to disk. Capabilities are checked once per
 process and device: compute capability, the op schemas (they changed across torch versions), and a
@@ -19,10 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mixsparse.runtime import cpu_sparse
+
 log = logging.getLogger(__name__)
 
-DENSE, CUSPARSELT, CUTLASS = "dense", "cusparselt", "cutlass"
-BACKEND_IDS = {DENSE: 0, CUSPARSELT: 1, CUTLASS: 2}
+DENSE, CUSPARSELT, CUTLASS, CPU_SPARSE = "dense", "cusparselt", "cutlass", "cpu_sparse"
+BACKEND_IDS = {DENSE: 0, CUSPARSELT: 1, CUTLASS: 2, CPU_SPARSE: 3}
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -54,25 +58,30 @@ def _pad_rows(x2d: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x2d, (0, 0, 0, missing)) if missing else x2d
 
 
-def compress(backend: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, meta) in ``backend``'s layout for a 2:4-sparse dense weight already on its device."""
+def compress(backend: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight, meta, offsets) in ``backend``'s layout for a sparse dense weight already on its device."""
     if backend == DENSE:
-        return dense.contiguous(), None
+        return dense.contiguous(), None, None
+    if backend == CPU_SPARSE:
+        rows = cpu_sparse.from_dense(dense)
+        return rows.values, rows.mask, rows.offsets
     if backend == CUSPARSELT:
-        return torch._cslt_compress(dense.contiguous()), None
+        return torch._cslt_compress(dense.contiguous()), None, None
     if backend == CUTLASS:
         from torch.sparse import SparseSemiStructuredTensorCUTLASS
 
         wrapped = SparseSemiStructuredTensorCUTLASS.from_dense(dense.contiguous())
-        return wrapped.packed, wrapped.meta
+        return wrapped.packed, wrapped.meta, None
     raise ValueError(f"unknown backend {backend!r}")
 
 
 def linear(backend: str, x: torch.Tensor, weight: torch.Tensor, meta: torch.Tensor | None,
-           bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+           offsets: torch.Tensor | None, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """y = x Wᵀ + b for x of shape (..., in_features)."""
     if backend == DENSE:
         return torch.nn.functional.linear(x, weight, bias)
+    if backend == CPU_SPARSE:
+        return torch.ops.mixsparse_cpu.sparse_linear(x, weight, offsets, meta, bias, out_features)
     leading = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     tokens = x2d.shape[0]
@@ -92,6 +101,8 @@ def linear(backend: str, x: torch.Tensor, weight: torch.Tensor, meta: torch.Tens
 def available(device: str) -> tuple[str, ...]:
     """Backends that work on ``device`` (e.g. "cuda:0"), checked once: dense always comes last."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return (DENSE,) if cpu_sparse.unavailable_reason() else (CPU_SPARSE, DENSE)
     if device.type != "cuda" or not torch.cuda.is_available():
         return (DENSE,)
     major, minor = torch.cuda.get_device_capability(device)
@@ -126,8 +137,8 @@ def _self_test(backend: str, device: torch.device) -> str | None:
         weight = (groups * keep).reshape(128, 256).to(device, torch.bfloat16)
         x = torch.randn(2, 13, 256, generator=generator).to(device, torch.bfloat16)
         bias = torch.randn(128, generator=generator).to(device, torch.bfloat16)
-        packed, meta = compress(backend, weight)
-        got = linear(backend, x, packed, meta, bias, 128).float()
+        packed, meta, offsets = compress(backend, weight)
+        got = linear(backend, x, packed, meta, offsets, bias, 128).float()
         want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
         error = ((got - want).norm() / want.norm()).item()
     except Exception as exception:  # any failure means: do not use it

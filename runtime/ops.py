@@ -14,11 +14,11 @@ _NAMES = {number: name for name, number in kernels.BACKEND_IDS.items()}
 
 
 @torch.library.custom_op("mixsparse::sparse_linear", mutates_args=())
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, meta: torch.Tensor | None, bias: torch.Tensor | None,
-                  backend: int, out_features: int) -> torch.Tensor:
-    return kernels.linear(_NAMES[backend], x, weight, meta, bias, out_features)
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, meta: torch.Tensor | None, offsets: torch.Tensor | None,
+                  bias: torch.Tensor | None, backend: int, out_features: int) -> torch.Tensor:
+    return kernels.linear(_NAMES[backend], x, weight, meta, offsets, bias, out_features)
 
 
 @sparse_linear.register_fake
-def _(x, weight, meta, bias, backend, out_features):
+def _(x, weight, meta, offsets, bias, backend, out_features):
     return x.new_empty((*x.shape[:-1], out_features))

@@ -1,9 +1,11 @@
 """A packed 2:4 module prepared once for its device, and the nn.Module that runs it.
 
-``prepare`` unpacks the artifact's values/meta on the device, then compresses into the backend chosen
-for the shape: on CUDA sm80+ the faster of cuSPARSELt and CUTLASS (or dense, if both lose) by a one-time
-timing search whose result is cached per GPU, torch version, shape and dtype; elsewhere, or for shapes
-below the kernels' minimums (one warning per shape), the exact dense fallback.
+On CPU, ``prepare`` converts the artifact's values/meta straight into the native kernel's compressed
+layout (never unpacked, same bytes as on disk); where the kernels are not built, the exact dense fallback
+(one warning). On CUDA it unpacks on the device, then compresses into the backend chosen for the shape:
+on sm80+ the faster of cuSPARSELt and CUTLASS (or dense, if both lose) by a one-time timing search whose
+result is cached per GPU, torch version, shape and dtype; for shapes below the kernels' minimums (one
+warning per shape) or older GPUs, the exact dense fallback.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mixsparse.runtime import kernels, ops  # ops: registers torch.ops.mixsparse.sparse_linear
+from mixsparse.runtime import cpu_sparse, kernels, ops  # ops: registers torch.ops.mixsparse.sparse_linear
 from mixsparse.runtime.cache import cache_dir
 from mixsparse.runtime.formats.packed24 import Packed24
 
@@ -33,14 +35,12 @@ class Prepared:
     meta: torch.Tensor | None
     out_features: int
     in_features: int
+    offsets: torch.Tensor | None = None  # cpu_sparse: row offsets into the flat kept values
 
     @property
     def nbytes(self) -> int:
         """Bytes resident on the device for this weight."""
-        total = self.weight.numel() * self.weight.element_size()
-        if self.meta is not None:
-            total += self.meta.numel() * self.meta.element_size()
-        return total
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.meta, self.offsets) if t is not None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,6 +53,12 @@ def candidates(device: torch.device, shape: tuple[int, int], dtype: torch.dtype)
     backends = kernels.available(str(device))
     if backends == (kernels.DENSE,):
         return backends
+    if device.type == "cpu":
+        if dtype not in cpu_sparse.DTYPES:
+            log.warning("CPU sparse kernels take float32/bfloat16/float16, not %s: using the exact dense fallback",
+                        dtype)
+            return (kernels.DENSE,)
+        return backends  # any shape
     if dtype not in kernels.SPARSE_DTYPES:
         log.warning("2:4 kernels take float16/bfloat16, not %s: using the exact dense fallback", dtype)
         return (kernels.DENSE,)
@@ -66,14 +72,19 @@ def prepare(packed: Packed24, device: str | torch.device, dtype: torch.dtype | N
             backend: str = "auto") -> Prepared:
     device = torch.device(device)
     dtype = dtype or packed.dtype
-    dense = Packed24(packed.values.to(device), packed.meta.to(device), packed.shape).unpack().to(dtype)
     options = candidates(device, packed.shape, dtype)
+    if backend == "auto" and device.type == "cpu":
+        backend = options[0]  # the CPU kernel picks streaming or tiles per call: nothing to time here
+    if backend == kernels.CPU_SPARSE and backend in options:
+        rows = cpu_sparse.from_packed24(packed.values.cpu(), packed.meta.cpu(), packed.shape, dtype)
+        return Prepared(backend, rows.values, rows.mask, *packed.shape, offsets=rows.offsets)
+    dense = Packed24(packed.values.to(device), packed.meta.to(device), packed.shape).unpack().to(dtype)
     if backend == "auto":
         backend = choose(dense, options) if len(options) > 1 else options[0]
     elif backend not in options:
         raise ValueError(f"backend {backend!r} is not available here (available: {', '.join(options)})")
-    weight, meta = kernels.compress(backend, dense)
-    return Prepared(backend, weight, meta, *packed.shape)
+    weight, meta, offsets = kernels.compress(backend, dense)
+    return Prepared(backend, weight, meta, *packed.shape, offsets=offsets)
 
 
 def _tuning_file(device: torch.device) -> str:
@@ -109,17 +120,17 @@ def choose(dense: torch.Tensor, options: tuple[str, ...]) -> str:
 
 def time_backend(backend: str, dense: torch.Tensor, repeats: int = 20) -> list[float]:
     """Median milliseconds of y = x Wᵀ at each of TUNING_TOKENS, with CUDA events, after warm-up."""
-    weight, meta = kernels.compress(backend, dense)
+    weight, meta, offsets = kernels.compress(backend, dense)
     results = []
     for tokens in TUNING_TOKENS:
         x = torch.randn(tokens, dense.shape[1], device=dense.device, dtype=dense.dtype)
         for _ in range(3):
-            kernels.linear(backend, x, weight, meta, None, dense.shape[0])
+            kernels.linear(backend, x, weight, meta, offsets, None, dense.shape[0])
         times = []
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            kernels.linear(backend, x, weight, meta, None, dense.shape[0])
+            kernels.linear(backend, x, weight, meta, offsets, None, dense.shape[0])
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -137,15 +148,19 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = prepared.in_features, prepared.out_features
         self.register_buffer("weight", prepared.weight)
         self.register_buffer("meta", prepared.meta)
+        self.register_buffer("offsets", prepared.offsets)
         self.register_buffer("bias", bias)
 
     @property
     def resident_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.weight, self.meta) if b is not None)
+        return sum(b.numel() * b.element_size() for b in (self.weight, self.meta, self.offsets) if b is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_linear(x, self.weight, self.meta, self.bias, self.backend_id,
-                                                 self.out_features)
+        if self.backend == kernels.CPU_SPARSE:  # the C++ op directly: no Python op layer per call
+            return torch.ops.mixsparse_cpu.sparse_linear(x, self.weight, self.offsets, self.meta, self.bias,
+                                                         self.out_features)
+        return ops.sparse_linear(x, self.weight, self.meta, self.offsets, self.bias, self.backend_id,
+                                 self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"

@@ -7,10 +7,11 @@ at module level because vLLM pickles the config into its engine and worker proce
 ``get_quant_method`` decides per fused layer as vLLM builds it (qkv_proj = q/k/v, gate_up_proj = gate/up,
 o_proj, down_proj): the 2:4 method when every member is stored packed, vLLM's unquantized method when
 none is. Packed weights load through vLLM's own weight loaders (tensor-parallel sharding included: the
-packed dims are input dims, which the loaders narrow by the parameter's own width). After loading, the
-weight is unpacked on the device and either compressed for a 2:4 kernel (CUDA sm80+) and run through
-``torch.ops.mixsparse.sparse_linear``, or kept dense and run by vLLM's own dense GEMM (exact; on CPU the
-same prepacked oneDNN path a dense model gets, so the fallback costs nothing).
+packed dims are input dims, which the loaders narrow by the parameter's own width). After loading, on CPU
+the packed weight is converted in place into the native kernel's compressed layout (no dense copy is ever
+made) and run through ``torch.ops.mixsparse_cpu.sparse_linear``; on CUDA sm80+ it is unpacked on the
+device, compressed for a 2:4 kernel and run through ``torch.ops.mixsparse.sparse_linear``. Where no
+kernel can run it is kept dense and run by vLLM's own dense GEMM (exact; one warning says why).
 """
 
 from __future__ import annotations
@@ -161,11 +162,16 @@ class Sparse24LinearMethod(LinearMethodBase):
         else:
             layer.register_buffer("mixsparse_weight", prepared.weight, persistent=False)
             layer.register_buffer("mixsparse_meta", prepared.meta, persistent=False)
+            layer.register_buffer("mixsparse_offsets", prepared.offsets, persistent=False)
         layer.mixsparse_backend = kernels.BACKEND_IDS[prepared.backend]
+        layer.mixsparse_cpu = prepared.backend == kernels.CPU_SPARSE
         _report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.dense_method is not None:
             return self.dense_method.apply(layer, x, bias)
-        return ops.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_meta, bias, layer.mixsparse_backend,
-                                 layer.mixsparse_shape[0])
+        if layer.mixsparse_cpu:  # the C++ op directly: no Python op layer on every call of the decode loop
+            return torch.ops.mixsparse_cpu.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_offsets,
+                                                         layer.mixsparse_meta, bias, layer.mixsparse_shape[0])
+        return ops.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_meta, layer.mixsparse_offsets, bias,
+                                 layer.mixsparse_backend, layer.mixsparse_shape[0])

@@ -15,16 +15,16 @@ def random_packed(out_features=64, in_features=128, dtype=torch.float32, seed=0)
     return Packed24.pack((groups * keep).reshape(out_features, in_features).to(dtype))
 
 
-def test_cpu_has_only_the_exact_dense_fallback():
-    assert kernels.available("cpu") == (kernels.DENSE,)
-    assert candidates(torch.device("cpu"), (64, 128), torch.bfloat16) == (kernels.DENSE,)
+def test_cpu_runs_the_native_kernel_with_the_dense_fallback_behind_it():
+    assert kernels.available("cpu") in ((kernels.CPU_SPARSE, kernels.DENSE), (kernels.DENSE,))
+    assert candidates(torch.device("cpu"), (64, 128), torch.int8) == (kernels.DENSE,)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_linear_on_the_dense_fallback_is_exact(dtype):
     packed = random_packed(dtype=dtype)
     bias = torch.randn(64).to(dtype)
-    module = SparseLinear(prepare(packed, "cpu"), bias)
+    module = SparseLinear(prepare(packed, "cpu", backend=kernels.DENSE), bias)
     x = torch.randn(3, 5, 128).to(dtype)
     assert module.backend == "dense" and module.resident_bytes == packed.dense_nbytes
     assert torch.equal(module(x), torch.nn.functional.linear(x, packed.unpack(), bias))
@@ -35,14 +35,14 @@ def test_op_has_a_fake_implementation_for_compile():
 
     with FakeTensorMode():
         x, w = torch.empty(7, 3, 128), torch.empty(64, 128)
-        y = ops.sparse_linear(x, w, None, None, kernels.BACKEND_IDS[kernels.DENSE], 64)
+        y = ops.sparse_linear(x, w, None, None, None, kernels.BACKEND_IDS[kernels.DENSE], 64)
     assert y.shape == (7, 3, 64)
-    torch.library.opcheck(ops.sparse_linear, (torch.randn(4, 128), torch.randn(64, 128), None, torch.randn(64),
+    torch.library.opcheck(ops.sparse_linear, (torch.randn(4, 128), torch.randn(64, 128), None, None, torch.randn(64),
                                               kernels.BACKEND_IDS[kernels.DENSE], 64))
 
 
 def test_module_compiles_without_graph_breaks():
-    module = SparseLinear(prepare(random_packed(), "cpu"))
+    module = SparseLinear(prepare(random_packed(), "cpu", backend=kernels.DENSE))
     compiled = torch.compile(module, backend="eager", fullgraph=True)
     x = torch.randn(2, 128)
     assert torch.equal(compiled(x), module(x))
