@@ -13,11 +13,13 @@ import torch
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.plan import Plan
 from mixsparse.runtime.atomic import atomic_dir, refuse_existing
+from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.formats.hf import load_dense
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one is needed to tokenize
 
 
 def module_entries(adapter: ModelAdapter, plan: Plan, groups: list[list[str]]) -> dict[str, artifact.ModuleEntry]:
@@ -84,6 +86,10 @@ def save_artifact(
 def export_dense(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """A plain transformers copy of an artifact: dense weights with zeros, no quantization_config."""
     refuse_existing(out, overwrite)
+    if not any((Path(source) / name).is_file() for name in VOCABULARY_FILES):
+        # a copy without them loads its weights but not its tokenizer: not the plain model users expect
+        raise MixsparseError(f"{source} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); copy the "
+                             f"base model's tokenizer files into it, then export")
     model, config = load_dense(source)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

@@ -93,7 +93,24 @@ def load(model: str, dtype: torch.dtype | None = None, device: str | torch.devic
                              f"Pass a local HF directory, a reachable hub id, or one of: "
                              f"{', '.join(BUILTINS)}") from None
     hf_model.eval()
+    check_causal(hf_model, model)
     return LoadedModel(hf_model.to(device), load_tokenizer(path), model, path)
+
+
+def check_causal(hf_model, model: str) -> None:
+    """Refuse a model whose output at a position depends on later tokens (an encoder such as BERT, which
+    AutoModelForCausalLM loads as BertLMHeadModel): pruning it would write an "artifact" no causal engine
+    serves correctly. Tested directly, on one short sequence and its copy with the last token changed."""
+    vocab = hf_model.get_input_embeddings().num_embeddings
+    first = torch.arange(3, 11).remainder(vocab).unsqueeze(0)
+    second = first.clone()
+    second[0, -1] = (second[0, -1] + 1) % vocab
+    with torch.no_grad():
+        before, after = (hf_model(input_ids=ids).logits[0, :-1].float() for ids in (first, second))
+    if not torch.allclose(before, after, rtol=1e-3, atol=1e-3 * float(before.abs().max())):
+        raise MixsparseError(f"{model} ({type(hf_model).__name__}) is not a causal decoder: its outputs depend on "
+                             f"later tokens (an encoder such as BERT?); mixsparse prunes decoder-only causal LMs "
+                             f"(Llama, Mistral, Qwen2 style)")
 
 
 def ensure_builtin(name: str) -> Path:

@@ -39,7 +39,7 @@ def test_every_numeric_flag_has_a_range_check():
         except argparse.ArgumentTypeError:
             continue
         unchecked.append(f"{' '.join(path)} {option}")
-    assert numeric_flags() and not unchecked
+    assert numeric_flags() and not unchecked, f"flags without a range check: {unchecked}"
 
 
 def _subparser(parser, path):
@@ -176,3 +176,27 @@ def test_a_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
         (tmp / "weights").write_bytes(b"done")
     assert (out / "weights").read_bytes() == b"done"
     assert sorted(tmp_path.iterdir()) == sorted([out, alive])
+
+
+def test_an_encoder_is_refused_not_pruned(tiny_llama, tmp_path, capsys):
+    from transformers import BertConfig, BertLMHeadModel
+
+    bert = tmp_path / "bert"
+    BertLMHeadModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(bert)
+    for file in tiny_llama.glob("tokenizer*"):
+        (bert / file.name).write_bytes(file.read_bytes())
+    message = error_line(["prune", str(bert), "--metric", "magnitude", "--sparsity", "0.5", "--out",
+                          str(tmp_path / "out")], capsys)
+    assert "(BertLMHeadModel) is not a causal decoder" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_an_artifact_without_tokenizer_files_fails(tiny_llama, tmp_path, capsys):
+    art = tmp_path / "art"
+    assert main(["prune", str(tiny_llama), "--metric", "magnitude", "--sparsity", "2:4", "--out", str(art)]) == 0
+    capsys.readouterr()
+    for file in art.glob("tokenizer*"):
+        file.unlink()
+    message = error_line(["export", "--dense", str(art), str(tmp_path / "plain")], capsys)
+    assert f"{art} has no tokenizer files" in message and not (tmp_path / "plain").exists()
