@@ -245,3 +245,29 @@ def test_deploy_with_a_budget_plans_prunes_and_serves(servable_llama, tmp_path):
     command[command.index("--port") + 1] = str(free_port())
     second = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0 and "(reused)" in second.stdout
+
+
+def test_api_key_guards_every_route_the_real_server_lists(servable_24):
+    def status(url, method, key=None, payload=None):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        data = json.dumps(payload or {}).encode() if method == "POST" else None
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers, method=method),
+                                        timeout=120) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    with running_server(servable_24, "--api-key", "s3cret", "--max-n", "4") as url:
+        code, body = status(f"{url}/openapi.json", "GET", "s3cret")
+        listed = [(path.replace("{response_id}", "x"), method.upper())
+                  for path, methods in json.loads(body)["paths"].items() for method in methods]
+        assert ("/invocations", "POST") in listed and ("/v1/chat/completions", "POST") in listed
+        opened = [(p, m) for p, m in listed + [("/metrics", "GET"), ("/openapi.json", "GET")]
+                  if p != "/health" and status(url + p, m)[0] != 401]
+        assert opened == []
+        assert status(f"{url}/health", "GET")[0] == 200
+        chat = {"model": servable_24.name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+        assert status(f"{url}/v1/chat/completions", "POST", "s3cret", chat)[0] == 200
+        code, body = status(f"{url}/invocations", "POST", "s3cret", {**chat, "n": 1000})
+        assert code == 400 and b"--max-n" in body
