@@ -115,13 +115,13 @@ def _add_recovery(parser: argparse.ArgumentParser) -> None:
                        help="after pruning, tune the kept weights and norms block by block to match the dense "
                             "model's block outputs on the calibration windows (default model on 2 CPU cores: "
                             "about 10 minutes more); an interrupted run resumes where it stopped")
-    group.add_argument("--recover-epochs", type=int, default=defaults.epochs,
+    group.add_argument("--recover-epochs", type=POSITIVE, default=defaults.epochs,
                        help="passes over the calibration windows per block (default: %(default)s)")
-    group.add_argument("--recover-batch", type=int, default=defaults.batch,
+    group.add_argument("--recover-batch", type=POSITIVE, default=defaults.batch,
                        help="calibration windows per step (default: %(default)s)")
-    group.add_argument("--recover-lr", type=float, default=defaults.lr,
+    group.add_argument("--recover-lr", type=POSITIVE_REAL, default=defaults.lr,
                        help="Adam learning rate of the kept weights, cosine-decayed per block (default: %(default)g)")
-    group.add_argument("--recover-norm-lr", type=float, default=defaults.norm_lr,
+    group.add_argument("--recover-norm-lr", type=_ranged(float, 0), default=defaults.norm_lr,
                        help="learning rate of norms and biases; 0 leaves them as they are (default: %(default)g)")
     group.add_argument("--recover-target", choices=TARGETS, default=defaults.target,
                        help="dense: match the dense block on the dense model's inputs (also corrects earlier "
