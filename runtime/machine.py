@@ -15,6 +15,24 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags the kernel reports for this CPU (empty where /proc/cpuinfo is absent)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_serving_dtype() -> str:
+    """The dtype vLLM serves on this CPU, dense and sparse alike: bfloat16 where the CPU has native bf16
+    dot products (AVX512-BF16 or AMX: oneDNN and the mixsparse kernels then read half the bytes of float32
+    at the same math rate), float32 elsewhere (bf16 would be emulated, slower than float32)."""
+    return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

@@ -295,10 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser(
         "serve", help="serve a model or artifact through vLLM's OpenAI-compatible server",
         description="Start vLLM's OpenAI-compatible server (chat, completions, streaming, models list) with the "
-                    "mixsparse plugin: 2:4 modules run on sparse GEMMs on CUDA sm80+, on the exact dense fallback "
-                    "elsewhere. /metrics keeps vLLM's metrics and adds mixsparse_* gauges (weight bytes, modules "
+                    "mixsparse plugin: 2:4 modules run on sparse GEMMs on CUDA sm80+ and on mixsparse's native "
+                    "kernel on CPU (weights stay compressed), on the exact dense fallback elsewhere. /metrics keeps vLLM's metrics and adds mixsparse_* gauges (weight bytes, modules "
                     "per format, memory ratio, tokens/s). Any other flag is passed to vLLM unchanged; on CPU the "
-                    "defaults are --enforce-eager --no-enable-prefix-caching --dtype float32 (correct output).",
+                    "defaults are --enforce-eager --no-enable-prefix-caching (correct output) and --dtype bfloat16 "
+                    "where the CPU has native bf16 (AVX512-BF16/AMX), else float32.",
         epilog="Examples:\n  mixsparse serve runs/smollm2-135m-sparsegpt-2of4\n"
                "  mixsparse serve my-artifact --port 9000 --api-key secret --max-num-seqs 64\n\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)

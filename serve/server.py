@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.machine import cpu_serving_dtype
 from mixsparse.runtime.formats import artifact
 from mixsparse.serve.guard import ENVIRONMENT as GUARD_ENVIRONMENT
 from mixsparse.serve.guard import GuardSettings
 
-CPU_DEFAULTS = {"--enforce-eager": None, "--no-enable-prefix-caching": None, "--dtype": "float32"}
+CPU_DEFAULTS = {"--enforce-eager": None, "--no-enable-prefix-caching": None}  # and --dtype: cpu_serving_dtype()
 CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "2"}
 GUARD = "mixsparse.serve.guard.RequestGuard"  # the API key on every route, and the per-request caps
 
@@ -169,7 +170,7 @@ def vllm_argv(options: ServeOptions, path: Path, cuda: bool) -> list[str]:
             raise MixsparseError(f"--override-generation-config {text!r} is not a JSON object") from None
         user[override:override + (1 if inline else 2)] = ["--override-generation-config", json.dumps(settings)]
     if not cuda:
-        for flag, value in CPU_DEFAULTS.items():
+        for flag, value in {**CPU_DEFAULTS, "--dtype": cpu_serving_dtype()}.items():
             opposite = flag.replace("--no-", "--") if flag.startswith("--no-") else None
             if flag not in given and opposite not in given:
                 argv += [flag] if value is None else [flag, value]

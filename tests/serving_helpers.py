@@ -66,13 +66,17 @@ def running_server(model, *extra):
 
 
 def reference_answers(model_dir, prompts, max_tokens, dense_model=False):
+    """Greedy answers of the reference engine in the dtype `mixsparse serve` serves on this CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mixsparse.runtime.machine import cpu_serving_dtype
+
+    dtype = getattr(torch, cpu_serving_dtype())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if dense_model:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     else:
-        model = load_reference(model_dir, dtype=torch.float32)[0]
+        model = load_reference(model_dir, dtype=dtype)[0]
     answers = []
     for prompt in prompts:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
