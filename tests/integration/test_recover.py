@@ -1,0 +1,189 @@
+"""Recovery after pruning, on the tiny random Llama: zeros stay zero, errors go down, interrupted runs resume."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from mixsparse.pruner import data, models, pipeline
+from mixsparse.pruner.adapter import adapt
+from mixsparse.pruner.plan import Plan
+from mixsparse.pruner.prune import prune_model
+from mixsparse.pruner.recover import RecoverOptions, RecoveryState, recover_model
+from mixsparse.pruner.spec import Spec
+from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats.hf import load_dense
+from mixsparse.serve.cli import main
+
+FAST = RecoverOptions(epochs=2, batch=2, lr=1e-3, norm_lr=1e-3)
+
+
+def pruned(tiny_llama, calibration_protocol, metric="wanda", spec="2:4"):
+    loaded = models.load(str(tiny_llama), dtype=torch.float32)
+    dense = copy.deepcopy(loaded.model)
+    adapter = adapt(loaded.model)
+    plan = Plan.uniform(adapter.shapes(), Spec.parse(spec))
+    calibration = data.calibration_windows(loaded.tokenizer, calibration_protocol)
+    prune_model(adapter, plan, metric, calibration)
+    return adapter, adapt(dense), plan, calibration
+
+
+def zeros_of(modules):
+    return {name: module.weight == 0 for name, module in modules.items()}
+
+
+@pytest.mark.parametrize("spec", ["2:4", "0.6"])
+def test_recovery_keeps_every_zero_and_lowers_every_block_error(tiny_llama, small_calibration, spec):
+    adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration, "sparsegpt", spec)
+    before = {n: m.weight.clone() for n, m in adapter.linears().items()}
+    norms = {n: p.clone() for n, p in adapter.blocks.named_parameters() if p.dim() == 1}
+    result = recover_model(adapter, dense, plan, calibration, FAST)
+    assert len(result.blocks) == 2
+    assert all(b.mse_after < b.mse_before for b in result.blocks), result.blocks
+    for name, module in adapter.linears().items():
+        assert torch.equal(module.weight == 0, before[name] == 0), name  # no zero lost, none added
+        assert not torch.equal(module.weight, before[name]), name  # the kept weights were tuned
+        if spec == "2:4":
+            assert ((module.weight != 0).reshape(module.weight.shape[0], -1, 4).sum(-1) == 2).all(), name
+    assert any(not torch.equal(p, norms[n]) for n, p in adapter.blocks.named_parameters() if p.dim() == 1)
+
+
+def test_norm_lr_zero_leaves_norms_alone(tiny_llama, small_calibration):
+    adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration)
+    norms = {n: p.clone() for n, p in adapter.blocks.named_parameters() if p.dim() == 1}
+    recover_model(adapter, dense, plan, calibration, RecoverOptions(epochs=1, batch=4, norm_lr=0.0))
+    assert all(torch.equal(p, norms[n]) for n, p in adapter.blocks.named_parameters() if p.dim() == 1)
+
+
+def test_both_targets_lower_the_final_error(tiny_llama, small_calibration):
+    for target in ("dense", "same"):
+        adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration)
+        result = recover_model(adapter, dense, plan, calibration, RecoverOptions(epochs=2, batch=2, lr=1e-3,
+                                                                                 target=target))
+        assert result.blocks[-1].mse_after < result.blocks[-1].mse_before, target
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "sparsegpt"])
+def test_recovered_artifact_keeps_the_one_shot_masks(tiny_llama, tmp_path, small_calibration, metric):
+    common = dict(model=str(tiny_llama), metric=metric, sparsity="2:4", calibration=small_calibration,
+                  evaluation=data.EvaluationProtocol(seqlen=128, windows=2))
+    plain = pipeline.prune(pipeline.PruneJob(out=str(tmp_path / "plain"), **common))
+    summary = pipeline.prune(pipeline.PruneJob(out=str(tmp_path / "rec"), recover=FAST, **common))
+    one_shot, _ = load_dense(tmp_path / "plain", torch.float32)
+    recovered, config = load_dense(tmp_path / "rec", torch.float32)
+    for name in summary.plan.modules:
+        a, b = one_shot.get_submodule(name).weight, recovered.get_submodule(name).weight
+        assert torch.equal(a == 0, b == 0), name  # magnitude/wanda masks are deterministic: same zeros
+        assert ((b != 0).reshape(b.shape[0], -1, 4).sum(-1) == 2).all(), name
+        assert config.modules[name].format == "2:4" and config.modules[name].sparsity == pytest.approx(0.5)
+    assert set(summary.perplexity) == {"dense", "one_shot", "pruned"}
+    assert summary.perplexity["one_shot"].perplexity == pytest.approx(plain.perplexity["pruned"].perplexity)
+    record = json.loads((tmp_path / "rec" / "plan.json").read_text())
+    assert record["recover"]["options"] == FAST.to_json() and len(record["recover"]["blocks"]) == 2
+    assert record["request"]["recover"] == FAST.to_json()
+    assert "recover" not in json.loads((tmp_path / "plain" / "plan.json").read_text())["request"]
+    card = (tmp_path / "rec" / "README.md").read_text()
+    assert "Recovery: masks frozen" in card and "one-shot ->" in card
+    assert not pipeline.recovery_state_dir(str(tmp_path / "rec")).exists()
+
+
+def test_recovery_under_a_mixed_plan(tiny_llama, tmp_path, small_calibration):
+    shapes = adapt(models.load(str(tiny_llama)).model).shapes()
+    specs = {name: Spec.parse("2:4") for name in shapes}
+    specs["model.layers.0.self_attn.k_proj"] = Spec.parse("0.7")
+    specs["model.layers.1.mlp.down_proj"] = Spec.parse("4:8")
+    del specs["model.layers.1.self_attn.o_proj"]
+    Plan(specs, shapes, {"allocator": "test"}).save(tmp_path / "plan.json")
+    pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="sparsegpt", plan=str(tmp_path / "plan.json"),
+                                     out=str(tmp_path / "art"), calibration=small_calibration, recover=FAST))
+    model, config = load_dense(tmp_path / "art", torch.float32)
+    k = model.get_submodule("model.layers.0.self_attn.k_proj").weight
+    assert int((k == 0).sum()) == round(0.7 * k.numel())
+    down = model.get_submodule("model.layers.1.mlp.down_proj").weight
+    assert ((down != 0).reshape(down.shape[0], -1, 8).sum(-1) == 4).all()
+    assert (model.get_submodule("model.layers.1.self_attn.o_proj").weight != 0).all()  # dense stays dense
+    q = model.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert ((q != 0).reshape(q.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_recovery_resumes_at_the_next_block(tiny_llama, tmp_path, small_calibration):
+    state_dir = tmp_path / "state"
+    request = {"job": "test"}
+    adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration)
+    reference = copy.deepcopy(adapter.model)
+    steps_per_block = FAST.epochs * -(-small_calibration.samples // FAST.batch) + 1
+    calls = []
+
+    def stop_in_block_1(status=None):
+        calls.append(status)
+        if len(calls) == steps_per_block + 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        recover_model(adapter, dense, plan, calibration, FAST, state=RecoveryState(state_dir, request),
+                      after_step=stop_in_block_1)
+    assert sorted(p.name for p in state_dir.iterdir()) == ["block-0.pt", "state.json"]
+
+    fresh, dense, plan, calibration = pruned(tiny_llama, small_calibration)
+    resumed = recover_model(fresh, dense, plan, calibration, FAST, state=RecoveryState(state_dir, request))
+    assert [b.resumed for b in resumed.blocks] == [True, False]
+    whole = recover_model(adapt(reference), dense, plan, calibration, FAST)
+    assert resumed.blocks[0].mse_after == whole.blocks[0].mse_after
+    for name, module in fresh.linears().items():
+        torch.testing.assert_close(module.weight, reference.get_submodule(name).weight, rtol=0, atol=0)
+
+    RecoveryState(state_dir, {"job": "another"})  # another request: the saved blocks are not reused
+    assert sorted(p.name for p in state_dir.iterdir()) == ["state.json"]
+
+
+def test_interrupted_prune_writes_no_artifact_and_resumes(tiny_llama, tmp_path, small_calibration, monkeypatch):
+    from mixsparse.pruner import recover
+
+    out = tmp_path / "art"
+    job = pipeline.PruneJob(model=str(tiny_llama), metric="wanda", sparsity="2:4", out=str(out),
+                            calibration=small_calibration, recover=FAST)
+    original = recover.tune_block
+    tuned = []
+
+    def tune_once(*args, **kwargs):
+        if tuned:
+            raise Interrupt
+        tuned.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(recover, "tune_block", tune_once)
+    with pytest.raises(Interrupt):
+        pipeline.prune(job)
+    assert not out.exists() and pipeline.recovery_state_dir(str(out)).is_dir()
+    monkeypatch.setattr(recover, "tune_block", original)
+    summary = pipeline.prune(job)
+    assert summary.recovery.resumed_blocks == 1
+    assert out.is_dir() and not pipeline.recovery_state_dir(str(out)).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_bad_recovery_settings_are_refused():
+    with pytest.raises(MixsparseError, match="at least one epoch"):
+        RecoverOptions(epochs=0)
+    with pytest.raises(MixsparseError, match="learning rates"):
+        RecoverOptions(lr=-1.0)
+    with pytest.raises(MixsparseError, match="target"):
+        RecoverOptions(target="logits")
+
+
+def test_cli_prune_recover(tiny_llama, tmp_path, capsys):
+    assert main(["prune", str(tiny_llama), "--metric", "wanda", "--sparsity", "2:4", "--out", str(tmp_path / "a"),
+                 "--samples", "4", "--seqlen", "64", "--recover", "--recover-epochs", "1", "--recover-batch", "2",
+                 "--recover-lr", "1e-3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["recovery"]["options"]["epochs"] == 1 and summary["recovery"]["options"]["lr"] == 1e-3
+    assert len(summary["recovery"]["blocks"]) == 2
+    assert main(["prune", str(tiny_llama), "--metric", "wanda", "--sparsity", "2:4", "--out", str(tmp_path / "b"),
+                 "--recover", "--recover-epochs", "0"]) != 0
+    assert "at least one epoch" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
