@@ -1,7 +1,8 @@
 """Cheap candidate evaluation for plan search (MSP.md §3, "Fitness").
 
-Importance scores are computed once (Wanda: |W|·‖X_j‖ from one dense calibration pass; magnitude: |W|)
-and turned into ranks (within each row for Wanda, over the layer for magnitude), so a candidate's mask
+Importance scores (the base metric's own ``score``: Wanda |W|·‖X_j‖ from one dense calibration pass,
+magnitude |W|) are computed once and turned into ranks (within each row or over the layer, as the metric
+compares them), so a candidate's mask
 for ratio r is just ``rank >= round(r·n)``: no recalibration and no sorting per candidate, and only the
 modules whose spec changed since the last candidate are touched. Fitness is the mean
 next-token NLL (or the KL divergence to the dense model) on held-out calibration sequences; the number
@@ -23,24 +24,26 @@ from torch import nn
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import run_blocks
 from mixsparse.pruner.masks import pruned_count
+from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.spec import Spec
-from mixsparse.pruner.stats import accumulate, empty_stats
+from mixsparse.pruner.stats import InputStats, accumulate, empty_stats
 
 FITNESS = ("loss", "kl")
 
 
 @torch.no_grad()
-def activation_norms(adapter: ModelAdapter, windows: torch.Tensor, names: list[str],
+def activation_stats(adapter: ModelAdapter, windows: torch.Tensor, names: list[str],
                      device: str | torch.device = "cpu",
-                     after_block: Callable[[int], None] = lambda index: None) -> dict[str, torch.Tensor]:
-    """Σ_tokens x_j² of every module's input, from one pass over the dense model."""
-    norms: dict[str, torch.Tensor] = {}
+                     after_block: Callable[[int], None] = lambda index: None) -> dict[str, InputStats]:
+    """Every module's input statistics (Σ_tokens x_j², no Hessian), from one pass over the dense model."""
+    stats: dict[str, InputStats] = {}
 
     def collect(index: int, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        norms[name] = accumulate(x, empty_stats(x.shape[-1], hessian=False, device=x.device)).sq_norm.cpu()
+        collected = accumulate(x, empty_stats(x.shape[-1], hessian=False, device=x.device))
+        stats[name] = InputStats(collected.tokens, collected.sq_norm.cpu())
 
     run_blocks(adapter, windows, collect, device, names=set(names), after_block=after_block)
-    return norms
+    return stats
 
 
 def ranks(scores_: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -54,17 +57,9 @@ def ranks(scores_: torch.Tensor, per_row: bool) -> torch.Tensor:
     return rank.reshape(scores_.shape)
 
 
-def scores(metric: str, weight: torch.Tensor, sq_norm: torch.Tensor | None) -> torch.Tensor:
-    """What the search ranks weights by. SparseGPT's own saliency needs its sequential update, so a
-    research search for a SparseGPT plan ranks by Wanda scores (the plan is then applied with SparseGPT)."""
-    if metric == "magnitude":
-        return weight.abs().float()
-    return weight.abs().float() * sq_norm.to(weight.device).sqrt().unsqueeze(0)
-
-
 class PlanEvaluator:
     def __init__(self, adapter: ModelAdapter, names: list[str], metric: str,
-                 norms: dict[str, torch.Tensor] | None, sequences: torch.Tensor, device: str | torch.device = "cpu",
+                 stats: dict[str, InputStats] | None, sequences: torch.Tensor, device: str | torch.device = "cpu",
                  fitness: str = "loss", weights_24: dict[str, torch.Tensor] | None = None):
         if fitness not in FITNESS:
             raise ValueError(f"fitness must be one of {FITNESS}")
@@ -73,10 +68,12 @@ class PlanEvaluator:
         linears = adapter.linears()
         self.modules = {name: linears[name] for name in names}
         self.dense = {name: module.weight.detach().clone() for name, module in self.modules.items()}
-        self.metric = metric
+        # SparseGPT's own saliency needs its sequential update: a research search ranks by its ``score``
+        # (Wanda's), and the plan is then applied with SparseGPT
+        self.metric = get_metric(metric)
         self.weights_24 = weights_24 or {}  # the base metric's own 2:4 weights, used for 2:4 specs
-        self.per_row = metric != "magnitude"
-        self.norms = norms or {}
+        self.per_row = self.metric.per_row
+        self.stats = stats or {}
         self._ranks: dict[str, torch.Tensor] = {}
         self.current = {name: Spec.dense() for name in names}
         self.sequences = sequences
@@ -109,7 +106,7 @@ class PlanEvaluator:
     def ranks(self, name: str) -> torch.Tensor:
         """Computed on first use and kept: a candidate's unstructured mask is a threshold of these."""
         if name not in self._ranks:
-            self._ranks[name] = ranks(scores(self.metric, self.dense[name], self.norms.get(name)), self.per_row)
+            self._ranks[name] = ranks(self.metric.score(self.dense[name], self.stats.get(name)), self.per_row)
         return self._ranks[name]
 
     def restore(self) -> None:

@@ -1,4 +1,6 @@
-"""The base metrics: how important each weight is, and how a layer is pruned under a Spec.
+"""The base metrics, as a registry of pure callables: how important each weight is (``score``), and the
+pruned weight of a layer under a Spec (``prune``), in the shape of llm-compressor's wanda_sparsify.py /
+sgpt_sparsify.py. A new metric is one entry of ``METRICS``; nothing else branches on a metric's name.
 
 magnitude: |W|, compared over the whole layer (no calibration).
 wanda:     |W| · ‖X_j‖, compared within each output row (Sun et al. 2023).
@@ -8,6 +10,7 @@ sparsegpt: OBS with a blocked, lazy-batch weight update (Frantar & Alistarh 2023
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -18,19 +21,47 @@ from mixsparse.pruner.stats import InputStats
 from mixsparse.runtime.errors import MixsparseError
 
 
+def magnitude_score(weight: torch.Tensor, stats: InputStats | None = None) -> torch.Tensor:
+    return weight.abs().float()
+
+
+def wanda_score(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+    return weight.abs().float() * stats.sq_norm.sqrt().to(weight.device).unsqueeze(0)
+
+
+def magnitude_prune(weight: torch.Tensor, spec: Spec, stats: InputStats | None = None, **options) -> torch.Tensor:
+    return weight * mask_for(magnitude_score(weight), spec, per_row=False)
+
+
+def wanda_prune(weight: torch.Tensor, spec: Spec, stats: InputStats, **options) -> torch.Tensor:
+    return weight * mask_for(wanda_score(weight, stats), spec, per_row=True)
+
+
+def sparsegpt_prune_weight(weight: torch.Tensor, spec: Spec, stats: InputStats, blocksize: int = 128,
+                           damp: float = 0.01) -> torch.Tensor:
+    return sparsegpt_prune(weight, stats.hessian, spec, blocksize=blocksize, damp=damp)
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
+    score: Callable[[torch.Tensor, InputStats | None], torch.Tensor]
+    # (float32 weight, non-dense spec, stats, **options) -> pruned float32 weight; options are SparseGPT's
+    prune: Callable[..., torch.Tensor]
     needs_calibration: bool
     needs_hessian: bool
-    per_row: bool  # unstructured comparison group: each output row, or the whole layer
+    per_row: bool  # the comparison group of ``score``: each output row, or the whole layer
+    scores_as: str  # what a plan search ranks weights by: SparseGPT's saliency needs its sequential update
 
 
-METRICS = {
-    "magnitude": Metric("magnitude", needs_calibration=False, needs_hessian=False, per_row=False),
-    "wanda": Metric("wanda", needs_calibration=True, needs_hessian=False, per_row=True),
-    "sparsegpt": Metric("sparsegpt", needs_calibration=True, needs_hessian=True, per_row=True),
-}
+METRICS = {metric.name: metric for metric in (
+    Metric("magnitude", magnitude_score, magnitude_prune, needs_calibration=False, needs_hessian=False,
+           per_row=False, scores_as="magnitude"),
+    Metric("wanda", wanda_score, wanda_prune, needs_calibration=True, needs_hessian=False, per_row=True,
+           scores_as="wanda"),
+    Metric("sparsegpt", wanda_score, sparsegpt_prune_weight, needs_calibration=True, needs_hessian=True,
+           per_row=True, scores_as="wanda"),
+)}
 
 
 def get_metric(name: str) -> Metric:
@@ -40,17 +71,9 @@ def get_metric(name: str) -> Metric:
         raise MixsparseError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}") from None
 
 
-def magnitude_score(weight: torch.Tensor, stats: InputStats | None = None) -> torch.Tensor:
-    return weight.abs().float()
-
-
-def wanda_score(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
-    return weight.abs().float() * stats.sq_norm.sqrt().to(weight.device).unsqueeze(0)
-
-
 def score(metric: str, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
     """Importance scores of a layer; SparseGPT's initial scores are Wanda's (its update goes further)."""
-    return magnitude_score(weight) if metric == "magnitude" else wanda_score(weight, stats)
+    return get_metric(metric).score(weight, stats)
 
 
 def prune_weight(metric: str, weight: torch.Tensor, spec: Spec, stats: InputStats | None, **options) -> torch.Tensor:
@@ -61,7 +84,4 @@ def prune_weight(metric: str, weight: torch.Tensor, spec: Spec, stats: InputStat
     weight = weight.float()
     if spec.is_dense:
         return weight.clone()
-    if metric == "sparsegpt":
-        return sparsegpt_prune(weight, stats.hessian, spec, **options)
-    keep = mask_for(score(metric, weight, stats), spec, per_row=get_metric(metric).per_row)
-    return weight * keep
+    return get_metric(metric).prune(weight, spec, stats, **options)

@@ -19,15 +19,16 @@ from mixsparse.pruner import data, models
 from mixsparse.pruner.adapter import ModelAdapter, adapt, fused_groups
 from mixsparse.pruner.allocate import fisher_ratios, outlier_ratio, owl_ratios, uniform_ratios
 from mixsparse.pruner.deployment import DeployBudget, DeployOps, budget_for_memory, greedy, memory_of
-from mixsparse.pruner.fitness import FITNESS, PlanEvaluator, activation_norms, scores
+from mixsparse.pruner.fitness import FITNESS, PlanEvaluator, activation_stats
 from mixsparse.pruner.genome import Budget, Genes, RatioOps, from_ratios, genes_for
-from mixsparse.pruner.metrics import get_metric
+from mixsparse.pruner.metrics import get_metric, wanda_score
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.prune import prune_model
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.pruner.search import SearchSettings, SearchState, evolve
 from mixsparse.pruner.sensitivity import Sensitivity, fisher_traces
 from mixsparse.pruner.spec import Spec
+from mixsparse.pruner.stats import InputStats
 from mixsparse.runtime.atomic import atomic_dir, refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 
@@ -83,7 +84,7 @@ class Evidence:
     adapter: ModelAdapter
     shapes: dict[str, tuple[int, int]]
     sensitivity: Sensitivity | None = None
-    norms: dict[str, torch.Tensor] | None = None
+    stats: dict[str, InputStats] | None = None  # activation statistics of every module's input
     weights_24: dict[str, torch.Tensor] | None = None  # every module pruned to 2:4 by the base metric
 
 
@@ -133,7 +134,7 @@ def gather(job: PlanJob, progress: Progress, need_fisher: bool, need_norms: bool
     if need_norms:
         windows = data.calibration_windows(loaded.tokenizer, job.calibration)
         with progress.task(f"activation norms ({len(adapter.blocks)} blocks)", len(adapter.blocks)) as advance:
-            evidence.norms = activation_norms(adapter, windows, list(shapes), job.device,
+            evidence.stats = activation_stats(adapter, windows, list(shapes), job.device,
                                               after_block=lambda index: advance())
     return evidence
 
@@ -200,7 +201,7 @@ def base_weights_24(job: PlanJob, evidence: Evidence, progress: Progress) -> dic
 def deploy_evaluator(job: PlanJob, evidence: Evidence, progress: Progress) -> PlanEvaluator:
     """The fitness of deployment choices: held-out loss with each 2:4 group holding the base metric's own weights."""
     weights = base_weights_24(job, evidence, progress)
-    return PlanEvaluator(evidence.adapter, list(evidence.shapes), job.metric, evidence.norms,
+    return PlanEvaluator(evidence.adapter, list(evidence.shapes), job.metric, evidence.stats,
                          fitness_sequences(job, evidence.loaded.tokenizer), job.device, job.fitness, weights)
 
 
@@ -229,7 +230,7 @@ def run_search(job: PlanJob, evidence: Evidence, ops, seeds, to_specs, fingerpri
                progress: Progress, state_path: Path | None,
                evaluator: PlanEvaluator | None = None) -> tuple[SearchState, PlanEvaluator]:
     if evaluator is None:
-        evaluator = PlanEvaluator(evidence.adapter, list(evidence.shapes), job.metric, evidence.norms,
+        evaluator = PlanEvaluator(evidence.adapter, list(evidence.shapes), job.metric, evidence.stats,
                                   fitness_sequences(job, evidence.loaded.tokenizer), job.device, job.fitness)
     if job.resume and state_path is not None:
         state = SearchState.load(state_path, fingerprint)
@@ -274,7 +275,7 @@ def research_plan(job: PlanJob, evidence: Evidence, progress: Progress) -> Plan:
     if job.allocator == "uniform":
         ratios = uniform_ratios(genes.sizes, job.target)
     elif job.allocator == "owl":
-        outliers = [outlier_ratio([scores("wanda", evidence.adapter.linears()[m].weight, evidence.norms[m])
+        outliers = [outlier_ratio([wanda_score(evidence.adapter.linears()[m].weight, evidence.stats[m])
                                    for m in members], job.owl_multiple) for members in genes.members]
         ratios = owl_ratios(outliers, genes.sizes, job.target, job.owl_lambda, job.min_ratio, job.max_ratio)
         info["owl"] = {"lambda": job.owl_lambda, "multiple": job.owl_multiple}
@@ -306,7 +307,7 @@ def research_plan(job: PlanJob, evidence: Evidence, progress: Progress) -> Plan:
     modules = to_specs(counts)
     return Plan(modules, dict(evidence.shapes), {
         "allocator": job.allocator, "metric": job.metric,
-        "search_scores": "magnitude" if job.metric == "magnitude" else "wanda",
+        "search_scores": get_metric(job.metric).scores_as,
         "target": job.target, "granularity": job.granularity, "bounds": [job.min_ratio, job.max_ratio],
         "calibration": job.calibration.to_json(), "seed": job.search.seed,
         "genes": gene_table(genes, ratios, evidence, outliers),
@@ -392,7 +393,8 @@ def make_plan(job: PlanJob, progress: Progress = Silent()) -> PlanOutcome:
     start = time.perf_counter()
     need_fisher = job.deploy or job.allocator in ("fisher", "msp")
     # deployment candidates use the base metric's own 2:4 weights, not scores of the dense model
-    need_norms = job.allocator == "owl" or (job.metric != "magnitude" and job.allocator == "msp" and not job.deploy)
+    need_norms = job.allocator == "owl" or (get_metric(job.metric).needs_calibration and job.allocator == "msp"
+                                            and not job.deploy)
     evidence = gather(job, progress, need_fisher, need_norms)
     if job.pareto:
         front = pareto(job, evidence, progress)
