@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats.bitmask import Bitmask  # the one pack/unpack of this layout
 
 log = logging.getLogger(__name__)
 
@@ -113,25 +114,12 @@ def from_packed24(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, in
 
 def from_dense(weight: torch.Tensor, dtype: torch.dtype | None = None) -> CompressedRows:
     """The kernel layout of any dense weight: its non-zeros are kept (tests and benchmarks use this)."""
-    out_features, in_features = weight.shape
-    dtype = dtype or weight.dtype
-    weight = weight.to(dtype)
-    keep = weight != 0
-    padded = torch.nn.functional.pad(keep, (0, (-in_features) % 8)).reshape(out_features, -1, 8)
-    mask = (padded.to(torch.uint8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
-    offsets = torch.zeros(out_features + 1, dtype=torch.int64)
-    offsets[1:] = keep.sum(1).cumsum(0)
-    return CompressedRows(weight[keep].contiguous(), offsets, mask.contiguous(), (out_features, in_features))
+    return Bitmask.pack(weight.to(dtype or weight.dtype)).to_rows()
 
 
 def unpack(rows: CompressedRows) -> torch.Tensor:
     """The dense weight (exact): for checks, never on the serving path."""
-    out_features, in_features = rows.shape
-    bits = ((rows.mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).bool()
-    keep = bits.reshape(out_features, -1)[:, :in_features]
-    dense = torch.zeros(out_features, in_features, dtype=rows.values.dtype)
-    dense[keep] = rows.values
-    return dense
+    return Bitmask.from_rows(rows).unpack()
 
 
 def linear(x: torch.Tensor, rows: CompressedRows, bias: torch.Tensor | None = None) -> torch.Tensor:
