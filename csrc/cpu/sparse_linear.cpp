@@ -132,7 +132,7 @@ struct Tuning {
   int64_t tile_bytes;       // one thread's dense tile
 };
 
-Tuning default_tuning(const IsaKernels* isa) { return {isa == &kPortable ? 4 : 32, 2 * 1024 * 1024}; }
+Tuning default_tuning(const IsaKernels* isa) { return {isa == &kPortable ? 4 : 64, 2 * 1024 * 1024}; }
 
 at::Tensor sparse_linear_with(const IsaKernels* isa, Tuning tuning, const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& offsets, const at::Tensor& mask,

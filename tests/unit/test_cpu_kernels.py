@@ -68,6 +68,22 @@ def test_kernel_matches_f_linear_on_the_unpacked_weight(tokens, rows, cols, spar
 
 
 @needs_kernels
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tokens", [11, 12, 13, 40, 63])
+@pytest.mark.parametrize("rows, cols", [(5, 33), (8, 100), (13, 577), (4, 32)])
+def test_streaming_path_at_panel_token_counts(variant, tokens, rows, cols):
+    """Token counts where the AVX-512 kernel switches from re-expanding rows to a dense panel, with K tails."""
+    generator = torch.Generator().manual_seed(tokens * cols)
+    weight = sparse_weight(rows, cols, 0.6, torch.bfloat16, generator)
+    x = torch.randn(tokens, cols, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(rows, generator=generator).to(torch.bfloat16)
+    compressed = cpu_sparse.from_dense(weight)
+    y = ext.sparse_linear_with(variant, x, compressed.values, compressed.offsets, compressed.mask, bias, rows,
+                               tile_min_tokens=1 << 30)
+    assert_matches_dense(y, x, weight, bias)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 5, 16, 31, 32, 33, 255, 2048])
 def test_2of4_layers_of_model_shapes(dtype, tokens):
