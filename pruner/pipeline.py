@@ -83,6 +83,9 @@ class PruneSummary:
                                          f"dense ({wb['stored'] / wb['dense_equivalent']:.1%})"),
                  ("2:4 packed modules", f"{human_bytes(wb['packed_stored'])} of "
                                         f"{human_bytes(wb['packed_dense_equivalent'])} dense"),
+                 *([("bitmask modules", f"{human_bytes(wb['bitmask_stored'])} of "
+                                        f"{human_bytes(wb['bitmask_dense_equivalent'])} dense")]
+                   if wb.get("bitmask_dense_equivalent") else []),
                  ("prune time", f"{self.result.seconds:.1f} s on {self.result.device} "
                                 f"(load {self.load_seconds:.1f} s, save {self.save_seconds:.1f} s)"),
                  *([("recovery", f"{self.recovery.seconds:.1f} s on {self.recovery.device}, "
@@ -314,6 +317,12 @@ def evaluate_model(model: str, protocol: data.EvaluationProtocol, device: str = 
     return EvalSummary(model, result, zeros / max(total, 1), loaded.artifact is not None)
 
 
+def calibration_use(job: PruneJob) -> str:
+    if get_metric(job.metric).needs_calibration:
+        return "sequential, block by block"
+    return f"not used by {job.metric}" + ("; used by recovery" if job.recover is not None else "")
+
+
 def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str:
     table = "\n".join(f"| {k} | {v} |" for k, v in summary.rows() if k not in ("artifact", "prune time"))
     calibration = job.calibration
@@ -321,7 +330,8 @@ def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str
         f"# {Path(job.out).name}",
         "",
         f"`{job.model}` pruned by [mixsparse](https://pypi.org/project/mixsparse/) with **{job.metric}**.",
-        "2:4 modules are stored packed (values + 2-bit indices, 56.25% of dense bf16 bytes); other modules dense.",
+        "2:4 modules are stored packed (values + 2-bit indices, 56.25% of dense bf16 bytes); other sparse modules "
+        "bitmask-compressed (kept values + one bit per weight) where that is smaller than dense; the rest dense.",
         "",
         "| | |",
         "|---|---|",
@@ -329,7 +339,7 @@ def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str
         "",
         f"Calibration: {calibration.samples} windows of {calibration.seqlen} tokens from "
         f"{data.describe(calibration.source, data.CALIBRATION)}, seed {calibration.seed} "
-        f"({'not used by ' + job.metric if not get_metric(job.metric).needs_calibration else 'sequential, block by block'}).",
+        f"({calibration_use(job)}).",
     ]
     if summary.recovery is not None:
         ppl = summary.perplexity

@@ -40,8 +40,10 @@ TARGETS = ("dense", "same")
 @dataclass(frozen=True)
 class RecoverOptions:
     epochs: int = 2  # passes over the calibration windows per block
-    lr: float = 1e-4  # Adam, kept linear weights; cosine decay to 0 over the block's steps
-    norm_lr: float = 1e-4  # Adam, the block's norm weights and biases (0: leave them as they are)
+    # chosen on the calibration data (validation split), SparseGPT 2:4 on the default model: block-output error
+    # of the first blocks fell 5-19% with 1e-4 and 9-36% with 1e-3 (2 epochs, batch 4)
+    lr: float = 1e-3  # Adam, kept linear weights; cosine decay to 0 over the block's steps
+    norm_lr: float = 1e-3  # Adam, the block's norm weights and biases (0: leave them as they are)
     batch: int = 4  # calibration windows per step
     target: str = "dense"
     seed: int = 0  # order of the windows

@@ -85,6 +85,7 @@ def test_recovered_artifact_keeps_the_one_shot_masks(tiny_llama, tmp_path, small
     assert "recover" not in json.loads((tmp_path / "plain" / "plan.json").read_text())["request"]
     card = (tmp_path / "rec" / "README.md").read_text()
     assert "Recovery: masks frozen" in card and "one-shot ->" in card
+    assert ("used by recovery" in card) == (metric == "magnitude")
     assert not pipeline.recovery_state_dir(str(tmp_path / "rec")).exists()
 
 
