@@ -22,8 +22,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one is needed to tokenize
 
 
-def module_entries(adapter: ModelAdapter, plan: Plan, groups: list[list[str]]) -> dict[str, artifact.ModuleEntry]:
-    """One entry per pruned module: its format, storage, shape and measured sparsity."""
+def module_entries(adapter: ModelAdapter, plan: Plan, groups: list[list[str]],
+                   dtype: torch.dtype | None = None) -> dict[str, artifact.ModuleEntry]:
+    """One entry per pruned module: its format, storage (chosen by its bytes stored in ``dtype``, default the
+    weights' own), shape and measured sparsity."""
     modules = dict(adapter.linears())
     head = adapter.lm_head()
     if head:
@@ -31,7 +33,11 @@ def module_entries(adapter: ModelAdapter, plan: Plan, groups: list[list[str]]) -
     pruned = {name: spec for name, spec in plan.modules.items() if not spec.is_dense}
     formats = {name: ("unstructured" if spec.kind == "unstructured" else str(spec),
                       tuple(modules[name].weight.shape)) for name, spec in pruned.items()}
-    storage = artifact.storage_for(formats, groups)
+    # counted in the stored dtype: a weight too small for fp16 becomes a zero the bitmask does not keep
+    nnz = {name: int((modules[name].weight.detach().to(dtype or modules[name].weight.dtype) != 0).sum())
+           for name in pruned}
+    element = torch.empty((), dtype=dtype or next(iter(modules.values())).weight.dtype).element_size()
+    storage = artifact.storage_for(formats, groups, nnz, element)
     entries = {}
     for name, (fmt, shape) in formats.items():
         weight = modules[name].weight
@@ -65,12 +71,12 @@ def save_artifact(
     card: Callable[[artifact.ArtifactConfig], str],
     overwrite: bool = False,
 ) -> artifact.ArtifactConfig:
-    """Write the artifact: packed 2:4 weights, config, tokenizer, ``plan.json`` (plan + record), model card.
+    """Write the artifact: compressed sparse weights, config, tokenizer, ``plan.json`` (plan + record), model card.
 
     ``card`` gets the (temporary) artifact's config once the weights are written, so the model card can
     quote the stored sizes; everything lands in one atomic rename.
     """
-    entries = module_entries(adapter, plan, groups)
+    entries = module_entries(adapter, plan, groups, dtype)
 
     def extra(directory: Path) -> None:
         tokenizer.save_pretrained(directory)

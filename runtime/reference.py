@@ -3,7 +3,8 @@
 Used for evaluation, tests and GPU benchmarks where vLLM is not installed, and as the ground truth the
 served output is compared with. Packed modules are never materialised dense on the host: the skeleton is
 built without initialising weights, the other tensors are loaded, and each packed module is prepared
-straight from its values/meta.
+straight from its values/meta. Bitmask modules are unpacked to dense weights here (exact) until
+SparseLinear takes the bitmask layout.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def load_reference(path: str | os.PathLike, device: str | torch.device = "cpu", 
     dtype = dtype or config.dtype
     model = empty_model(plain_config(config), dtype)
     packed_names = list(config.packed)
-    state = {k: v for k, v in tensors.items() if not k.endswith((".values", ".meta"))}
+    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in config.compressed}
+    for name in config.bitmask:
+        state[f"{name}.weight"] = artifact.bitmask_module(config, tensors, name).unpack()
     # packed modules' weights are absent on purpose: their modules are replaced below
     load_state(model, state, config.path, allowed_missing={f"{name}.weight" for name in packed_names})
     model.to(device)

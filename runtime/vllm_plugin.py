@@ -66,10 +66,10 @@ class MixsparseConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MixsparseConfig":
-        version = config.get("format_version")
-        if version != artifact.FORMAT_VERSION:
-            raise ValueError(f"mixsparse artifact format_version {version!r} is not supported by this plugin "
-                             f"(it reads version {artifact.FORMAT_VERSION})")
+        try:
+            artifact.check_version(config.get("format_version"), "mixsparse artifact", "plugin")
+        except MixsparseError as error:
+            raise ValueError(str(error)) from None
         modules = {name: artifact.ModuleEntry.from_json(name, entry)
                    for name, entry in (config.get("modules") or {}).items()}
         return cls(modules, [list(g) for g in config.get("groups") or []])
@@ -86,10 +86,13 @@ class MixsparseConfig(QuantizationConfig):
         return [f"{parent}.{shard}" if parent else shard for shard in shards]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        if not isinstance(layer, LinearBase):
-            return None  # embeddings, lm_head, attention: vLLM's defaults
         members = self.members(prefix)
         storage = [self.modules[m].storage if m in self.modules else artifact.DENSE for m in members]
+        if artifact.BITMASK in storage:  # checked first: a pruned lm_head is no LinearBase and may be bitmask
+            raise ValueError(f"mixsparse: {prefix} fuses {members} stored as {storage}: bitmask modules are not "
+                             f"served yet by this plugin; `mixsparse export --dense` gives a model vLLM serves")
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, lm_head, attention: vLLM's defaults
         if all(s == artifact.PACKED24 for s in storage):
             return Sparse24LinearMethod(prefix)
         if any(s == artifact.PACKED24 for s in storage):

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune = verbs.add_parser(
         "prune", help="prune a model into a mixsparse artifact",
         description="Prune the decoder blocks' linear layers block by block (sequential calibration) and write "
-                    "an artifact: 2:4 modules packed, others dense, plan.json, tokenizer and a model card.",
+                    "an artifact: 2:4 modules packed, other sparse modules bitmask-compressed where smaller, "
+                    "plan.json, tokenizer and a model card.",
         epilog="Examples:\n  mixsparse prune smollm2-135m --metric sparsegpt --sparsity 2:4 --out sgpt-24\n"
                "  mixsparse prune smollm2-135m --metric wanda --sparsity 0.5 --out wanda-50 --eval-windows 40\n"
                "  mixsparse prune smollm2-135m --metric sparsegpt --plan plan.json --out msp-70\n\n" + EPILOG,

@@ -88,7 +88,8 @@ def summary_rows(out: Path, options: ServeOptions, reused: bool) -> list[tuple[s
     sizes = artifact.weight_bytes(config)
     formats: dict[str, int] = {}
     for entry in config.modules.values():
-        key = f"{entry.format} ({'packed' if entry.storage == artifact.PACKED24 else 'stored dense'})"
+        storage = {artifact.PACKED24: "packed", artifact.BITMASK: "bitmask"}.get(entry.storage, "stored dense")
+        key = f"{entry.format} ({storage})"
         formats[key] = formats.get(key, 0) + 1
     url = f"http://{options.host}:{options.port}"
     rows = [("artifact", f"{out} ({'reused' if reused else 'new'})"),

@@ -42,8 +42,8 @@ class ServeOptions:
 
 def preflight(model: str, tokenizer: bool = True) -> Path:
     """Check what the engine will need from the model directory (config, every tensor's name, shape and
-    dtype, an artifact's 2:4 indices, the tokenizer) without loading weights, so that a bad directory is one
-    line here rather than a long traceback from vLLM's engine process."""
+    dtype, an artifact's 2:4 indices and bitmask offsets, the tokenizer) without loading weights, so that a
+    bad directory is one line here rather than a long traceback from vLLM's engine process."""
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise MixsparseError(f"{model} is not a model directory (no config.json); serve an artifact from "
@@ -119,11 +119,11 @@ def check_modules(config: artifact.ArtifactConfig, headers: dict | None = None) 
     if headers is not None:
         every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         shared = every - {name for name, _ in model.named_parameters()}  # tied to another (lm_head)
-        missing = sorted(f"{n}.weight" for n in linears if n not in config.packed and f"{n}.weight" not in headers
-                         and f"{n}.weight" not in shared)
+        missing = sorted(f"{n}.weight" for n in linears if n not in config.compressed
+                         and f"{n}.weight" not in headers and f"{n}.weight" not in shared)
         if missing:
             raise MixsparseError(f"{config.path}: tensor {missing[0]} is missing and quantization_config.modules "
-                                 f"does not record it as packed ({len(missing)} weights missing)")
+                                 f"does not record it as packed or bitmask ({len(missing)} weights missing)")
 
 
 def check_port(host: str, port: int) -> None:

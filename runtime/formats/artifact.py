@@ -1,27 +1,31 @@
-"""The mixsparse artifact on disk: an HF-style directory whose 2:4 modules are packed.
+"""The mixsparse artifact on disk: an HF-style directory whose sparse modules are stored compressed.
 
 ``config.json`` carries::
 
     quantization_config = {
-      "quant_method": "mixsparse", "format_version": 1, "dtype": "bfloat16",
+      "quant_method": "mixsparse", "format_version": 2, "dtype": "bfloat16",
       "modules": {qualified_name: {"format": "2:4" | "n:m" | "unstructured",
-                                   "storage": "packed24" | "dense",
-                                   "shape": [out, in], "sparsity": float}},
+                                   "storage": "packed24" | "bitmask" | "dense",
+                                   "shape": [out, in], "sparsity": float,
+                                   "nnz": int (bitmask only: the length of its values)}},
       "groups": [[names fused as one GEMM by vLLM, e.g. q/k/v], ...],
       "files": {safetensors file name: size in bytes}
     }
 
-A 2:4 module is stored packed (``<name>.values`` + ``<name>.meta``) only when every module of its
-fused group is 2:4: vLLM loads a group as one GEMM, and one storage per GEMM keeps its loader simple.
-Every other module is stored as a plain ``<name>.weight`` (zeros included). Nothing device-specific
-(cuSPARSELt/CUTLASS layouts) is ever written.
+A 2:4 module is stored packed (``<name>.values`` + ``<name>.meta``, see packed24.py) when every module
+of its fused group is 2:4: that is the packing the GPU's 2:4 kernels take. Any other pruned module
+(unstructured, N:M, or 2:4 in a group that is not all 2:4) is stored bitmask-compressed
+(``<name>.values`` + ``<name>.mask`` + ``<name>.offsets``, see bitmask.py) when that is smaller than
+dense, else as a plain ``<name>.weight`` (zeros included), like every unpruned module. ``nnz`` lets a
+loader allocate a bitmask module's values without reading tensors. Nothing device-specific
+(cuSPARSELt/CUTLASS layouts) is ever written. Version 1 (no bitmask storage) is still read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -31,12 +35,16 @@ from safetensors.torch import save_file
 
 from mixsparse.runtime.atomic import atomic_dir
 from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats.bitmask import Bitmask
 from mixsparse.runtime.formats.packed24 import Packed24
 
 QUANT_METHOD = "mixsparse"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this mixsparse writes
+READ_VERSIONS = (1, 2)  # version 1 is version 2 without bitmask storage
 PACKED24 = "packed24"
+BITMASK = "bitmask"
 DENSE = "dense"
+STORAGES = (PACKED24, BITMASK, DENSE)
 SHARD_BYTES = 4 * 1024**3
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -57,22 +65,31 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class ModuleEntry:
     format: str  # "2:4", "4:8", ..., or "unstructured"
-    storage: str  # PACKED24 or DENSE
+    storage: str  # one of STORAGES
     shape: tuple[int, int]
     sparsity: float
+    nnz: int | None = None  # BITMASK: kept weights (the values' length); the writer sets it from the packing
 
     def to_json(self) -> dict:
-        return {**asdict(self), "shape": list(self.shape)}
+        data = {**asdict(self), "shape": list(self.shape)}
+        if self.nnz is None:
+            del data["nnz"]
+        return data
 
     @classmethod
     def from_json(cls, name: str, data: dict) -> "ModuleEntry":
         try:
+            nnz = data.get("nnz")
             entry = cls(str(data["format"]), str(data["storage"]), tuple(int(s) for s in data["shape"]),
-                        float(data["sparsity"]))
-        except (KeyError, TypeError, ValueError) as error:
+                        float(data["sparsity"]), None if nnz is None else int(nnz))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise MixsparseError(f"module {name}: malformed entry in quantization_config ({error!r})") from None
-        if entry.storage not in (PACKED24, DENSE) or len(entry.shape) != 2:
+        if entry.storage not in STORAGES or len(entry.shape) != 2:
             raise MixsparseError(f"module {name}: unknown storage {entry.storage!r} or shape {list(entry.shape)}")
+        size = entry.shape[0] * entry.shape[1]
+        if entry.storage == BITMASK and not (entry.nnz is not None and 0 <= entry.nnz <= size):
+            raise MixsparseError(f"module {name}: a bitmask entry needs nnz between 0 and {size}, got "
+                                 f"{data.get('nnz')!r}")
         return entry
 
 
@@ -91,19 +108,43 @@ class ArtifactConfig:
     def packed(self) -> dict[str, ModuleEntry]:
         return {name: e for name, e in self.modules.items() if e.storage == PACKED24}
 
+    @property
+    def bitmask(self) -> dict[str, ModuleEntry]:
+        return {name: e for name, e in self.modules.items() if e.storage == BITMASK}
 
-def storage_for(modules: dict[str, tuple[str, tuple[int, int]]], groups: Iterable[Iterable[str]]) -> dict[str, str]:
-    """Choose each module's storage: packed only when its whole fused group is 2:4 (see module doc)."""
+    @property
+    def compressed(self) -> dict[str, ModuleEntry]:
+        """Modules stored without a ``<name>.weight`` tensor (packed 2:4 or bitmask)."""
+        return {name: e for name, e in self.modules.items() if e.storage != DENSE}
+
+
+def storage_for(modules: dict[str, tuple[str, tuple[int, int]]], groups: Iterable[Iterable[str]],
+                nnz: dict[str, int] | None = None, element_size: int = 2) -> dict[str, str]:
+    """Choose each module's storage (see module doc): packed 2:4 when its whole fused group is 2:4, else
+    bitmask when its ``nnz`` kept weights of ``element_size`` bytes take fewer bytes than dense, else dense."""
     group_of = {name: tuple(group) for group in groups for name in group}
+    nnz = nnz or {}
 
     def packable(name: str) -> bool:
         fmt, shape = modules.get(name, ("dense", (0, 0)))
         return fmt == "2:4" and shape[1] % 4 == 0
 
+    def smaller_as_bitmask(name: str) -> bool:
+        shape = modules[name][1]
+        return name in nnz and Bitmask.stored_nbytes(shape, nnz[name], element_size) < \
+            shape[0] * shape[1] * element_size
+
     return {
-        name: PACKED24 if all(packable(member) for member in group_of.get(name, (name,))) else DENSE
+        name: PACKED24 if all(packable(member) for member in group_of.get(name, (name,)))
+        else BITMASK if smaller_as_bitmask(name) else DENSE
         for name in modules
     }
+
+
+def check_version(version, what: str, reader: str) -> None:
+    if version not in READ_VERSIONS or isinstance(version, bool):
+        raise MixsparseError(f"{what} format_version {version!r} is not supported by this {reader} (it reads "
+                             f"versions {', '.join(map(str, READ_VERSIONS))})")
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
@@ -136,11 +177,12 @@ def read_config(path: str | os.PathLike) -> ArtifactConfig:
     if quant.get("quant_method") != QUANT_METHOD:
         raise MixsparseError(f"{path} is not a mixsparse artifact (quantization_config.quant_method is "
                              f"{quant.get('quant_method')!r})")
-    version = quant.get("format_version")
-    if version != FORMAT_VERSION:
-        raise MixsparseError(f"{path}: artifact format_version {version!r} is not supported by this mixsparse "
-                             f"(it reads version {FORMAT_VERSION})")
+    check_version(quant.get("format_version"), f"{path}: artifact", "mixsparse")
     modules = {name: ModuleEntry.from_json(name, data) for name, data in (quant.get("modules") or {}).items()}
+    bitmask = [name for name, entry in modules.items() if entry.storage == BITMASK]
+    if bitmask and quant.get("format_version") < 2:
+        raise MixsparseError(f"{path}: module {bitmask[0]} is stored as {BITMASK}, which format_version "
+                             f"{quant.get('format_version')} does not have (corrupt config?)")
     files = {str(k): int(v) for k, v in (quant.get("files") or {}).items()}
     if not files:
         raise MixsparseError(f"{path}: quantization_config records no weight files")
@@ -181,6 +223,11 @@ def check_tensors(config: ArtifactConfig, tensors: dict[str, torch.Tensor]) -> N
             if missing:
                 raise MixsparseError(f"{config.path}: tensor {missing[0]} of 2:4 module {name} is missing")
             Packed24.from_tensors(tensors[f"{name}.values"], tensors[f"{name}.meta"], entry.shape, name)
+        elif entry.storage == BITMASK:
+            missing = [k for k in (f"{name}.values", f"{name}.mask", f"{name}.offsets") if k not in tensors]
+            if missing:
+                raise MixsparseError(f"{config.path}: tensor {missing[0]} of bitmask module {name} is missing")
+            bitmask_module(config, tensors, name)
         else:
             weight = tensors.get(f"{name}.weight")
             if weight is None:
@@ -217,6 +264,9 @@ def check_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], st
         if entry.storage == PACKED24:
             expected = {f"{name}.values": (out_features, in_features // 2),
                         f"{name}.meta": (out_features, (in_features + 7) // 8)}
+        elif entry.storage == BITMASK:
+            expected = {f"{name}.values": (entry.nnz,), f"{name}.mask": (out_features, (in_features + 7) // 8),
+                        f"{name}.offsets": (out_features + 1,)}
         else:
             expected = {f"{name}.weight": (out_features, in_features)}
         for key, shape in expected.items():
@@ -228,38 +278,76 @@ def check_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], st
         if entry.storage == PACKED24 and headers[f"{name}.meta"][1] != "U8":
             raise MixsparseError(f"{config.path}: {name}.meta is stored as {headers[f'{name}.meta'][1]}, a 2:4 "
                                  f"index tensor must be U8 (uint8)")
-        if entry.storage == PACKED24 and headers[f"{name}.values"][1] not in _FLOAT_DTYPES:
+        if entry.storage == BITMASK:
+            for key, dtype in ((f"{name}.mask", "U8"), (f"{name}.offsets", "I64")):
+                if headers[key][1] != dtype:
+                    raise MixsparseError(f"{config.path}: {key} is stored as {headers[key][1]}, a bitmask "
+                                         f"{key.rsplit('.', 1)[1]} tensor must be {dtype}")
+        if entry.storage != DENSE and headers[f"{name}.values"][1] not in _FLOAT_DTYPES:
             raise MixsparseError(f"{config.path}: {name}.values is stored as {headers[f'{name}.values'][1]}, "
                                  f"expected a floating dtype ({', '.join(_FLOAT_DTYPES)})")
-    packed = config.packed
-    orphans = sorted(key for key in headers
-                     if key.endswith((".values", ".meta")) and key.rsplit(".", 1)[0] not in packed)
-    if orphans:
-        raise MixsparseError(f"{config.path}: tensor {orphans[0]} is packed 2:4 but quantization_config.modules "
-                             f"does not record its module {orphans[0].rsplit('.', 1)[0]} as packed")
+    for key in sorted(headers):
+        module, _, suffix = key.rpartition(".")
+        storage = config.modules[module].storage if module in config.modules else DENSE
+        expected_storage = {"values": (PACKED24, BITMASK), "meta": (PACKED24,), "mask": (BITMASK,),
+                            "offsets": (BITMASK,)}.get(suffix)
+        # a plain model may own a tensor named *.mask or *.offsets; beside a .values it is a packed module's
+        if expected_storage and storage not in expected_storage and (suffix in ("values", "meta")
+                                                                      or f"{module}.values" in headers):
+            kind = {"meta": "packed 2:4", "values": "packed"}.get(suffix, "bitmask")
+            raise MixsparseError(f"{config.path}: tensor {key} is {kind} but quantization_config.modules does not "
+                                 f"record its module {module} as {'bitmask' if kind == 'bitmask' else 'packed'} "
+                                 f"(it is {storage})")
     return headers
 
 
 def check_meta(config: ArtifactConfig) -> None:
-    """Every packed module's 2:4 indices are valid; reads only the ``.meta`` tensors (1/16 of the bytes)."""
+    """Every packed module's 2:4 indices are valid, and every bitmask module's mask agrees with its offsets
+    and nnz; reads only those index tensors (1/16 of the bytes)."""
     wanted = {f"{name}.meta": (name, entry) for name, entry in config.packed.items()}
-    for file in config.files:
+    wanted.update({f"{name}.mask": (name, entry) for name, entry in config.bitmask.items()})
+    where = {key: file for file in config.files for key in _keys(config, file)}
+    for key, (name, entry) in sorted(wanted.items()):
+        file = where.get(key)
+        if file is None:
+            raise MixsparseError(f"{config.path}: tensor {key} of module {name} is missing")
         try:
-            with safe_open(config.path / file, framework="pt") as handle:
-                for key in wanted.keys() & set(handle.keys()):
-                    name, entry = wanted[key]
-                    Packed24.check_meta(handle.get_tensor(key), entry.shape, name)
+            if entry.storage == PACKED24:
+                Packed24.check_meta(_tensor(config, file, key), entry.shape, name)
+                continue
+            offsets_file = where.get(f"{name}.offsets")
+            if offsets_file is None:
+                raise MixsparseError(f"{config.path}: tensor {name}.offsets of module {name} is missing")
+            nnz = Bitmask.check_index(_tensor(config, file, key), _tensor(config, offsets_file, f"{name}.offsets"),
+                                      entry.shape, name)
+            if nnz != entry.nnz:
+                raise MixsparseError(f"{name}: its mask keeps {nnz} weights, the artifact records nnz {entry.nnz}")
         except MixsparseError as error:
             raise MixsparseError(f"{config.path}: {error}") from None
-        except Exception as error:  # safetensors raises its own SafetensorError on a bad header
-            raise MixsparseError(f"{config.path}: cannot read {file} ({error})") from None
+
+
+def _keys(config: ArtifactConfig, file: str) -> list[str]:
+    try:
+        with safe_open(config.path / file, framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+        raise MixsparseError(f"{config.path}: cannot read {file} ({error})") from None
+
+
+def _tensor(config: ArtifactConfig, file: str, key: str) -> torch.Tensor:
+    try:
+        with safe_open(config.path / file, framework="pt") as handle:
+            return handle.get_tensor(key)
+    except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+        raise MixsparseError(f"{config.path}: cannot read {key} from {file} ({error})") from None
 
 
 def weight_bytes(config: ArtifactConfig) -> dict[str, int]:
     """Bytes of all stored tensors, read from the safetensors headers (no tensor is loaded).
 
-    ``stored``: as on disk; ``dense_equivalent``: the same model with every packed module dense;
-    ``packed_stored`` / ``packed_dense_equivalent``: the packed 2:4 modules alone.
+    ``stored``: as on disk; ``dense_equivalent``: the same model with every compressed module dense;
+    ``packed_stored`` / ``packed_dense_equivalent``: the packed 2:4 modules alone;
+    ``bitmask_stored`` / ``bitmask_dense_equivalent``: the bitmask modules alone.
     """
     stored = 0
     for shape, dtype in tensor_headers(config).values():
@@ -271,8 +359,12 @@ def weight_bytes(config: ArtifactConfig) -> dict[str, int]:
     packed_dense = sum(e.shape[0] * e.shape[1] * element for e in config.packed.values())
     packed_stored = sum(e.shape[0] * (e.shape[1] // 2 * element + (e.shape[1] + 7) // 8)
                         for e in config.packed.values())
-    return {"stored": stored, "dense_equivalent": stored - packed_stored + packed_dense,
-            "packed_stored": packed_stored, "packed_dense_equivalent": packed_dense}
+    bitmask_dense = sum(e.shape[0] * e.shape[1] * element for e in config.bitmask.values())
+    bitmask_stored = sum(Bitmask.stored_nbytes(e.shape, e.nnz, element) for e in config.bitmask.values())
+    return {"stored": stored,
+            "dense_equivalent": stored - packed_stored + packed_dense - bitmask_stored + bitmask_dense,
+            "packed_stored": packed_stored, "packed_dense_equivalent": packed_dense,
+            "bitmask_stored": bitmask_stored, "bitmask_dense_equivalent": bitmask_dense}
 
 
 def packed_module(config: ArtifactConfig, tensors: dict[str, torch.Tensor], name: str) -> Packed24:
@@ -280,12 +372,26 @@ def packed_module(config: ArtifactConfig, tensors: dict[str, torch.Tensor], name
     return Packed24.from_tensors(tensors[f"{name}.values"], tensors[f"{name}.meta"], entry.shape, name)
 
 
+def bitmask_module(config: ArtifactConfig, tensors: dict[str, torch.Tensor], name: str) -> Bitmask:
+    """A bitmask module's weight, checked against its entry (shape, nnz) and itself."""
+    entry = config.modules[name]
+    weight = Bitmask.from_tensors(tensors[f"{name}.values"], tensors[f"{name}.mask"], tensors[f"{name}.offsets"],
+                                  entry.shape, name)
+    if weight.nnz != entry.nnz:
+        raise MixsparseError(f"{config.path}: {name} keeps {weight.nnz} weights, the artifact records nnz "
+                             f"{entry.nnz}")
+    return weight
+
+
 def dense_state_dict(config: ArtifactConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The plain state dict, packed modules unpacked to dense weights (exact)."""
+    """The plain state dict, packed and bitmask modules unpacked to dense weights (exact)."""
     state = dict(tensors)
     for name in config.packed:
         state[f"{name}.weight"] = packed_module(config, tensors, name).unpack()
         del state[f"{name}.values"], state[f"{name}.meta"]
+    for name in config.bitmask:
+        state[f"{name}.weight"] = bitmask_module(config, tensors, name).unpack()
+        del state[f"{name}.values"], state[f"{name}.mask"], state[f"{name}.offsets"]
     return state
 
 
@@ -299,14 +405,21 @@ def write(
     write_extra: Callable[[Path], None] = lambda directory: None,
     overwrite: bool = False,
 ) -> None:
-    """Write an artifact atomically. ``state_dict`` holds dense weights; packed modules are packed here."""
+    """Write an artifact atomically. ``state_dict`` holds dense weights; compressed modules are packed here
+    (a bitmask entry's ``nnz`` is set from its packing in the stored dtype)."""
     tensors = {}
     for key, tensor in state_dict.items():
         tensors[key] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
+    modules = dict(modules)
     for name, entry in modules.items():
         if entry.storage == PACKED24:
             packed = Packed24.pack(tensors.pop(f"{name}.weight"), name)
             tensors[f"{name}.values"], tensors[f"{name}.meta"] = packed.values, packed.meta
+        elif entry.storage == BITMASK:
+            compressed = Bitmask.pack(tensors.pop(f"{name}.weight"), name)
+            tensors[f"{name}.values"], tensors[f"{name}.mask"] = compressed.values, compressed.mask
+            tensors[f"{name}.offsets"] = compressed.offsets
+            modules[name] = replace(entry, nnz=compressed.nnz)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         files = _save_sharded(tmp, tensors)
         config = dict(hf_config)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from mixsparse.pruner import pipeline
 from mixsparse.pruner.data import CalibrationProtocol
 from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats import artifact
 from mixsparse.serve.cli import main
 from mixsparse.serve.server import preflight
 
@@ -90,3 +91,48 @@ def test_serve_says_it_in_one_line(artifact_24, tmp_path, capsys):
     assert main(["serve", str(broken), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "meta holds invalid 2:4 indices" in err[0]
+
+
+BITMASK = "model.layers.0.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def artifact_bitmask(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("preflight") / "tiny-60"
+    pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="magnitude", sparsity="0.6", out=str(out),
+                                     calibration=CalibrationProtocol(samples=2, seqlen=32)))
+    return out
+
+
+def flip_mask_bit(tensors):
+    tensors[f"{BITMASK}.mask"][3, 0] ^= 1
+
+
+BITMASK_CASES = {
+    "mask bit flipped": (edit_tensors(flip_mask_bit), f"{BITMASK}: bitmask offsets disagree with the mask"),
+    "offsets stored as I32": (edit_tensors(lambda t: t.__setitem__(f"{BITMASK}.offsets",
+                                                                    t[f"{BITMASK}.offsets"].int())),
+                              f"{BITMASK}.offsets is stored as I32, a bitmask offsets tensor must be I64"),
+    "nnz recorded wrong": (edit_config(lambda c: c["quantization_config"]["modules"][BITMASK].__setitem__(
+        "nnz", c["quantization_config"]["modules"][BITMASK]["nnz"] + 8)), f"{BITMASK}.values has shape"),
+    "module entry deleted": (edit_config(lambda c: c["quantization_config"]["modules"].pop(BITMASK)),
+                             f"does not record its module {BITMASK} as bitmask"),
+    "recorded as dense": (edit_config(lambda c: c["quantization_config"]["modules"][BITMASK].__setitem__(
+        "storage", "dense")), f"tensor {BITMASK}.weight of module {BITMASK} is missing"),
+}
+
+
+def test_a_good_bitmask_artifact_passes(artifact_bitmask):
+    assert artifact.read_config(artifact_bitmask).bitmask
+    assert preflight(str(artifact_bitmask)) == artifact_bitmask
+
+
+@pytest.mark.parametrize("case", BITMASK_CASES)
+def test_bitmask_modules_are_checked(case, artifact_bitmask, tmp_path):
+    edit, message = BITMASK_CASES[case]
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact_bitmask, broken)
+    edit(broken)
+    with pytest.raises(MixsparseError) as error:
+        preflight(str(broken))
+    assert message in str(error.value) and "\n" not in str(error.value)
