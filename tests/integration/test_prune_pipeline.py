@@ -310,3 +310,19 @@ def test_the_vllm_plugin_refuses_bitmask_modules_it_cannot_serve_yet(mixed_artif
     with pytest.raises(ValueError, match="format_version 3 is not supported by this plugin .*versions 1, 2"):
         MixsparseConfig.from_config({**quant, "format_version": 3})
     MixsparseConfig.from_config({**quant, "format_version": 1, "modules": {}})
+
+
+def test_metrics_gauges_count_bitmask_modules(mixed_artifact, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from mixsparse.serve.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(mixed_artifact, tmp_path, "bfloat16", registry=registry)
+    sizes = artifact.weight_bytes(artifact.read_config(mixed_artifact))
+    assert registry.get_sample_value("mixsparse_weight_bytes", {"kind": "stored"}) == sizes["stored"]
+    assert registry.get_sample_value("mixsparse_weight_bytes", {"kind": "dense_equivalent"}) == \
+        sizes["dense_equivalent"] > sizes["stored"]
+    counts = {fmt: registry.get_sample_value("mixsparse_sparse_modules", {"format": fmt})
+              for fmt in ("2:4", "4:8", "unstructured", "dense")}
+    assert counts == {"2:4": 3, "4:8": 1, "unstructured": 4, "dense": 14 - 8}
