@@ -86,23 +86,26 @@ def random_baseline(args, work: Path, sensitivity: Path, budget: float) -> dict:
     """Score ``args.random`` random deployment choices with the search's own fitness; keep the best."""
 
     def run():
-        from mixsparse.pruner import planning
         from mixsparse.pruner.deployment import DeployBudget, random_choice
+        from mixsparse.pruner.deployment_plans import deploy_evaluator, deployment_groups
+        from mixsparse.pruner.evidence import gather
         from mixsparse.pruner.plan import Plan
+        from mixsparse.pruner.plan_request import Deployment, FisherOptions, PlanRequest
+        from mixsparse.pruner.progress import Silent
         from mixsparse.pruner.spec import Spec
 
-        job = planning.PlanJob(args.model, str(work / "unused.json"), allocator="msp", metric=args.deploy_metric,
-                               deploy=True, budget=budget, sensitivity=str(sensitivity))
-        evidence = planning.gather(job, planning.Silent(), need_fisher=True, need_norms=False)
-        groups, sizes = planning.deployment_groups(evidence)
+        job = PlanRequest(args.model, str(work / "unused.json"), Deployment(budget=budget), allocator="msp",
+                          metric=args.deploy_metric, fisher=FisherOptions(sensitivity=str(sensitivity)))
+        evidence = gather(job, Silent(), need_fisher=True, need_stats=False)
+        groups, sizes = deployment_groups(evidence)
         deploy_budget = DeployBudget.for_fraction(groups, sizes, budget)
-        evaluator = planning.deploy_evaluator(job, evidence, planning.Silent())
+        evaluator = deploy_evaluator(job, evidence, Silent())
         rng = random.Random(0)
         tried = []
         for index in range(args.random):
             bits = random_choice(deploy_budget, rng)
             specs = {m: (Spec.nm(2, 4) if bit else Spec.dense()) for g, bit in zip(groups, bits) for m in g}
-            fitness = evaluator.evaluate(specs, max(job.search.steps))
+            fitness = evaluator.evaluate(specs, max(job.search.settings.steps))
             tried.append({"bits": list(bits), "fitness": fitness, "fraction": deploy_budget.fraction(bits)})
             print(f"random choice {index + 1}/{args.random}: fitness {fitness:.4f}", file=sys.stderr, flush=True)
         evaluator.restore()

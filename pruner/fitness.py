@@ -95,7 +95,7 @@ class PlanEvaluator:
             elif spec.kind == "nm":
                 if (spec.n, spec.m) != (2, 4) or name not in self.weights_24:
                     raise ValueError(f"{name}: {spec} candidates need the base metric's own 2:4 weights "
-                                     f"(planning.deploy_evaluator)")
+                                     f"(deployment_plans.deploy_evaluator)")
                 weight.copy_(self.weights_24[name])
             else:
                 count = dense.shape[1] if self.per_row else dense.numel()

@@ -80,7 +80,7 @@ def plot_plan(plan, path: str | os.PathLike, overwrite: bool = False) -> None:
     _save(figure, path, overwrite)
 
 
-def plot_front(front: list[dict], path: str | os.PathLike, job) -> None:
+def plot_front(front: list[dict], path: str | os.PathLike, fitness: str, allocator: str, metric: str) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     memory = [p["weight_memory"] for p in front]
@@ -90,7 +90,7 @@ def plot_front(front: list[dict], path: str | os.PathLike, job) -> None:
         axis.annotate(f"{point['achieved_fraction']:.2f}", (x, y), textcoords="offset points", xytext=(4, 4),
                       fontsize=8)
     axis.set_xlabel("weight memory (fraction of dense)")
-    axis.set_ylabel("held-out perplexity" if job.fitness == "loss" else "KL to dense")
-    axis.set_title(f"Deployment front ({job.allocator}, {job.metric} 2:4 masks); labels: 2:4 fraction")
+    axis.set_ylabel("held-out perplexity" if fitness == "loss" else "KL to dense")
+    axis.set_title(f"Deployment front ({allocator}, {metric} 2:4 masks); labels: 2:4 fraction")
     axis.invert_xaxis()
     _save(figure, path, overwrite=True)

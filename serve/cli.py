@@ -458,7 +458,7 @@ def cmd_export(args) -> None:
 
 def cmd_sensitivity(args) -> None:
     from mixsparse.pruner import data
-    from mixsparse.pruner.planning import sensitivity_command
+    from mixsparse.pruner.evidence import sensitivity_command
     from mixsparse.pruner.progress import RichProgress
 
     result = sensitivity_command(args.model, args.out, args.samples,
@@ -479,20 +479,26 @@ def cmd_sensitivity(args) -> None:
 
 def cmd_plan(args) -> None:
     from mixsparse.pruner import data
-    from mixsparse.pruner.planning import PlanJob, make_plan
+    from mixsparse.pruner.plan_request import (Deployment, FisherOptions, OwlOptions, PlanRequest, Research,
+                                               SearchOptions)
+    from mixsparse.pruner.planning import make_plan
     from mixsparse.pruner.progress import RichProgress
 
-    job = PlanJob(
-        model=args.model, out=args.out, allocator=args.allocator, metric=args.metric, target=args.target,
-        granularity=args.granularity, deploy=args.deploy or args.pareto, budget=args.budget, memory=args.memory,
-        pareto=args.pareto, budgets=args.budgets,
+    if args.deploy or args.pareto:
+        goal = Deployment(args.budget, args.memory, args.pareto, args.budgets)
+    elif args.budget is not None or args.memory is not None:
+        raise MixsparseError("--pareto, --budget and --memory go with --deploy")
+    else:
+        goal = Research(args.target, args.granularity, args.min_ratio, args.max_ratio)
+    job = PlanRequest(
+        model=args.model, out=args.out, goal=goal, allocator=args.allocator, metric=args.metric,
         calibration=data.CalibrationProtocol(args.calib, args.samples, args.seqlen, args.seed),
-        fisher_samples=args.fisher_samples, sensitivity=args.sensitivity, spread=args.spread,
-        owl_lambda=args.owl_lambda, owl_multiple=args.owl_m, min_ratio=args.min_ratio, max_ratio=args.max_ratio,
-        search=SearchSettings(args.generations, args.population, args.offspring, args.survivors, args.steps, args.moves,
-                              args.patience, args.search_seed),
-        delta=args.delta, fitness=args.fitness, fitness_seqlen=args.fitness_seqlen, resume=args.resume,
-        state=args.state, device=args.device, plot=args.plot, overwrite=args.overwrite)
+        device=args.device, plot=args.plot, overwrite=args.overwrite,
+        fisher=FisherOptions(args.fisher_samples, args.sensitivity, args.spread),
+        owl=OwlOptions(args.owl_lambda, args.owl_m),
+        search=SearchOptions(SearchSettings(args.generations, args.population, args.offspring, args.survivors,
+                                            args.steps, args.moves, args.patience, args.search_seed),
+                             args.delta, args.fitness, args.fitness_seqlen, args.resume, args.state))
     outcome = make_plan(job, RichProgress())
     if outcome.plan is None:
         print((outcome.out / "front.md").read_text())
@@ -505,7 +511,7 @@ def cmd_plan(args) -> None:
     if "search" in info:
         search = info["search"]
         rows.append(("search", f"{search['generations']} generations, {search['evaluations']} candidate evaluations, "
-                               f"{search['tokens']} tokens, {search['seconds']:.0f} s; best {job.fitness} "
+                               f"{search['tokens']} tokens, {search['seconds']:.0f} s; best {job.search.fitness} "
                                f"{search['best_fitness']:.4f}"))
         seeds = {k: v for k, v in search["seed_fitness"].items() if v is not None}
         rows.append(("seeds", ", ".join(f"{k} {v:.4f}" for k, v in seeds.items())))

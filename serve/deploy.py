@@ -43,15 +43,16 @@ class DeployJob:
 
 def deployment_plan(job: DeployJob, progress: Progress, show) -> str:
     """The plan for ``job.budget``, next to the artifact (``<out>.plan.json``): made once, then reused."""
-    from mixsparse.pruner.planning import PlanJob, make_plan
+    from mixsparse.pruner.plan_request import Deployment, PlanRequest
+    from mixsparse.pruner.planning import make_plan
 
     prune = job.prune
     path = Path(f"{prune.out}.plan.json")
     if path.exists():
         show("deployment plan", [("plan", f"{path} (reused)")])
         return str(path)
-    make_plan(PlanJob(model=prune.model, out=str(path), allocator=job.allocator, metric=prune.metric, deploy=True,
-                      budget=job.budget, calibration=prune.calibration, device=prune.device), progress)
+    make_plan(PlanRequest(model=prune.model, out=str(path), goal=Deployment(budget=job.budget), allocator=job.allocator,
+                          metric=prune.metric, calibration=prune.calibration, device=prune.device), progress)
     return str(path)
 
 

@@ -7,7 +7,8 @@ import torch
 
 from mixsparse.pruner import data, models, pipeline
 from mixsparse.pruner.adapter import adapt
-from mixsparse.pruner.planning import PlanJob, make_plan
+from mixsparse.pruner.plan_request import Deployment, FisherOptions, PlanRequest, Research, SearchOptions
+from mixsparse.pruner.planning import make_plan
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.search import SearchSettings
 from mixsparse.pruner.sensitivity import fisher_traces
@@ -56,10 +57,13 @@ def planted(tmp_path_factory, tiny_llama):
     return directory
 
 
-def plan_job(model, out, **kw):
-    return PlanJob(model=str(model), out=str(out), **{
-        "calibration": data.CalibrationProtocol(samples=4, seqlen=32), "fisher_samples": 3, "fitness_seqlen": 32,
-        "search": FAST, **kw})
+def plan_job(model, out, target=None, granularity="block", deploy=False, budget=None, memory=None, pareto=False,
+             budgets=(0.0, 0.25, 0.5, 0.75, 1.0), sensitivity=None, search=FAST, fitness="loss", delta=0.01, **kw):
+    goal = Deployment(budget, memory, pareto, budgets) if deploy else Research(target, granularity)
+    return PlanRequest(model=str(model), out=str(out), goal=goal, **{
+        "calibration": data.CalibrationProtocol(samples=4, seqlen=32),
+        "fisher": FisherOptions(samples=3, sensitivity=sensitivity),
+        "search": SearchOptions(search, delta=delta, fitness=fitness, fitness_seqlen=32), **kw})
 
 
 def test_the_search_learns_to_keep_the_planted_sensitive_block_denser(planted, tmp_path):
@@ -113,15 +117,16 @@ def test_deployment_plan_and_memory_target(tiny_llama, tmp_path):
 def test_deployment_fitness_scores_what_prune_with_the_plan_produces(tiny_llama, tmp_path):
     """Deployment candidates hold the base metric's own 2:4 weights (SparseGPT: with its update), so a
     candidate's fitness is the loss of exactly the model `prune --plan --metric sparsegpt` writes."""
-    from mixsparse.pruner import planning
+    from mixsparse.pruner.deployment_plans import deploy_evaluator
+    from mixsparse.pruner.evidence import gather
     from mixsparse.pruner.progress import Silent
     from mixsparse.pruner.prune import prune_model
     from mixsparse.pruner.spec import Spec
 
     job = plan_job(tiny_llama, tmp_path / "d.json", allocator="msp", metric="sparsegpt", deploy=True, budget=1.0)
-    evidence = planning.gather(job, Silent(), need_fisher=False, need_norms=False)
+    evidence = gather(job, Silent(), need_fisher=False, need_stats=False)
     dense = {n: m.weight.detach().clone() for n, m in evidence.adapter.linears().items()}
-    evaluator = planning.deploy_evaluator(job, evidence, Silent())
+    evaluator = deploy_evaluator(job, evidence, Silent())
     assert all(torch.equal(m.weight, dense[n]) for n, m in evidence.adapter.linears().items())  # dense put back
 
     reference = models.load(str(tiny_llama), dtype=torch.float32)

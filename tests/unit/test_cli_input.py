@@ -148,13 +148,14 @@ def test_prune_out_under_a_read_only_directory_fails_before_loading(tiny_llama, 
 
 
 def test_an_infeasible_budget_fails_before_loading(tiny_llama, tmp_path, monkeypatch):
-    from mixsparse.pruner.planning import PlanJob, make_plan
+    from mixsparse.pruner.plan_request import Deployment, PlanRequest
+    from mixsparse.pruner.planning import make_plan
     from mixsparse.runtime.errors import MixsparseError
 
     refuse_loading(monkeypatch)
     with pytest.raises(MixsparseError, match="--budget -1 is infeasible"):
-        make_plan(PlanJob(model=str(tiny_llama), out=str(tmp_path / "p.json"), allocator="fisher", deploy=True,
-                          budget=-1.0))
+        make_plan(PlanRequest(model=str(tiny_llama), out=str(tmp_path / "p.json"), goal=Deployment(budget=-1.0),
+                              allocator="fisher"))
 
 
 def test_a_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):

@@ -1,0 +1,106 @@
+"""What the allocators decide from, computed once per model: Fisher traces (``mixsparse sensitivity``),
+the input statistics of every module, and every module pruned to 2:4 by the base metric."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from mixsparse.pruner import data, models
+from mixsparse.pruner.adapter import ModelAdapter, adapt
+from mixsparse.pruner.fitness import activation_stats
+from mixsparse.pruner.metrics import get_metric
+from mixsparse.pruner.plan import Plan
+from mixsparse.pruner.plan_request import PlanRequest
+from mixsparse.pruner.progress import Progress, Silent
+from mixsparse.pruner.prune import prune_model
+from mixsparse.pruner.sensitivity import Sensitivity, fisher_traces
+from mixsparse.pruner.spec import Spec
+from mixsparse.pruner.stats import InputStats
+from mixsparse.runtime.atomic import refuse_existing
+from mixsparse.runtime.errors import MixsparseError
+
+
+@dataclass
+class Evidence:
+    loaded: models.LoadedModel
+    adapter: ModelAdapter
+    shapes: dict[str, tuple[int, int]]
+    sensitivity: Sensitivity | None = None
+    stats: dict[str, InputStats] | None = None  # activation statistics of every module's input
+    weights_24: dict[str, torch.Tensor] | None = None  # every module pruned to 2:4 by the base metric
+
+
+def load_model(model: str, device: str) -> Evidence:
+    loaded = models.load(model, dtype=torch.float32 if device == "cpu" else None)
+    adapter = adapt(loaded.model)
+    return Evidence(loaded, adapter, adapter.shapes())
+
+
+def gather(request: PlanRequest, progress: Progress, need_fisher: bool, need_stats: bool) -> Evidence:
+    evidence = load_model(request.model, request.device)
+    if need_fisher:
+        if request.fisher.sensitivity:
+            evidence.sensitivity = Sensitivity.load(request.fisher.sensitivity)
+            evidence.sensitivity.check_model(evidence.shapes)
+        else:
+            evidence.sensitivity = compute_sensitivity(evidence, request.calibration, request.fisher.samples,
+                                                       request.device, progress)
+    if need_stats:
+        windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
+        blocks = len(evidence.adapter.blocks)
+        with progress.task(f"activation norms ({blocks} blocks)", blocks) as advance:
+            evidence.stats = activation_stats(evidence.adapter, windows, list(evidence.shapes), request.device,
+                                              after_block=lambda index: advance())
+    return evidence
+
+
+def compute_sensitivity(evidence: Evidence, calibration: data.CalibrationProtocol, samples: int, device: str,
+                        progress: Progress) -> Sensitivity:
+    if samples < 1:
+        raise MixsparseError("--samples must be at least 1")
+    windows = data.calibration_windows(evidence.loaded.tokenizer, replace(calibration, samples=samples))
+    with progress.task(f"Fisher traces ({samples} samples)", samples) as advance:
+        sensitivity = fisher_traces(evidence.adapter, windows, list(evidence.shapes), device,
+                                    after_sample=lambda index: advance())
+    sensitivity.info.update({"model": evidence.loaded.name, "calibration": replace(calibration, samples=samples)
+                            .to_json(), "loss": "mean next-token NLL per sequence"})
+    return sensitivity
+
+
+def sensitivity_command(model: str, out: str, samples: int, calibration: data.CalibrationProtocol, device: str,
+                        plot: str | None, overwrite: bool, progress: Progress = Silent()) -> Sensitivity:
+    refuse_existing(out, overwrite)
+    if plot:
+        refuse_existing(plot, overwrite)
+    sensitivity = compute_sensitivity(load_model(model, device), calibration, samples, device, progress)
+    sensitivity.save(out, overwrite)
+    if plot:
+        from mixsparse.pruner.plots import plot_sensitivity
+
+        plot_sensitivity(sensitivity, plot, overwrite)
+    return sensitivity
+
+
+def base_weights_24(request: PlanRequest, evidence: Evidence, progress: Progress) -> dict[str, torch.Tensor]:
+    """Every decoder linear pruned to 2:4 by the request's metric, once (sequential calibration, as ``prune``
+    does), then the dense weights put back. Deployment candidates swap these in for their 2:4 groups."""
+    if evidence.weights_24 is None:
+        linears = evidence.adapter.linears()
+        names = list(evidence.shapes)
+        dense = {n: linears[n].weight.detach().clone() for n in names}
+        metric = get_metric(request.metric)
+        windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration) \
+            if metric.needs_calibration else None
+        plan = Plan({n: Spec.nm(2, 4) for n in names}, dict(evidence.shapes), {"allocator": "all 2:4"})
+        blocks = len(evidence.adapter.blocks)
+        with progress.task(f"{request.metric} 2:4 weights of every group ({blocks} blocks)", blocks) as advance:
+            prune_model(evidence.adapter, plan, request.metric, windows, request.device,
+                        after_block=lambda index: advance())
+        evidence.adapter.model.to("cpu")
+        with torch.no_grad():
+            evidence.weights_24 = {n: linears[n].weight.detach().clone() for n in names}
+            for n in names:
+                linears[n].weight.copy_(dense[n])
+    return evidence.weights_24

@@ -1,0 +1,133 @@
+"""What ``mixsparse plan`` is asked for: a small request (model, allocator, metric, goal) plus the options
+of each allocator, checked once before any model is loaded.
+
+The goal is either a research plan (an average unstructured sparsity, one ratio per block or module) or a
+deployment plan (dense or 2:4 per fused group under a budget, or a Pareto sweep of budgets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixsparse.pruner import data
+from mixsparse.pruner.fitness import FITNESS
+from mixsparse.pruner.metrics import get_metric
+from mixsparse.pruner.search import SearchSettings
+from mixsparse.pruner.spec import Spec
+from mixsparse.runtime.errors import MixsparseError
+
+ALLOCATORS = ("uniform", "owl", "fisher", "msp")
+DEPLOY_ALLOCATORS = ("fisher", "msp")
+
+
+@dataclass
+class Research:
+    """One unstructured ratio per gene (decoder block or module), averaging ``target`` in weights."""
+
+    target: float | None = None
+    granularity: str = "block"
+    min_ratio: float = 0.0
+    max_ratio: float = 0.99
+
+
+@dataclass
+class Deployment:
+    """Dense or 2:4 per fused group: a fraction of decoder linear weights in 2:4, or a weight-memory
+    target as a fraction of the dense model's, or (``pareto``) a sweep over ``budgets``."""
+
+    budget: float | None = None
+    memory: float | None = None
+    pareto: bool = False
+    budgets: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class FisherOptions:
+    """The Fisher traces (fisher and msp allocators, every deployment plan) and the ``fisher`` allocation."""
+
+    samples: int = 32
+    sensitivity: str | None = None  # reuse a file written by `mixsparse sensitivity`
+    spread: float = 0.1  # λ of the Fisher allocation
+
+
+@dataclass
+class OwlOptions:
+    lam: float = 0.08  # λ: ratios stay in [target - λ, target + λ]
+    multiple: float = 5.0  # M: an outlier scores above M x its layer's mean
+
+
+@dataclass
+class SearchOptions:
+    """The msp search, and the held-out fitness that also scores a fisher deployment front."""
+
+    settings: SearchSettings = field(default_factory=SearchSettings)
+    delta: float = 0.01
+    fitness: str = "loss"
+    fitness_seqlen: int = 512
+    resume: bool = False
+    state: str | None = None  # default: beside --out, <out>.search.json
+
+
+@dataclass
+class PlanRequest:
+    model: str
+    out: str
+    goal: Research | Deployment
+    allocator: str = "msp"
+    metric: str = "wanda"
+    calibration: data.CalibrationProtocol = field(default_factory=data.CalibrationProtocol)
+    device: str = "cpu"
+    plot: str | None = None
+    overwrite: bool = False
+    fisher: FisherOptions = field(default_factory=FisherOptions)
+    owl: OwlOptions = field(default_factory=OwlOptions)
+    search: SearchOptions = field(default_factory=SearchOptions)
+
+    @property
+    def deploy(self) -> Deployment | None:
+        return self.goal if isinstance(self.goal, Deployment) else None
+
+    @property
+    def research(self) -> Research | None:
+        return self.goal if isinstance(self.goal, Research) else None
+
+    @property
+    def state_path(self) -> Path:
+        if self.search.state:
+            return Path(self.search.state)
+        out = Path(self.out)
+        return out.with_name(out.name.removesuffix(".json") + ".search.json")
+
+
+def check(request: PlanRequest) -> None:
+    """Everything that can be refused without the model, so it fails before the Fisher traces."""
+    get_metric(request.metric)
+    if request.search.fitness not in FITNESS:
+        raise MixsparseError(f"unknown fitness {request.search.fitness!r}; choose from {', '.join(FITNESS)}")
+    deploy = request.deploy
+    if deploy is not None:
+        if request.allocator not in DEPLOY_ALLOCATORS:
+            raise MixsparseError(f"--deploy chooses dense or 2:4 per fused group; allocator {request.allocator!r} "
+                                 f"does not apply (use {' or '.join(DEPLOY_ALLOCATORS)})")
+        if not deploy.pareto and (deploy.budget is None) == (deploy.memory is None):
+            raise MixsparseError("--deploy needs exactly one of --budget or --memory (or --pareto)")
+        # the same range DeployBudget enforces
+        fractions = ([deploy.budget] if deploy.budget is not None else []) + \
+            (list(deploy.budgets) if deploy.pareto else [])
+        for fraction in fractions:
+            if not 0.0 <= fraction <= 1.0:
+                raise MixsparseError(f"--budget {fraction:g} is infeasible: the fraction of weights in 2:4 must be "
+                                     f"in [0, 1]")
+        if deploy.memory is not None and not 0.0 < deploy.memory <= 1.0:
+            raise MixsparseError(f"--memory {deploy.memory:g} is not a fraction of the dense weight memory in (0, 1]")
+    else:
+        if request.allocator not in ALLOCATORS:
+            raise MixsparseError(f"unknown allocator {request.allocator!r}; choose from {', '.join(ALLOCATORS)}")
+        if request.research.target is None:
+            raise MixsparseError("--target is required (the average sparsity, e.g. 0.7)")
+        Spec.unstructured(request.research.target)
+    if request.search.resume and request.allocator != "msp":
+        raise MixsparseError("--resume continues an msp search; this allocator does not search")
+    if request.search.resume and not request.state_path.is_file():
+        raise MixsparseError(f"--resume: search state {request.state_path} does not exist")

@@ -1,0 +1,83 @@
+"""The msp search run for a plan: held-out fitness sequences, a resumable state tied to what it searched
+(its fingerprint), and the summary plan.json keeps. The genomes (research ratios or deployment bits)
+are the caller's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from mixsparse.pruner import data
+from mixsparse.pruner.evidence import Evidence
+from mixsparse.pruner.fitness import PlanEvaluator
+from mixsparse.pruner.plan_request import PlanRequest
+from mixsparse.pruner.progress import Progress
+from mixsparse.pruner.search import SearchState, evolve
+
+
+def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
+    """Held-out sequences: other random windows of the calibration split (seed + 1)."""
+    protocol = replace(request.calibration, samples=max(request.search.settings.steps),
+                       seqlen=request.search.fitness_seqlen, seed=request.calibration.seed + 1)
+    return data.calibration_windows(tokenizer, protocol)
+
+
+def evaluator_for(request: PlanRequest, evidence: Evidence,
+                  weights_24: dict[str, torch.Tensor] | None = None) -> PlanEvaluator:
+    return PlanEvaluator(evidence.adapter, list(evidence.shapes), request.metric, evidence.stats,
+                         fitness_sequences(request, evidence.loaded.tokenizer), request.device,
+                         request.search.fitness, weights_24)
+
+
+def fingerprint(request: PlanRequest, evidence: Evidence, what: dict) -> dict:
+    shapes = hashlib.sha256(json.dumps(sorted(evidence.shapes.items())).encode()).hexdigest()[:16]
+    search = request.search
+    return {"model": evidence.loaded.path, "shapes": shapes, "metric": request.metric, "fitness": search.fitness,
+            "steps": list(search.settings.steps), "fitness_seqlen": search.fitness_seqlen,
+            "calibration": request.calibration.to_json(), "seed": search.settings.seed, **what}
+
+
+def run_search(request: PlanRequest, evidence: Evidence, ops, seeds, to_specs, fingerprint: dict, label: str,
+               progress: Progress, state_path: Path | None,
+               evaluator: PlanEvaluator | None = None) -> tuple[SearchState, PlanEvaluator]:
+    settings = request.search.settings
+    if evaluator is None:
+        evaluator = evaluator_for(request, evidence)
+    if request.search.resume and state_path is not None:
+        state = SearchState.load(state_path, fingerprint)
+        state.finished = False
+    else:
+        state = SearchState(settings=asdict(settings), fingerprint=fingerprint)
+    tokens_before = state.tokens
+
+    def evaluate(genome, count: int) -> float:
+        return evaluator.evaluate(to_specs(genome), count)
+
+    remaining = max(settings.generations - state.generation, 0) + (0 if state.population else 1)
+    with progress.task(f"search ({label})", remaining) as advance:
+        def on_generation(current: SearchState) -> None:
+            current.tokens = tokens_before + evaluator.tokens
+            if state_path is not None:
+                current.save(state_path)
+            last = current.history[-1]
+            advance(f"gen {current.generation}: best {last['best']:.4f} median {last['median']:.4f}")
+
+        state = evolve(ops, evaluate, seeds, settings, state, on_generation)
+    state.tokens = tokens_before + evaluator.tokens
+    if state_path is not None:
+        state.save(state_path)
+    return state, evaluator
+
+
+def search_summary(state: SearchState, request: PlanRequest) -> dict:
+    search = request.search
+    return {"settings": state.settings, "delta": search.delta, "fitness": search.fitness,
+            "fitness_seqlen": search.fitness_seqlen, "evaluation_steps_sequences": list(search.settings.steps),
+            "generations": state.generation, "evaluations": state.evaluations, "tokens": state.tokens,
+            "seconds": round(state.seconds, 1), "best_fitness": state.best["fitness"],
+            "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()}
+                        for h in state.history]}
