@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.machine import machine, machine_line  # noqa: F401 (re-exported for the scripts)
 from mixsparse.serve.report import markdown_table  # noqa: F401
 
@@ -29,7 +30,6 @@ def save(name: str, title: str, markdown: str, data: dict, section: str = "cpu",
     payload = {"name": name, "title": title, "section": section, "order": order, "command": command_line(),
                "date": datetime.date.today().isoformat(), "machine": machine(), "markdown": markdown, "data": data}
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Callable
 import torch
 
 from mixsparse.pruner.data import EvaluationProtocol
+from mixsparse.runtime.atomic import atomic_file
 
 
 @dataclass
@@ -75,7 +75,5 @@ def cached(cache: Path, key: str) -> Perplexity | None:
 
 
 def store(cache: Path, key: str, result: Perplexity) -> None:
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{key}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(result.to_json()))
-    os.replace(tmp, cache / f"{key}.json")
+    with atomic_file(cache / f"{key}.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(result.to_json()))

@@ -30,6 +30,7 @@ from torch import nn
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import capture_block_inputs, place
 from mixsparse.pruner.plan import Plan
+from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.errors import MixsparseError
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class RecoveryState:
                 log.warning("recovery state in %s belongs to another request; starting over", self.directory)
                 shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(manifest, lambda path: path.write_text(json.dumps({"request": self.key}) + "\n"))
+        with atomic_file(manifest, overwrite=True) as tmp:
+            tmp.write_text(json.dumps({"request": self.key}) + "\n")
 
     def _file(self, index: int) -> Path:
         return self.directory / f"block-{index}.pt"
@@ -117,16 +119,11 @@ class RecoveryState:
     def save(self, index: int, block: nn.Module, record: BlockRecord) -> None:
         payload = {"state": {k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
                    "record": asdict(record)}
-        _atomic_write(self._file(index), lambda path: torch.save(payload, path))
+        with atomic_file(self._file(index), overwrite=True) as tmp:
+            torch.save(payload, tmp)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _rows(value, index: torch.Tensor, samples: int):

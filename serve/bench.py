@@ -13,11 +13,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from pathlib import Path
 
 from mixsparse.pruner import models
 from mixsparse.pruner.progress import Progress, Silent
-from mixsparse.runtime.atomic import atomic_file, refuse_existing
+from mixsparse.runtime.atomic import atomic_dir, atomic_file, refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.machine import machine
@@ -262,47 +260,47 @@ def bench(job: BenchJob, progress: Progress = Silent()) -> dict:
     out = Path(job.out or Path("runs") / f"bench-{sparse.name}-{job.workload.name}")
     refuse_existing(out, job.overwrite)
     tokenizer = models.load_tokenizer(str(sparse))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     data = {"format": "mixsparse-bench", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine(), "dense": str(dense), "sparse": str(sparse), "workload": job.workload.__dict__,
             "concurrency": list(job.concurrency), "requests": {c: job.requests_at(c) for c in job.concurrency},
             "warmup": job.warmup, "vllm_args": job.vllm_args, "engines": {}, "complete": False}
 
-    def publish() -> None:
-        (scratch / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
+    failure: BaseException | None = None
+    with atomic_dir(out, overwrite=job.overwrite) as scratch:
+        def publish() -> None:
+            (scratch / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
 
-    try:
-        for kind, model in (("dense", dense), ("sparse", sparse)):
-            data["engines"][kind] = {}
-            try:
-                run_engine(job, kind, model, tokenizer, scratch, progress, publish, data["engines"][kind])
-            except MixsparseError as error:
-                data["error"] = str(error).splitlines()[0]
-                raise
-            finally:
-                publish()
-        data["complete"] = True
-        gain = gain_ratio(data)
-        if gain:
-            data["output_tokens_per_second_ratio"] = gain[1]
-            data["ratio_concurrency"] = gain[0]
-    finally:
-        finish(data, scratch, out, job.overwrite)
+        try:
+            for kind, model in (("dense", dense), ("sparse", sparse)):
+                data["engines"][kind] = {}
+                try:
+                    run_engine(job, kind, model, tokenizer, scratch, progress, publish, data["engines"][kind])
+                except MixsparseError as error:
+                    data["error"] = str(error).splitlines()[0]
+                    raise
+                finally:
+                    publish()
+            data["complete"] = True
+            gain = gain_ratio(data)
+            if gain:
+                data["output_tokens_per_second_ratio"] = gain[1]
+                data["ratio_concurrency"] = gain[0]
+        except BaseException as error:  # what was measured is published, whatever stopped the run
+            failure = error
+        finish(data, scratch)
+    if failure is not None:
+        raise failure
     if job.record and "output_tokens_per_second_ratio" in data:
         record(data, sparse, out)
     return data | {"out": str(out)}
 
 
-def finish(data: dict, scratch: Path, out: Path, overwrite: bool) -> None:
-    """Write the report (whatever was measured) and move it into place."""
+def finish(data: dict, scratch: Path) -> None:
+    """Write the report (whatever was measured) into the directory that becomes --out."""
     (scratch / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
     if any(e.get("levels") for e in data["engines"].values()):
         (scratch / "bench.md").write_text(report.bench_markdown(data))
         report.plot_bench(data, scratch / "bench.png")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    os.replace(scratch, out)
 
 
 def record(data: dict, sparse: Path, out: Path) -> None:
