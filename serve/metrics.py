@@ -1,11 +1,16 @@
 """mixsparse's gauges on vLLM's /metrics (API-server process, default prometheus registry).
 
-- ``mixsparse_weight_bytes{kind}``: ``dense_equivalent`` and ``stored`` come from the artifact's safetensors
-  headers (stored dtype); ``resident`` is what the serving processes hold: the dense-equivalent model in
-  the serving dtype minus what each 2:4 layer saves, as the workers report it after loading.
+- ``mixsparse_weight_bytes{kind}``, one definition for the memory gauges: ``dense_equivalent`` and
+  ``resident`` count in the serving dtype (``--dtype``; the stored dtype when it is ``auto``), so they
+  compare with what a dense server of the same model holds, whatever the dtype. ``dense_equivalent`` is
+  every weight of the model dense; ``resident`` is what the serving processes hold: that, minus what each
+  compressed layer saves, as the workers report it after loading (equal to it on the dense fallback).
+  ``stored`` is the artifact's bytes on disk (safetensors headers, stored dtype); it compares with
+  ``dense_equivalent`` only when the two dtypes agree (the default: bfloat16 on CPUs that have it).
 - ``mixsparse_sparse_modules{format}``: decoder linears per format (2:4 packed, unstructured, dense);
   ``mixsparse_kernel_layers{backend}``: vLLM layers per GEMM backend (cusparselt, cutlass, dense fallback).
-- ``mixsparse_weight_memory_ratio``: resident / dense-equivalent (serving dtype).
+- ``mixsparse_weight_memory_ratio``: exactly resident / dense_equivalent of the gauge above (1.0 for a
+  dense model or the dense fallback, below 1 where compressed layers stay compressed).
 - ``mixsparse_tokens_per_second{phase=prompt|generation}``: rate of vLLM's token counters over a sliding
   window; 0 once the server has been idle for a window.
 - ``mixsparse_throughput_gain_ratio``: sparse/dense output tokens/s measured by ``mixsparse bench`` and
@@ -66,21 +71,22 @@ class Metrics:
         self.interval = interval
         self.rates = Rates(window)
         self.registry = registry
-        self.bytes = Gauge("mixsparse_weight_bytes", "Model weight bytes: dense_equivalent and stored (artifact, "
-                           "stored dtype), resident (held while serving, serving dtype)", ["kind"],
+        self.bytes = Gauge("mixsparse_weight_bytes", "Model weight bytes: dense_equivalent (every weight dense) and "
+                           "resident (held while serving), both in the serving dtype; stored (artifact on disk, "
+                           "stored dtype)", ["kind"],
                            registry=registry, multiprocess_mode="mostrecent")
         self.modules = Gauge("mixsparse_sparse_modules", "Decoder linear modules per format", ["format"],
                              registry=registry, multiprocess_mode="mostrecent")
         self.kernels = Gauge("mixsparse_kernel_layers", "vLLM linear layers per GEMM backend", ["backend"],
                              registry=registry, multiprocess_mode="mostrecent")
-        self.ratio = Gauge("mixsparse_weight_memory_ratio", "Resident weight bytes / dense-equivalent bytes "
-                           "(serving dtype)", registry=registry, multiprocess_mode="mostrecent")
+        self.ratio = Gauge("mixsparse_weight_memory_ratio", "mixsparse_weight_bytes resident / dense_equivalent",
+                           registry=registry, multiprocess_mode="mostrecent")
         self.speed = Gauge("mixsparse_tokens_per_second", "Tokens/s over the sliding window", ["phase"],
                            registry=registry, multiprocess_mode="mostrecent")
         self.gain = None
         self.static = self._static(serving_dtype)
-        for kind in ("dense_equivalent", "stored"):
-            self.bytes.labels(kind).set(self.static[kind])
+        self.bytes.labels("dense_equivalent").set(self.static["serving_dense"])
+        self.bytes.labels("stored").set(self.static["stored"])
         for fmt, count in self.static["formats"].items():
             self.modules.labels(fmt).set(count)
         self.speed.labels("prompt").set(0)

@@ -123,3 +123,36 @@ def test_percentiles_and_prompt_lengths(tiny_llama):
     source = loadgen.PromptSource(AutoTokenizer.from_pretrained(tiny_llama), loadgen.make_workload("prefill", 40))
     first, second = source.take(3), source.take(3)
     assert all(len(p) == 40 for p in first + second) and first != second  # exact length, never repeated
+
+
+@pytest.mark.parametrize("serving", ["float32", "bfloat16"])
+@pytest.mark.parametrize("backend", ["dense", "cpu_sparse"])
+def test_weight_gauges_agree_in_any_serving_dtype(artifact_copy, tmp_path, serving, backend):
+    """dense_equivalent and resident count in the serving dtype and the ratio is their quotient (float32
+    serving of a bf16 artifact showed resident 2.0x dense_equivalent beside a ratio of 1.0)."""
+    from mixsparse.runtime.formats import artifact
+
+    config = artifact.read_config(artifact_copy)
+    element = {"float32": 4, "bfloat16": 2}[serving]
+    dense_model = artifact.weight_bytes(config)["dense_equivalent"] // config.dtype.itemsize * element
+    report = {}
+    for name, entry in config.modules.items():  # what each worker writes after loading its layers
+        dense = entry.shape[0] * entry.shape[1] * element
+        kept = dense if backend == "dense" else entry.shape[0] * (entry.shape[1] // 2 * element + entry.shape[1] // 8)
+        report[name] = {"bytes": kept, "dense_bytes": dense, "backend": backend}
+    (tmp_path / "resident-1.json").write_text(json.dumps(report))
+    registry = CollectorRegistry()
+    Metrics(artifact_copy, tmp_path, serving, registry=registry).update()
+
+    def weight_bytes(kind):
+        return registry.get_sample_value("mixsparse_weight_bytes", {"kind": kind})
+
+    assert weight_bytes("dense_equivalent") == dense_model
+    assert weight_bytes("stored") == artifact.weight_bytes(config)["stored"]
+    ratio = registry.get_sample_value("mixsparse_weight_memory_ratio")
+    assert ratio == pytest.approx(weight_bytes("resident") / weight_bytes("dense_equivalent"))
+    if backend == "dense":
+        assert weight_bytes("resident") == weight_bytes("dense_equivalent") and ratio == 1.0
+    else:
+        saved = sum(r["dense_bytes"] - r["bytes"] for r in report.values())
+        assert weight_bytes("resident") == dense_model - saved and ratio < 1.0
