@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean-venv
+.PHONY: install test demo bench asan clean-venv
 
 install: $(STAMP)
 
@@ -58,3 +58,7 @@ bench: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The native CPU kernels' tests against an AddressSanitizer build of them (valgrind cannot decode AVX-512).
+asan: install
+	PYTHON=$(BIN)/python tools/asan_kernels.sh
