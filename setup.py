@@ -19,7 +19,9 @@ VARIANTS = [
      ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi2", "-mfma"],
      "MIXSPARSE_HAS_AVX512"),
 ]
-COMMON_FLAGS = ["-O3", "-fPIC"]
+# -fno-wrapv undoes the -fwrapv that Python's own CFLAGS put first: with wrapping signed arithmetic GCC keeps
+# the kernels' index math in a form that measured 2.3x slower at 8 tokens (benchmarks/cpu_gemm.py)
+COMMON_FLAGS = ["-O3", "-fno-wrapv", "-fPIC"]
 OP_FLAGS = ["-std=c++20"]  # torch 2.13's headers use C++20 features
 VARIANT_FLAGS = ["-std=c++17"]  # the variant files include no torch header
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mixsparse.runtime import cpu_sparse, kernels, ops  # ops: registers torch.ops.mixsparse.sparse_linear
+from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.cache import cache_dir
 from mixsparse.runtime.formats.packed24 import Packed24
 
@@ -109,11 +109,8 @@ def choose(dense: torch.Tensor, options: tuple[str, ...]) -> str:
     best = min(score, key=score.get)
     table[key] = {"backend": best, "tokens": list(TUNING_TOKENS),
                   "milliseconds": {b: [round(t, 4) for t in times] for b, times in timings.items()}}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(table, handle, indent=1)
-    os.replace(tmp, path)
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(table, indent=1))
     log.info("2:4 %s: %s (%s)", key, best, {b: round(s, 3) for b, s in score.items()})
     return best
 

@@ -28,6 +28,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.parameter import ModelWeightParameter
 
 from mixsparse.runtime import kernels, ops
+from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.formats.packed24 import Packed24
@@ -107,10 +108,8 @@ def _report(prefix: str, nbytes: int, dense_bytes: int, backend: str) -> None:
     directory = os.environ.get(STATS_DIR)
     if not directory:
         return
-    path = os.path.join(directory, f"resident-{os.getpid()}.json")
-    with open(f"{path}.tmp", "w") as handle:
-        json.dump(_resident, handle)
-    os.replace(f"{path}.tmp", path)
+    with atomic_file(os.path.join(directory, f"resident-{os.getpid()}.json"), overwrite=True) as tmp:
+        tmp.write_text(json.dumps(_resident))
 
 
 class DenseLinearMethod(UnquantizedLinearMethod):

@@ -11,6 +11,8 @@
   ``mixsparse_kernel_layers{backend}``: vLLM layers per GEMM backend (cusparselt, cutlass, dense fallback).
 - ``mixsparse_weight_memory_ratio``: exactly resident / dense_equivalent of the gauge above (1.0 for a
   dense model or the dense fallback, below 1 where compressed layers stay compressed).
+- ``mixsparse_linear_memory_ratio``: the same for the linear layers vLLM builds alone (what sparsity can
+  compress; embeddings excluded): 0.5625 for all-2:4 bf16 layers held packed, 1.0 on the dense fallback.
 - ``mixsparse_tokens_per_second{phase=prompt|generation}``: rate of vLLM's token counters over a sliding
   window; 0 once the server has been idle for a window.
 - ``mixsparse_throughput_gain_ratio``: sparse/dense output tokens/s measured by ``mixsparse bench`` and
@@ -81,6 +83,8 @@ class Metrics:
                              registry=registry, multiprocess_mode="mostrecent")
         self.ratio = Gauge("mixsparse_weight_memory_ratio", "mixsparse_weight_bytes resident / dense_equivalent",
                            registry=registry, multiprocess_mode="mostrecent")
+        self.linear_ratio = Gauge("mixsparse_linear_memory_ratio", "Resident / dense bytes of the linear layers "
+                                  "(serving dtype)", registry=registry, multiprocess_mode="mostrecent")
         self.speed = Gauge("mixsparse_tokens_per_second", "Tokens/s over the sliding window", ["phase"],
                            registry=registry, multiprocess_mode="mostrecent")
         self.gain = None
@@ -156,6 +160,8 @@ class Metrics:
             resident = self.static["serving_dense"] - saved
             self.bytes.labels("resident").set(resident)
             self.ratio.set(resident / self.static["serving_dense"])
+            self.linear_ratio.set(sum(e["bytes"] for e in reports.values())
+                                  / max(1, sum(e["dense_bytes"] for e in reports.values())))
             for backend, count in collections.Counter(e["backend"] for e in reports.values()).items():
                 self.kernels.labels(backend).set(count)
 

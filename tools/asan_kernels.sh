@@ -14,7 +14,7 @@ print(" ".join(["-I" + p for p in c.include_paths()]).replace(" ", ","), c.libra
       sysconfig.get_paths()["include"], sysconfig.get_config_var("EXT_SUFFIX"))
 PY
 )
-SAN="-fsanitize=address -fno-omit-frame-pointer -g -O1"
+SAN="-fsanitize=address -fno-omit-frame-pointer -g -O1 -fno-wrapv"
 g++ $SAN -fPIC -std=c++17 -Icsrc/cpu -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vbmi2 -mfma \
     -c csrc/cpu/sparse_kernels_avx512.cpp -o "$OUT/avx512.o"
 g++ $SAN -fPIC -std=c++20 -Icsrc/cpu ${TORCH_INC//,/ } -I"$PY_INC" -DMIXSPARSE_HAS_AVX512=1 \

@@ -158,7 +158,7 @@ def test_pareto_front(tiny_llama, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--allocator", "fisher", "--target", "0.995"], "target 0.995 is infeasible"),
     (["--allocator", "owl", "--target", "0.3", "--min-ratio", "0.5"], "infeasible"),
-    (["--allocator", "uniform", "--target", "1.2"], "outside [0, 1)"),
+    (["--allocator", "uniform", "--target", "1.2"], "1.2 is out of range; expected a number in [0, 1)"),
     (["--allocator", "uniform", "--deploy", "--budget", "0.5"], "allocator 'uniform' does not apply"),
     (["--allocator", "msp", "--deploy"], "exactly one of --budget or --memory"),
     (["--allocator", "msp", "--deploy", "--memory", "0.2"], "--memory 0.2 is infeasible"),

@@ -132,7 +132,12 @@ def test_metrics(server_24, servable_24):
     assert resident <= dense_equivalent
     assert values['mixsparse_sparse_modules{format="2:4"}'] == 14
     assert values['mixsparse_sparse_modules{format="dense"}'] == 0
-    assert values['mixsparse_kernel_layers{backend="dense"}'] == 8  # qkv, o, gate_up, down per block
+    from mixsparse.runtime import kernels
+
+    backend = kernels.CPU_SPARSE if kernels.CPU_SPARSE in kernels.available("cpu") else kernels.DENSE
+    assert values[f'mixsparse_kernel_layers{{backend="{backend}"}}'] == 8  # qkv, o, gate_up, down per block
+    if backend == kernels.CPU_SPARSE:  # the linears stay packed: 0.5 of their bytes + 1 mask bit per weight
+        assert values["mixsparse_linear_memory_ratio"] == pytest.approx(0.5 + 1 / (8 * element), abs=0.01)
     assert values['mixsparse_tokens_per_second{phase="generation"}'] > 0
     time.sleep(4)  # longer than the 2 s window
     assert metric_values(call(f"{server_24}/metrics"))['mixsparse_tokens_per_second{phase="generation"}'] == 0
@@ -196,6 +201,56 @@ def test_port_in_use(servable_24, capsys):
         port = busy.getsockname()[1]
         assert main(["serve", str(servable_24), "--port", str(port)]) == 2
     assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
+
+
+# What a served run printed before issue 15 although nothing failed: Triton's bindings at exit, vLLM disabling
+# Triton, the engine force-killed before releasing its semaphores, and vLLM asking for its CPU runtime.
+SPAM = ("nanobind: leaked", "Triton is installed, but doesn't include CPU backend", "resource_tracker",
+        "leaked semaphore", "leaked shared_memory", "libiomp is not found in LD_PRELOAD")
+
+
+def test_a_served_run_prints_only_its_own_lines_and_logs_no_spam(servable_24, tmp_path):
+    from mixsparse.serve.cpu_runtime import find_tcmalloc
+
+    log = tmp_path / "vllm.log"
+    port = free_port()
+    child = subprocess.Popen([sys.executable, "-m", "mixsparse.serve.cli", "serve", str(servable_24), "--port",
+                              str(port), "--log-file", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while child.poll() is None and time.monotonic() < deadline:
+            try:
+                call(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        assert served_answers(f"http://127.0.0.1:{port}", servable_24.name, ["Hi"], 4)
+    finally:
+        child.send_signal(2)
+        out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, out + err
+    assert err == "" and all(line.startswith("mixsparse serve: ") for line in out.splitlines()), out + err
+    assert f"its log: {log}" in out and f"ready at http://127.0.0.1:{port}/v1" in out and "stopped" in out
+    logged = log.read_text()
+    assert "Application startup complete" in logged  # vLLM's own lines are all in the log ...
+    assert [spam for spam in SPAM if spam in out + logged] == []  # ... and none of the noise anywhere
+    if find_tcmalloc():
+        assert "libtcmalloc is not found in LD_PRELOAD" not in logged
+    else:
+        assert "apt-get install libtcmalloc-minimal4" in out
+
+
+def test_a_failing_engine_is_one_line_with_the_log_path(servable_24, tmp_path):
+    log = tmp_path / "vllm.log"
+    failed = subprocess.run([sys.executable, "-m", "mixsparse.serve.cli", "serve", str(servable_24), "--port",
+                             str(free_port()), "--log-file", str(log), "--max-model-len", "100000"],
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2
+    lines = failed.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mixsparse: error: the vLLM server stopped: ")
+    assert "100000" in lines[0] and f"(full log: {log})" in lines[0]
+    assert "Traceback" in log.read_text()
 
 
 def test_deploy_once_then_reuse(servable_llama, tmp_path):

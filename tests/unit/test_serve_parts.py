@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.machine import cpu_serving_dtype
 from mixsparse.serve.metrics import Rates, vllm_token_counters
 from mixsparse.serve.server import ServeOptions, check_port, preflight, vllm_argv
 
@@ -13,7 +14,7 @@ from mixsparse.serve.server import ServeOptions, check_port, preflight, vllm_arg
 def test_cpu_defaults_are_added_unless_overridden(tmp_path):
     argv = vllm_argv(ServeOptions("m", port=9000), tmp_path, cuda=False)
     assert "--enforce-eager" in argv and "--no-enable-prefix-caching" in argv
-    assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--port") + 1] == "9000"
+    assert argv[argv.index("--dtype") + 1] == cpu_serving_dtype() and argv[argv.index("--port") + 1] == "9000"
     mine = vllm_argv(ServeOptions("m", vllm_args=["--dtype", "bfloat16", "--enable-prefix-caching"]), tmp_path,
                      cuda=False)
     assert mine.count("--dtype") == 1 and "--no-enable-prefix-caching" not in mine
