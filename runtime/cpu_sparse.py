@@ -122,5 +122,22 @@ def unpack(rows: CompressedRows) -> torch.Tensor:
     return Bitmask.from_rows(rows).unpack()
 
 
+def join(parts: list[CompressedRows]) -> CompressedRows:
+    """Row blocks stacked into one weight (vLLM's fused q/k/v and gate/up): one kernel call for the group."""
+    if len(parts) == 1:
+        return parts[0]
+    in_features = {p.shape[1] for p in parts}
+    if len(in_features) != 1 or len({p.values.dtype for p in parts}) != 1:
+        raise MixsparseError(f"cannot join weights of inputs {sorted(in_features)} / dtypes "
+                             f"{sorted({str(p.values.dtype) for p in parts})}")
+    starts = [0]
+    for part in parts:
+        starts.append(starts[-1] + part.values.numel())
+    offsets = torch.cat([part.offsets[:-1] + start for part, start in zip(parts, starts)]
+                        + [torch.tensor([starts[-1]], dtype=torch.int64)])
+    return CompressedRows(torch.cat([p.values for p in parts]), offsets, torch.cat([p.mask for p in parts]),
+                          (sum(p.shape[0] for p in parts), in_features.pop()))
+
+
 def linear(x: torch.Tensor, rows: CompressedRows, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mixsparse_cpu.sparse_linear(x, rows.values, rows.offsets, rows.mask, bias, rows.shape[0])

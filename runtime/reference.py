@@ -1,10 +1,10 @@
-"""The reference engine: a transformers model whose packed 2:4 linears are SparseLinear modules.
+"""The reference engine: a transformers model whose compressed linears (packed 2:4, bitmask) are SparseLinear.
 
 Used for evaluation, tests and GPU benchmarks where vLLM is not installed, and as the ground truth the
-served output is compared with. Packed modules are never materialised dense on the host: the skeleton is
-built without initialising weights, the other tensors are loaded, and each packed module is prepared
-straight from its values/meta. Bitmask modules are unpacked to dense weights here (exact) until
-SparseLinear takes the bitmask layout.
+served output is compared with: it runs the same kernels as the server. Compressed modules are never
+materialised dense on the host: the skeleton is built without initialising weights, the other tensors are
+loaded, and each compressed module is prepared straight from its tensors (on CPU it stays compressed; where
+no kernel runs, the exact dense fallback).
 """
 
 from __future__ import annotations
@@ -25,18 +25,16 @@ def load_reference(path: str | os.PathLike, device: str | torch.device = "cpu", 
     tensors = artifact.load_tensors(config)
     dtype = dtype or config.dtype
     model = empty_model(plain_config(config), dtype)
-    packed_names = list(config.packed)
-    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in config.compressed}
-    for name in config.bitmask:
-        state[f"{name}.weight"] = artifact.bitmask_module(config, tensors, name).unpack()
-    # packed modules' weights are absent on purpose: their modules are replaced below
-    load_state(model, state, config.path, allowed_missing={f"{name}.weight" for name in packed_names})
+    compressed = list(config.compressed)
+    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in compressed}
+    # compressed modules' weights are absent on purpose: their modules are replaced below
+    load_state(model, state, config.path, allowed_missing={f"{name}.weight" for name in compressed})
     model.to(device)
     backends = {}
-    for name in packed_names:
+    for name in compressed:
+        weight = (artifact.packed_module if name in config.packed else artifact.bitmask_module)(config, tensors, name)
         old = model.get_submodule(name)
-        module = SparseLinear(prepare(artifact.packed_module(config, tensors, name), device, dtype, backend),
-                              None if old.bias is None else old.bias.detach())
+        module = SparseLinear(prepare(weight, device, dtype, backend), None if old.bias is None else old.bias.detach())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
         backends[name] = module.backend

@@ -21,6 +21,7 @@ from torch import nn
 from mixsparse.runtime import cpu_sparse, kernels, ops  # ops: registers torch.ops.mixsparse.sparse_linear
 from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.cache import cache_dir
+from mixsparse.runtime.formats.bitmask import Bitmask
 from mixsparse.runtime.formats.packed24 import Packed24
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,13 @@ def candidates(device: torch.device, shape: tuple[int, int], dtype: torch.dtype)
     return backends
 
 
-def prepare(packed: Packed24, device: str | torch.device, dtype: torch.dtype | None = None,
+def prepare(packed: Packed24 | Bitmask, device: str | torch.device, dtype: torch.dtype | None = None,
             backend: str = "auto") -> Prepared:
+    """A packed 2:4 or bitmask weight ready for its device: compressed on the CPU kernel, else as below."""
     device = torch.device(device)
     dtype = dtype or packed.dtype
+    if isinstance(packed, Bitmask):
+        return _prepare_bitmask(packed, device, dtype, backend)
     options = candidates(device, packed.shape, dtype)
     if backend == "auto" and device.type == "cpu":
         backend = options[0]  # the CPU kernel picks streaming or tiles per call: nothing to time here
@@ -85,6 +89,19 @@ def prepare(packed: Packed24, device: str | torch.device, dtype: torch.dtype | N
         raise ValueError(f"backend {backend!r} is not available here (available: {', '.join(options)})")
     weight, meta, offsets = kernels.compress(backend, dense)
     return Prepared(backend, weight, meta, *packed.shape, offsets=offsets)
+
+
+def _prepare_bitmask(weight: Bitmask, device: torch.device, dtype: torch.dtype, backend: str) -> Prepared:
+    """Any sparsity: the CPU kernel where it runs, else the exact dense fallback (the CUDA kernels take 2:4 only)."""
+    options = candidates(device, weight.shape, dtype) if device.type == "cpu" else (kernels.DENSE,)
+    if backend == "auto":
+        backend = options[0]
+    elif backend not in options:
+        raise ValueError(f"backend {backend!r} is not available here (available: {', '.join(options)})")
+    if backend == kernels.CPU_SPARSE:
+        rows = weight.to_rows(dtype)
+        return Prepared(backend, rows.values, rows.mask, *weight.shape, offsets=rows.offsets)
+    return Prepared(kernels.DENSE, weight.unpack().to(device, dtype), None, *weight.shape)
 
 
 def _tuning_file(device: torch.device) -> str:

@@ -89,16 +89,15 @@ class MixsparseConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         members = self.members(prefix)
         storage = [self.modules[m].storage if m in self.modules else artifact.DENSE for m in members]
-        if artifact.BITMASK in storage:  # checked first: a pruned lm_head is no LinearBase and may be bitmask
-            raise ValueError(f"mixsparse: {prefix} fuses {members} stored as {storage}: bitmask modules are not "
-                             f"served yet by this plugin; `mixsparse export --dense` gives a model vLLM serves")
         if not isinstance(layer, LinearBase):
+            if artifact.BITMASK in storage:  # a pruned, untied lm_head: vLLM builds it as an embedding
+                raise ValueError(f"mixsparse: {prefix} is stored bitmask-compressed, which vLLM's lm_head cannot "
+                                 f"take; prune without --prune-lm-head, or `mixsparse export --dense` the artifact")
             return None  # embeddings, lm_head, attention: vLLM's defaults
         if all(s == artifact.PACKED24 for s in storage):
             return Sparse24LinearMethod(prefix)
-        if any(s == artifact.PACKED24 for s in storage):
-            raise ValueError(f"mixsparse: {prefix} fuses {members} stored as {storage}; a fused group must be "
-                             f"all packed or all dense (re-export the artifact with this mixsparse)")
+        if any(s != artifact.DENSE for s in storage):
+            return CompressedLinearMethod(prefix, [(m, self.modules.get(m)) for m in members])
         return DenseLinearMethod(prefix)
 
 
@@ -177,3 +176,97 @@ class Sparse24LinearMethod(LinearMethodBase):
                                                          layer.mixsparse_meta, bias, layer.mixsparse_shape[0])
         return ops.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_meta, layer.mixsparse_offsets, bias,
                                  layer.mixsparse_backend, layer.mixsparse_shape[0])
+
+
+class CompressedLinearMethod(LinearMethodBase):
+    """A vLLM layer whose members are stored in any mix of bitmask, packed 2:4 and dense (an MSP plan gives
+    q, k and v their own ratios): the members are joined into one compressed weight, run as one GEMM by the
+    native CPU kernel. Members load through this method's own loader (vLLM's loaders assume fixed-width
+    rows, which bitmask values are not), so tensor parallelism is not supported for such layers. Where the
+    CPU kernel cannot run (CUDA, or not built) the joined weight is unpacked: vLLM's dense GEMM, exact."""
+
+    KINDS = {artifact.BITMASK: ("values", "mask", "offsets"), artifact.PACKED24: ("values", "meta"),
+             artifact.DENSE: ("weight",)}
+
+    def __init__(self, prefix: str, members: list[tuple[str, artifact.ModuleEntry | None]]):
+        self.prefix = prefix
+        self.members = members
+        self.dense_method: UnquantizedLinearMethod | None = None
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        from vllm.model_executor.utils import set_weight_attrs
+
+        if input_size_per_partition != input_size or sum(output_partition_sizes) != output_size:
+            raise ValueError(f"mixsparse: {self.prefix} holds bitmask-compressed weights, which are served without "
+                             f"tensor parallelism (use --tensor-parallel-size 1)")
+        if len(output_partition_sizes) != len(self.members):
+            raise ValueError(f"mixsparse: {self.prefix} has {len(output_partition_sizes)} output partitions but the "
+                             f"artifact names {len(self.members)} members ({[m for m, _ in self.members]})")
+        storages = [entry.storage if entry else artifact.DENSE for _, entry in self.members]
+        layer.mixsparse_parts = [{} for _ in self.members]
+        layer.mixsparse_shape = (output_size, input_size)
+        layer.mixsparse_sizes = list(output_partition_sizes)
+        layer.mixsparse_dtype = params_dtype
+        shard_index = {"q": 0, "k": 1, "v": 2}
+
+        def load(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+            index = 0 if shard_id is None else shard_index.get(shard_id, shard_id)
+            kind = param.mixsparse_kind
+            if kind not in self.KINDS[storages[index]]:
+                raise ValueError(f"mixsparse: {self.members[index][0]} is recorded as {storages[index]} but the "
+                                 f"checkpoint holds its .{kind}")
+            layer.mixsparse_parts[index][kind] = loaded.detach().clone()  # the checkpoint may be memory-mapped
+
+        for kind in dict.fromkeys(k for s in storages for k in self.KINDS[s]):  # each kind the members use, once
+            param = torch.nn.Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": load, "mixsparse_kind": kind})
+            layer.register_parameter(kind, param)
+
+    def _member_rows(self, layer: torch.nn.Module, index: int):
+        from mixsparse.runtime import cpu_sparse
+        from mixsparse.runtime.formats.bitmask import Bitmask
+
+        name, entry = self.members[index]
+        parts, dtype = layer.mixsparse_parts[index], layer.mixsparse_dtype
+        shape = (layer.mixsparse_sizes[index], layer.mixsparse_shape[1])
+        storage = entry.storage if entry else artifact.DENSE
+        missing = [k for k in self.KINDS[storage] if k not in parts]
+        if missing:
+            raise ValueError(f"mixsparse: {name}: {', '.join('.' + k for k in missing)} missing from the checkpoint")
+        try:
+            if storage == artifact.BITMASK:
+                return Bitmask.from_tensors(parts["values"], parts["mask"], parts["offsets"], shape, name).to_rows(dtype)
+            if storage == artifact.PACKED24:
+                packed = Packed24.from_tensors(parts["values"], parts["meta"], shape, name)
+                return cpu_sparse.from_packed24(packed.values, packed.meta, shape, dtype)
+            return Bitmask.pack(parts["weight"].to(dtype), name).to_rows(dtype)  # a dense member joins compressed
+        except MixsparseError as error:
+            raise ValueError(f"mixsparse: {self.prefix}: {error}") from None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        from mixsparse.runtime import cpu_sparse
+        from mixsparse.runtime.formats.bitmask import Bitmask
+
+        rows = cpu_sparse.join([self._member_rows(layer, i) for i in range(len(self.members))])
+        for kind in [k for k, _ in layer.named_parameters(recurse=False) if k != "bias"]:
+            delattr(layer, kind)
+        del layer.mixsparse_parts
+        dense_bytes = rows.shape[0] * rows.shape[1] * torch.empty(0, dtype=layer.mixsparse_dtype).element_size()
+        prepared = prepare(Bitmask.from_rows(rows), torch.device("cpu") if not torch.cuda.is_available()
+                           else torch.device("cuda", torch.cuda.current_device()), layer.mixsparse_dtype)
+        if prepared.backend == kernels.DENSE:
+            layer.register_parameter("weight", torch.nn.Parameter(prepared.weight, requires_grad=False))
+            self.dense_method = UnquantizedLinearMethod()
+            self.dense_method.process_weights_after_loading(layer)
+        else:
+            layer.register_buffer("mixsparse_weight", prepared.weight, persistent=False)
+            layer.register_buffer("mixsparse_meta", prepared.meta, persistent=False)
+            layer.register_buffer("mixsparse_offsets", prepared.offsets, persistent=False)
+        _report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dense_method is not None:
+            return self.dense_method.apply(layer, x, bias)
+        return torch.ops.mixsparse_cpu.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_offsets,
+                                                     layer.mixsparse_meta, bias, layer.mixsparse_shape[0])

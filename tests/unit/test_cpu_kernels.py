@@ -210,3 +210,16 @@ def test_without_the_kernels_the_exact_dense_fallback_runs_with_one_warning(setu
     assert "FALLBACK OK" in run.stdout
     warnings = [line for line in run.stderr.splitlines() if line.startswith("WARN")]
     assert len(warnings) == 1 and "exact dense fallback" in warnings[0] and reason in warnings[0], warnings
+
+
+def test_joined_members_are_one_weight_with_the_members_rows():
+    """vLLM's fused GEMMs: members of different sparsities joined into one compressed weight, exactly."""
+    generator = torch.Generator().manual_seed(3)
+    members = [sparse_weight(rows, 40, sparsity, torch.bfloat16, generator)
+               for rows, sparsity in ((8, 0.7), (4, 0.0), (6, 0.5))]
+    joined = cpu_sparse.join([cpu_sparse.from_dense(w) for w in members])
+    assert joined.shape == (18, 40)
+    assert torch.equal(cpu_sparse.unpack(joined), torch.cat(members))
+    if ext is not None:
+        x = torch.randn(3, 40, generator=generator).to(torch.bfloat16)
+        assert_matches_dense(cpu_sparse.linear(x, joined), x, torch.cat(members), None)
