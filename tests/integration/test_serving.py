@@ -55,6 +55,49 @@ def test_served_greedy_output_equals_the_reference_engine(kind, servable_llama, 
         assert served_answers(url, model.name, PROMPTS, 24) == expected
 
 
+MIXED_PLAN = {  # every way a fused GEMM can mix storages: dense + bitmask, bitmask + packed-2:4 rows, all bitmask
+    "model.layers.0.self_attn.q_proj": "0.05", "model.layers.0.self_attn.k_proj": "0.7",
+    "model.layers.0.self_attn.v_proj": "2:4", "model.layers.0.self_attn.o_proj": "0.6",
+    "model.layers.0.mlp.gate_proj": "0.5", "model.layers.0.mlp.up_proj": "0.8", "model.layers.0.mlp.down_proj": "2:4",
+    "model.layers.1.self_attn.q_proj": "0.5", "model.layers.1.self_attn.k_proj": "0.5",
+    "model.layers.1.self_attn.v_proj": "0.5", "model.layers.1.mlp.down_proj": "0.9"}
+
+
+@pytest.fixture(scope="session")
+def servable_mixed(servable_llama, tmp_path_factory):
+    from mixsparse.pruner import models
+    from mixsparse.pruner.adapter import adapt
+    from mixsparse.pruner.plan import Plan
+    from mixsparse.pruner.spec import Spec
+
+    directory = tmp_path_factory.mktemp("servable-mixed")
+    shapes = adapt(models.load(str(servable_llama)).model).shapes()
+    Plan({n: Spec.parse(s) for n, s in MIXED_PLAN.items()}, shapes, {"allocator": "test"}).save(directory / "plan.json")
+    out = directory / "tiny-mixed"
+    pipeline.prune(pipeline.PruneJob(model=str(servable_llama), metric="wanda", sparsity=None, out=str(out),
+                                     plan=str(directory / "plan.json"),
+                                     calibration=CalibrationProtocol(samples=4, seqlen=64)))
+    return out
+
+
+def test_served_mixed_plan_is_held_compressed_and_equals_the_reference_engine(servable_mixed):
+    """An MSP-style plan served through vLLM: bitmask, packed and dense members joined per fused GEMM."""
+    from mixsparse.runtime import kernels
+
+    config = artifact.read_config(servable_mixed)
+    assert {e.storage for e in config.modules.values()} == {artifact.DENSE, artifact.BITMASK, artifact.PACKED24}
+    expected = reference_answers(servable_mixed, PROMPTS, 24)
+    with running_server(servable_mixed) as url:
+        assert served_answers(url, servable_mixed.name, PROMPTS, 24) == expected
+        time.sleep(1.5)
+        values = metric_values(call(f"{url}/metrics"))
+    if kernels.CPU_SPARSE in kernels.available("cpu"):
+        # layer 0: qkv, o, gate_up, down compressed; layer 1: qkv, down (o, gate_up stay dense: vLLM's method)
+        assert values['mixsparse_kernel_layers{backend="cpu_sparse"}'] == 6
+        assert values['mixsparse_kernel_layers{backend="dense"}'] == 2
+        assert values["mixsparse_weight_memory_ratio"] < 1.0
+
+
 @pytest.fixture(scope="module")
 def server_24(servable_24):
     with running_server(servable_24) as url:
