@@ -161,19 +161,20 @@ def weight_bytes(metrics_text: str) -> dict[str, float]:
     return found
 
 
-def server_command(job: BenchJob, model: Path) -> list[str]:
+def server_command(job: BenchJob, model: Path, log: Path) -> list[str]:
     return [sys.executable, "-m", "mixsparse.serve.cli", *(["-v"] if job.verbose else []), "serve", str(model),
-            "--host", job.host, "--port", str(job.port), "--served-model-name", SERVED_NAME, *job.vllm_args]
+            "--host", job.host, "--port", str(job.port), "--served-model-name", SERVED_NAME, "--log-file", str(log),
+            *job.vllm_args]
 
 
 class Server:
     """``mixsparse serve`` in a child process, its log in a file."""
 
     def __init__(self, job: BenchJob, model: Path, log: Path):
-        command = server_command(job, model)
+        command = server_command(job, model, log)
         self.url = f"http://{job.host}:{job.port}"
         self.log_path = log
-        self.log = open(log, "w")
+        self.log = open(log, "a")  # the server appends vLLM's output to the same file
         self.child = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
 
     def alive(self) -> bool:

@@ -84,6 +84,9 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
     group.add_argument("--metrics-window", type=POSITIVE_REAL, default=10.0,
                        help="seconds of the sliding window behind mixsparse_tokens_per_second (default: 10)")
+    group.add_argument("--log-file", metavar="PATH",
+                       help="where vLLM's own logs go unless -v (default: serve-<name>-<port>.log under "
+                            "~/.cache/mixsparse/logs, replaced each run)")
 
 
 def _count(windows: int | str) -> int | None:
@@ -527,7 +530,8 @@ def _serve_options(args, model: str | None):
     from mixsparse.serve.server import ServeOptions
 
     return ServeOptions(model, args.host, args.port, args.api_key, args.served_model_name, args.metrics_window,
-                        list(args.vllm_args), GuardSettings(args.max_n, args.max_output_tokens, args.public_metrics))
+                        list(args.vllm_args), GuardSettings(args.max_n, args.max_output_tokens, args.public_metrics),
+                        verbose=args.verbose, log_file=args.log_file)
 
 
 def cmd_serve(args) -> None:

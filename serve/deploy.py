@@ -127,8 +127,7 @@ def wait_healthy(url: str, child: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            raise MixsparseError(f"the server exited with code {child.returncode} before it was ready "
-                                 f"(see its log above)")
+            raise MixsparseError(f"the server exited with code {child.returncode} before it was ready")
         try:
             request(f"{url}/health", timeout=5)
             return
@@ -188,6 +187,8 @@ def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
         command += ["--api-key", job.serve.api_key]
     if job.serve.served_name:
         command += ["--served-model-name", job.serve.served_name]
+    if job.serve.log_file:
+        command += ["--log-file", job.serve.log_file]
     guard = job.serve.guard
     command += ["--max-n", str(guard.max_n), "--max-output-tokens", str(guard.max_tokens),
                 *(["--public-metrics"] if guard.public_metrics else [])]

@@ -14,17 +14,26 @@ import os
 import socket
 import sys
 import tempfile
+import threading
+import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.machine import cpu_serving_dtype
 from mixsparse.runtime.formats import artifact
+from mixsparse.serve import cpu_runtime, engine_log
 from mixsparse.serve.guard import ENVIRONMENT as GUARD_ENVIRONMENT
 from mixsparse.serve.guard import GuardSettings
 
 CPU_DEFAULTS = {"--enforce-eager": None, "--no-enable-prefix-caching": None}  # and --dtype: cpu_serving_dtype()
 CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+# vLLM's default (0) force-kills the engine processes the moment Ctrl-C arrives, before they release their shared
+# memory and semaphores, and Python's resource_tracker then reports them as leaked at exit. The engine needs up to
+# ~9 s itself to stop its worker (5 s grace, then SIGTERM and 4 s more); at 10 s, under load, it was still killed
+# mid-way and logged an EngineDeadError traceback on a clean stop.
+SHUTDOWN_TIMEOUT = "20"
 GUARD = "mixsparse.serve.guard.RequestGuard"  # the API key on every route, and the per-request caps
 
 
@@ -38,6 +47,8 @@ class ServeOptions:
     metrics_window: float = 10.0
     vllm_args: list[str] = field(default_factory=list)
     guard: GuardSettings = field(default_factory=GuardSettings)
+    verbose: bool = False  # vLLM's logs on the terminal rather than in log_file
+    log_file: str | None = None  # default: <cache>/logs/serve-<name>-<port>.log, replaced each run
 
 
 def preflight(model: str, tokenizer: bool = True) -> Path:
@@ -169,6 +180,8 @@ def vllm_argv(options: ServeOptions, path: Path, cuda: bool) -> list[str]:
         except (ValueError, AttributeError):
             raise MixsparseError(f"--override-generation-config {text!r} is not a JSON object") from None
         user[override:override + (1 if inline else 2)] = ["--override-generation-config", json.dumps(settings)]
+    if "--shutdown-timeout" not in given:
+        argv += ["--shutdown-timeout", SHUTDOWN_TIMEOUT]
     if not cuda:
         for flag, value in {**CPU_DEFAULTS, "--dtype": cpu_serving_dtype()}.items():
             opposite = flag.replace("--no-", "--") if flag.startswith("--no-") else None
@@ -187,10 +200,29 @@ def serving_dtype(argv: list[str]) -> str | None:
 
 
 def serve(options: ServeOptions) -> None:
-    """Run the server in this process until it is stopped (Ctrl-C)."""
+    """Run the server in this process until it is stopped (Ctrl-C). Unless ``options.verbose``, vLLM's output
+    goes to a log file and the terminal gets the log's path, the URL once the server answers, and a failure
+    as one line."""
     own_tokenizer = any(arg.split("=", 1)[0] in ("--tokenizer", "--skip-tokenizer-init") for arg in options.vllm_args)
     path = preflight(options.model, tokenizer=not own_tokenizer)
     check_port(options.host, options.port)
+    log = Path(options.log_file).expanduser() if options.log_file else \
+        engine_log.default_log(options.served_name or path.name, options.port)
+    start = time.monotonic()
+    if options.verbose:
+        failure = run_vllm(options, path, print, log=None, start=start)
+    else:
+        with engine_log.redirected(log, append=options.log_file is not None) as terminal:
+            failure = run_vllm(options, path, lambda line: print(line, file=terminal, flush=True), log, start)
+    if failure is not None:
+        text = "" if options.verbose or not log.is_file() else log.read_text(errors="replace")
+        where = "" if options.verbose else f" (full log: {log})"
+        raise MixsparseError(f"the vLLM server stopped: {engine_log.error_line(text) or failure}{where}")
+    print("mixsparse serve: stopped", flush=True)
+
+
+def run_vllm(options: ServeOptions, path: Path, write, log: Path | None, start: float) -> str | None:
+    """vLLM's OpenAI server on ``path``; returns None when it stopped cleanly, else what ended it."""
     try:
         from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
     except ImportError:
@@ -198,11 +230,21 @@ def serve(options: ServeOptions) -> None:
                              "(CUDA)") from None
     from mixsparse.serve.metrics import Metrics
 
+    write(f"mixsparse serve: starting vLLM for {path}" + (f" (its log: {log})" if log else ""))
     cuda = on_cuda()
     if not cuda:
         for key, value in CPU_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
+        runtime = cpu_runtime.cpu_runtime(tcmalloc=cpu_runtime.find_tcmalloc(), iomp=cpu_runtime.find_iomp())
+        os.environ.update(runtime.environment)  # before vLLM spawns its engine and worker processes
+        for line in [runtime.summary()] * runtime.applied + runtime.notes:
+            write(f"mixsparse serve: {line}")
     argv = vllm_argv(options, path, cuda)
+    url = engine_log.local_url(options.host, options.port)
+    done = threading.Event()
+    engine_log.announce_when_ready(url, lambda: f"mixsparse serve: ready at {url}/v1 (OpenAI-compatible) and "
+                                                f"{url}/metrics after {engine_log.elapsed(start)}; Ctrl-C to stop",
+                                   write, done)
     with tempfile.TemporaryDirectory(prefix="mixsparse-stats-") as stats:
         os.environ["MIXSPARSE_STATS_DIR"] = stats  # inherited by vLLM's engine and worker processes
         os.environ[GUARD_ENVIRONMENT] = options.guard.to_environment()
@@ -211,6 +253,16 @@ def serve(options: ServeOptions) -> None:
         sys.argv = ["mixsparse serve", *argv]
         try:
             vllm_main()
+        except SystemExit as stop:
+            if stop.code not in (None, 0):
+                return f"vLLM exited with code {stop.code}"
+        except Exception as error:  # the traceback goes to the log; the terminal gets one line
+            if log is None:
+                raise
+            traceback.print_exc()
+            return f"{type(error).__name__}: {error}"
         finally:
+            done.set()
             sys.argv = saved
             metrics.stop()
+    return None

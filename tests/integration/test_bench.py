@@ -41,7 +41,7 @@ def stub_servers(monkeypatch, delays: dict, die_after: dict | None = None):
     """Replace `mixsparse serve` by the stand-in; per model kind ('dense' or 'sparse') a delay per token."""
     die_after = die_after or {}
 
-    def command(job, model):
+    def command(job, model, log):
         kind = "sparse" if (Path(model) / "plan.json").exists() else "dense"
         extra = [str(die_after[kind])] if kind in die_after else []
         return [sys.executable, STUB, str(job.port), str(delays[kind]), *extra]
