@@ -298,14 +298,16 @@ def test_a_corrupt_bitmask_module_is_refused_when_loaded(mixed_artifact, tmp_pat
         load_dense(broken)
 
 
-def test_the_vllm_plugin_refuses_bitmask_modules_it_cannot_serve_yet(mixed_artifact):
+def test_the_vllm_plugin_refuses_bitmask_where_vllm_builds_no_linear_layer(mixed_artifact):
+    """Bitmask layers are served (tests/integration/test_serving.py); an lm_head, vLLM's embedding, cannot be."""
     pytest.importorskip("vllm")
     from mixsparse.runtime.vllm_plugin import MixsparseConfig
 
     quant = json.loads((mixed_artifact / "config.json").read_text())["quantization_config"]
     config = MixsparseConfig.from_config(quant)
     config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
-    with pytest.raises(ValueError, match="model.layers.0.self_attn.qkv_proj .*bitmask modules are not served yet"):
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.qkv_proj is stored bitmask-compressed, which "
+                                         "vLLM's lm_head cannot take"):
         config.get_quant_method(torch.nn.Linear(2, 2), "model.layers.0.self_attn.qkv_proj")
     with pytest.raises(ValueError, match="format_version 3 is not supported by this plugin .*versions 1, 2"):
         MixsparseConfig.from_config({**quant, "format_version": 3})
