@@ -1,12 +1,15 @@
 """The vLLM plugin: quantization method "mixsparse", so artifacts load in vLLM with no extra flag.
 
 A thin adapter (STYLE.md §8). The ``vllm.general_plugins`` entry point calls ``register()`` in every vLLM
-process; importing this module runs ``register_quantization_config("mixsparse")``, and the class must live
-at module level because vLLM pickles the config into its engine and worker processes.
+process, which registers the config idempotently (importing this module registers nothing); the class lives
+at module level because vLLM pickles the config into its engine and worker processes. The quantization
+config is parsed by ``artifact.parse_quantization`` (as ``mixsparse`` itself reads it); what each process
+holds is reported through ``runtime/resident.py``.
 
 ``get_quant_method`` decides per fused layer as vLLM builds it (qkv_proj = q/k/v, gate_up_proj = gate/up,
-o_proj, down_proj): the 2:4 method when every member is stored packed, vLLM's unquantized method when
-none is. Packed weights load through vLLM's own weight loaders (tensor-parallel sharding included: the
+o_proj, down_proj): the 2:4 method when every member is stored packed, the compressed method when members
+mix bitmask / packed / dense (one joined weight on the CPU kernel), vLLM's unquantized method when none is
+compressed. Packed weights load through vLLM's own weight loaders (tensor-parallel sharding included: the
 packed dims are input dims, which the loaders narrow by the parameter's own width). After loading, on CPU
 the packed weight is converted in place into the native kernel's compressed layout (no dense copy is ever
 made) and run through ``torch.ops.mixsparse_cpu.sparse_linear``; on CUDA sm80+ it is unpacked on the
@@ -16,35 +19,36 @@ kernel can run it is kept dense and run by vLLM's own dense GEMM (exact; one war
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
-from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.parameter import ModelWeightParameter
 
-from mixsparse.runtime import kernels, ops
-from mixsparse.runtime.atomic import atomic_file
+from mixsparse.runtime import kernels, ops, resident
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.formats.packed24 import Packed24
 from mixsparse.runtime.sparse_linear import prepare
 
 log = logging.getLogger(__name__)
-STATS_DIR = "MIXSPARSE_STATS_DIR"  # where workers report what they hold, for the API server's /metrics
 UNLOADED = 0xFF  # meta nibble 0xF means i0 == i1 == 3: impossible in a real packing, so it marks unloaded rows
-_resident: dict[str, dict] = {}
 
 
 def register() -> None:
-    """Entry point (vllm.general_plugins). Importing this module registered the method; nothing else to do."""
+    """Entry point (vllm.general_plugins), called in every vLLM process: registers the "mixsparse" method.
+    Idempotent, and the only side effect of this plugin: importing the module registers nothing."""
+    try:
+        if get_quantization_config(artifact.QUANT_METHOD) is MixsparseConfig:
+            return
+    except ValueError:  # not registered yet
+        pass
+    register_quantization_config(artifact.QUANT_METHOD)(MixsparseConfig)
 
 
-@register_quantization_config(artifact.QUANT_METHOD)
 class MixsparseConfig(QuantizationConfig):
     def __init__(self, modules: dict[str, artifact.ModuleEntry], groups: list[list[str]]):
         super().__init__()
@@ -68,12 +72,9 @@ class MixsparseConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MixsparseConfig":
         try:
-            artifact.check_version(config.get("format_version"), "mixsparse artifact", "plugin")
-        except MixsparseError as error:
+            return cls(*artifact.parse_quantization(config, "mixsparse artifact", "plugin"))
+        except MixsparseError as error:  # vLLM reports a ValueError from a quantization config
             raise ValueError(str(error)) from None
-        modules = {name: artifact.ModuleEntry.from_json(name, entry)
-                   for name, entry in (config.get("modules") or {}).items()}
-        return cls(modules, [list(g) for g in config.get("groups") or []])
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         self.modules = hf_to_vllm_mapper.apply_dict(self.modules)
@@ -101,16 +102,6 @@ class MixsparseConfig(QuantizationConfig):
         return DenseLinearMethod(prefix)
 
 
-def _report(prefix: str, nbytes: int, dense_bytes: int, backend: str) -> None:
-    """Record what this process holds for ``prefix`` where the API server can read it."""
-    _resident[prefix] = {"bytes": nbytes, "dense_bytes": dense_bytes, "backend": backend}
-    directory = os.environ.get(STATS_DIR)
-    if not directory:
-        return
-    with atomic_file(os.path.join(directory, f"resident-{os.getpid()}.json"), overwrite=True) as tmp:
-        tmp.write_text(json.dumps(_resident))
-
-
 class DenseLinearMethod(UnquantizedLinearMethod):
     """vLLM's own dense method, recording the bytes it keeps resident."""
 
@@ -121,7 +112,7 @@ class DenseLinearMethod(UnquantizedLinearMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         nbytes = layer.weight.numel() * layer.weight.element_size()
         super().process_weights_after_loading(layer)
-        _report(self.prefix, nbytes, nbytes, "dense")
+        resident.report(self.prefix, nbytes, nbytes, "dense")
 
 
 class Sparse24LinearMethod(LinearMethodBase):
@@ -166,7 +157,7 @@ class Sparse24LinearMethod(LinearMethodBase):
             layer.register_buffer("mixsparse_offsets", prepared.offsets, persistent=False)
         layer.mixsparse_backend = kernels.BACKEND_IDS[prepared.backend]
         layer.mixsparse_cpu = prepared.backend == kernels.CPU_SPARSE
-        _report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
+        resident.report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.dense_method is not None:
@@ -263,7 +254,7 @@ class CompressedLinearMethod(LinearMethodBase):
             layer.register_buffer("mixsparse_weight", prepared.weight, persistent=False)
             layer.register_buffer("mixsparse_meta", prepared.meta, persistent=False)
             layer.register_buffer("mixsparse_offsets", prepared.offsets, persistent=False)
-        _report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
+        resident.report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.dense_method is not None:

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import os
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, Gauge
 
+from mixsparse.runtime import resident
 from mixsparse.runtime.formats import artifact
 
 BENCH_RECORD = "bench.json"
@@ -136,15 +136,7 @@ class Metrics:
 
     def reports(self) -> dict[str, dict]:
         """What the workers reported: {layer prefix (per process): {bytes, dense_bytes, backend}}."""
-        found = {}
-        for path in glob.glob(str(self.stats_dir / "resident-*.json")):
-            try:
-                with open(path) as handle:
-                    for prefix, entry in json.load(handle).items():
-                        found[f"{Path(path).stem}:{prefix}"] = entry
-            except (OSError, json.JSONDecodeError):
-                continue  # being replaced right now; next sample
-        return found
+        return resident.read(self.stats_dir)
 
     def update(self) -> None:
         prompt, generation = vllm_token_counters(self.registry)

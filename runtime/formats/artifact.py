@@ -158,6 +158,18 @@ def is_artifact(path: str | os.PathLike) -> bool:
         return False
 
 
+def parse_quantization(quant: dict, what: str, reader: str) -> tuple[dict[str, ModuleEntry], list[list[str]]]:
+    """(modules, fused groups) of a ``quantization_config``: the one parser behind ``read_config`` and the vLLM
+    plugin's ``from_config``. ``what``/``reader`` name the artifact and the reader in version errors."""
+    check_version(quant.get("format_version"), what, reader)
+    modules = {name: ModuleEntry.from_json(name, data) for name, data in (quant.get("modules") or {}).items()}
+    bitmask = [name for name, entry in modules.items() if entry.storage == BITMASK]
+    if bitmask and quant.get("format_version") < 2:
+        raise MixsparseError(f"{what}: module {bitmask[0]} is stored as {BITMASK}, which format_version "
+                             f"{quant.get('format_version')} does not have (corrupt config?)")
+    return modules, [list(g) for g in quant.get("groups") or []]
+
+
 def read_config(path: str | os.PathLike) -> ArtifactConfig:
     """Parse an artifact's config and check that its files are all there at their recorded sizes."""
     path = Path(path)
@@ -177,12 +189,7 @@ def read_config(path: str | os.PathLike) -> ArtifactConfig:
     if quant.get("quant_method") != QUANT_METHOD:
         raise MixsparseError(f"{path} is not a mixsparse artifact (quantization_config.quant_method is "
                              f"{quant.get('quant_method')!r})")
-    check_version(quant.get("format_version"), f"{path}: artifact", "mixsparse")
-    modules = {name: ModuleEntry.from_json(name, data) for name, data in (quant.get("modules") or {}).items()}
-    bitmask = [name for name, entry in modules.items() if entry.storage == BITMASK]
-    if bitmask and quant.get("format_version") < 2:
-        raise MixsparseError(f"{path}: module {bitmask[0]} is stored as {BITMASK}, which format_version "
-                             f"{quant.get('format_version')} does not have (corrupt config?)")
+    modules, groups = parse_quantization(quant, f"{path}: artifact", "mixsparse")
     files = {str(k): int(v) for k, v in (quant.get("files") or {}).items()}
     if not files:
         raise MixsparseError(f"{path}: quantization_config records no weight files")
@@ -194,8 +201,7 @@ def read_config(path: str | os.PathLike) -> ArtifactConfig:
         if actual != size:
             raise MixsparseError(f"{path}: weight file {name} is {actual} bytes but the artifact records {size} "
                                  f"(truncated or corrupt)")
-    return ArtifactConfig(path, parse_dtype(quant.get("dtype", "bfloat16")), modules,
-                          [list(g) for g in quant.get("groups") or []], files, hf_config)
+    return ArtifactConfig(path, parse_dtype(quant.get("dtype", "bfloat16")), modules, groups, files, hf_config)
 
 
 def iter_tensors(config: ArtifactConfig) -> Iterator[tuple[str, torch.Tensor]]:
