@@ -180,7 +180,8 @@ def test_metrics(server_24, servable_24):
     backend = kernels.CPU_SPARSE if kernels.CPU_SPARSE in kernels.available("cpu") else kernels.DENSE
     assert values[f'mixsparse_kernel_layers{{backend="{backend}"}}'] == 8  # qkv, o, gate_up, down per block
     if backend == kernels.CPU_SPARSE:  # the linears stay packed: 0.5 of their bytes + 1 mask bit per weight
-        assert values["mixsparse_linear_memory_ratio"] == pytest.approx(0.5 + 1 / (8 * element), abs=0.01)
+        # (+ 8 bytes of row offset per row: 0.03 more at this tiny model's 128-256 inputs, 0.007 at 576)
+        assert 0.5 + 1 / (8 * element) < values["mixsparse_linear_memory_ratio"] < 0.5 + 1 / (8 * element) + 0.035
     assert values['mixsparse_tokens_per_second{phase="generation"}'] > 0
     time.sleep(4)  # longer than the 2 s window
     assert metric_values(call(f"{server_24}/metrics"))['mixsparse_tokens_per_second{phase="generation"}'] == 0
