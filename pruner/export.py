@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -42,7 +40,8 @@ def module_entries(adapter: ModelAdapter, plan: Plan, groups: list[list[str]],
     for name, (fmt, shape) in formats.items():
         weight = modules[name].weight
         sparsity = float((weight == 0).sum()) / weight.numel()
-        entries[name] = artifact.ModuleEntry(fmt, storage[name], shape, round(sparsity, 6))
+        entries[name] = artifact.ModuleEntry(fmt, storage[name], shape, round(sparsity, 6),
+                                             nnz[name] if storage[name] == artifact.BITMASK else None)
     return entries
 
 
@@ -62,31 +61,19 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_artifact(
     model: torch.nn.Module,
     tokenizer,
-    adapter: ModelAdapter,
-    plan: Plan,
+    entries: dict[str, artifact.ModuleEntry],
     groups: list[list[str]],
     out: str | os.PathLike,
     dtype: torch.dtype,
-    record: dict,
-    card: Callable[[artifact.ArtifactConfig], str],
+    texts: dict[str, str],
     overwrite: bool = False,
 ) -> artifact.ArtifactConfig:
-    """Write the artifact: compressed sparse weights, config, tokenizer, ``plan.json`` (plan + record), model card.
-
-    ``card`` gets the (temporary) artifact's config once the weights are written, so the model card can
-    quote the stored sizes; everything lands in one atomic rename.
-    """
-    entries = module_entries(adapter, plan, groups, dtype)
-
-    def extra(directory: Path) -> None:
-        tokenizer.save_pretrained(directory)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(directory)
-        (directory / "plan.json").write_text(json.dumps({**plan.to_json(), **record}, indent=2) + "\n")
-        (directory / "README.md").write_text(card(artifact.read_config(directory)))
-
-    artifact.write(out, unique_state_dict(model), entries, groups, model.config.to_dict(), dtype, extra, overwrite)
-    return artifact.read_config(out)
+    """Write the artifact in one atomic rename: compressed sparse weights (``entries``, see ``module_entries``),
+    config, tokenizer, generation config and ``texts`` (``plan.json``, the model card)."""
+    pretrained = [tokenizer] + ([model.generation_config] if getattr(model, "generation_config", None) is not None
+                                else [])
+    return artifact.write(out, unique_state_dict(model), entries, groups, model.config.to_dict(), dtype, texts,
+                          pretrained, overwrite)
 
 
 def export_dense(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -15,7 +15,8 @@ import torch
 
 from mixsparse.pruner import data, evaluate, models
 from mixsparse.pruner.adapter import ModelAdapter, adapt, fused_groups, select
-from mixsparse.pruner.export import human_bytes, save_artifact
+from mixsparse.pruner.card import describe_plan, describe_recovery, model_card, plan_text
+from mixsparse.pruner.export import human_bytes, module_entries, save_artifact, unique_state_dict
 from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.progress import Progress, Silent
@@ -25,7 +26,7 @@ from mixsparse.pruner.spec import Spec
 from mixsparse.runtime.atomic import refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
-from mixsparse.runtime.formats.artifact import dtype_name, parse_dtype
+from mixsparse.runtime.formats.artifact import parse_dtype
 
 
 @dataclass
@@ -94,26 +95,6 @@ class PruneSummary:
                                                  self.recovery.peak_memory_bytes if self.recovery else 0))),
                  ("artifact", str(self.out))]
         return rows
-
-
-def describe_plan(plan: Plan) -> str:
-    counts: dict[str, int] = {}
-    ratios = [s.sparsity for s in plan.modules.values() if s.kind == "unstructured"]
-    for spec in plan.modules.values():
-        if spec.kind != "unstructured":
-            counts[str(spec)] = counts.get(str(spec), 0) + 1
-    parts = [f"{n} x {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    if ratios:
-        spread = f"{min(ratios):.3f}" if max(ratios) - min(ratios) < 5e-4 else f"{min(ratios):.3f}-{max(ratios):.3f}"
-        parts.insert(0, f"{len(ratios)} x unstructured {spread}")
-    return f"{plan.info.get('allocator', 'custom')}: {', '.join(parts)} ({plan.weight_sparsity():.1%} of weights)"
-
-
-def describe_recovery(result: RecoverResult) -> str:
-    o = result.options
-    resumed = f", {result.resumed_blocks} blocks resumed" if result.resumed_blocks else ""
-    return (f"{o.epochs} epochs x {len(result.blocks)} blocks, batch {o.batch}, lr {o.lr:g} (norms {o.norm_lr:g}), "
-            f"{o.target} targets{resumed}")
 
 
 def compute_dtype(device: str, stored: torch.dtype) -> torch.dtype:
@@ -215,18 +196,15 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
         "measurements": {"linear_sparsity": zeros / max(total, 1),
                          "perplexity": {k: v.to_json() for k, v in perplexities.items()}},
     }
-    summaries: list[PruneSummary] = []
-
-    def card(written: artifact.ArtifactConfig) -> str:
-        summaries.append(PruneSummary(Path(job.out), plan, result, zeros / max(total, 1),
-                                      artifact.weight_bytes(written), perplexities, load_seconds, 0.0, recovery))
-        return model_card(job, summaries[-1], stored)
-
-    save_artifact(loaded.model, loaded.tokenizer, adapter, plan, groups, job.out, stored, record, card,
+    entries = module_entries(adapter, plan, groups, stored)
+    summary = PruneSummary(Path(job.out), plan, result, zeros / max(total, 1),
+                           artifact.planned_weight_bytes(unique_state_dict(loaded.model), entries, stored),
+                           perplexities, load_seconds, 0.0, recovery)
+    save_artifact(loaded.model, loaded.tokenizer, entries, groups, job.out, stored,
+                  {"plan.json": plan_text(plan, record), "README.md": model_card(job, summary, stored)},
                   overwrite=job.overwrite)
     if state is not None:
         state.remove()  # only now: the artifact holds the tuned weights
-    summary = summaries[-1]
     summary.save_seconds = time.perf_counter() - save_start
     return summary
 
@@ -315,57 +293,3 @@ def evaluate_model(model: str, protocol: data.EvaluationProtocol, device: str = 
     else:
         result = run_perplexity(loaded.model, windows, protocol, device, progress, model)
     return EvalSummary(model, result, zeros / max(total, 1), loaded.artifact is not None)
-
-
-def calibration_use(job: PruneJob) -> str:
-    if get_metric(job.metric).needs_calibration:
-        return "sequential, block by block"
-    return f"not used by {job.metric}" + ("; used by recovery" if job.recover is not None else "")
-
-
-def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str:
-    table = "\n".join(f"| {k} | {v} |" for k, v in summary.rows() if k not in ("artifact", "prune time"))
-    calibration = job.calibration
-    lines = [
-        f"# {Path(job.out).name}",
-        "",
-        f"`{job.model}` pruned by [mixsparse](https://pypi.org/project/mixsparse/) with **{job.metric}**.",
-        "2:4 modules are stored packed (values + 2-bit indices, 56.25% of dense bf16 bytes); other sparse modules "
-        "bitmask-compressed (kept values + one bit per weight) where that is smaller than dense; the rest dense.",
-        "",
-        "| | |",
-        "|---|---|",
-        table,
-        "",
-        f"Calibration: {calibration.samples} windows of {calibration.seqlen} tokens from "
-        f"{data.describe(calibration.source, data.CALIBRATION)}, seed {calibration.seed} "
-        f"({calibration_use(job)}).",
-    ]
-    if summary.recovery is not None:
-        ppl = summary.perplexity
-        change = (f": perplexity {ppl['one_shot'].perplexity:.2f} one-shot -> {ppl['pruned'].perplexity:.2f} "
-                  f"recovered" if "one_shot" in ppl else "")
-        lines.append(f"Recovery: masks frozen, kept weights and norms tuned block by block to match the dense "
-                     f"model's block outputs on the calibration windows ({describe_recovery(summary.recovery)}; "
-                     f"{summary.recovery.seconds:.0f} s on {summary.recovery.device}){change}. Every zero stays "
-                     f"zero; settings and per-block errors are in `plan.json` under `recover`.")
-    if summary.perplexity:
-        protocol = job.evaluation
-        lines.append(f"Perplexity: non-overlapping windows of {protocol.seqlen} tokens of "
-                     f"{data.describe(protocol.source, data.EVALUATION)}, {summary.perplexity['pruned'].windows} "
-                     f"windows, {summary.perplexity['pruned'].tokens} tokens.")
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```",
-        f"mixsparse serve {job.out}                 # OpenAI-compatible endpoint (vLLM + mixsparse plugin)",
-        f"mixsparse eval ppl {job.out}              # perplexity",
-        f"mixsparse export --dense {job.out} OUT    # plain transformers copy (zeros kept)",
-        "```",
-        "",
-        f"Pruned in {summary.result.seconds:.1f} s on {summary.result.device}. Per-module specs, timings and "
-        f"the calibration protocol are in `plan.json`. Stored dtype: {dtype_name(stored)}.",
-        "",
-    ]
-    return "\n".join(lines)

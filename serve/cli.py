@@ -507,7 +507,7 @@ def cmd_plan(args) -> None:
         print((outcome.out / "front.md").read_text())
         print(f"wrote {outcome.out}/ (front.md, front.png, front.json, one plan per budget)")
         return
-    from mixsparse.pruner.pipeline import describe_plan
+    from mixsparse.pruner.card import describe_plan
 
     info = outcome.plan.info
     rows = [("plan", describe_plan(outcome.plan)), ("weight sparsity", f"{outcome.plan.weight_sparsity():.4f}")]

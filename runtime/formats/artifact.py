@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -361,12 +361,32 @@ def weight_bytes(config: ArtifactConfig) -> dict[str, int]:
         for size in shape:
             count *= size
         stored += count * _DTYPE_BYTES[dtype]
-    element = torch.empty((), dtype=config.dtype).element_size()
-    packed_dense = sum(e.shape[0] * e.shape[1] * element for e in config.packed.values())
-    packed_stored = sum(e.shape[0] * (e.shape[1] // 2 * element + (e.shape[1] + 7) // 8)
-                        for e in config.packed.values())
-    bitmask_dense = sum(e.shape[0] * e.shape[1] * element for e in config.bitmask.values())
-    bitmask_stored = sum(Bitmask.stored_nbytes(e.shape, e.nnz, element) for e in config.bitmask.values())
+    return _weight_bytes(stored, config.modules, config.dtype)
+
+
+def planned_weight_bytes(state_dict: dict[str, torch.Tensor], modules: dict[str, ModuleEntry],
+                         dtype: torch.dtype) -> dict[str, int]:
+    """``weight_bytes`` of the artifact ``write`` would make of these, counted before writing (so a model card
+    can quote them); every bitmask entry needs its ``nnz``."""
+    element = torch.empty((), dtype=dtype).element_size()
+    compressed = {f"{name}.weight" for name, entry in modules.items() if entry.storage != DENSE}
+    missing = [name for name, entry in modules.items() if entry.storage == BITMASK and entry.nnz is None]
+    if missing:
+        raise MixsparseError(f"bitmask module {missing[0]} has no nnz: its stored bytes are unknown")
+    plain = sum(t.numel() * (element if t.is_floating_point() else t.element_size())
+                for key, t in state_dict.items() if key not in compressed)
+    sizes = _weight_bytes(0, modules, dtype)
+    return _weight_bytes(plain + sizes["packed_stored"] + sizes["bitmask_stored"], modules, dtype)
+
+
+def _weight_bytes(stored: int, modules: dict[str, ModuleEntry], dtype: torch.dtype) -> dict[str, int]:
+    element = torch.empty((), dtype=dtype).element_size()
+    packed = [e for e in modules.values() if e.storage == PACKED24]
+    bitmask = [e for e in modules.values() if e.storage == BITMASK]
+    packed_dense = sum(e.shape[0] * e.shape[1] * element for e in packed)
+    packed_stored = sum(e.shape[0] * (e.shape[1] // 2 * element + (e.shape[1] + 7) // 8) for e in packed)
+    bitmask_dense = sum(e.shape[0] * e.shape[1] * element for e in bitmask)
+    bitmask_stored = sum(Bitmask.stored_nbytes(e.shape, e.nnz or 0, element) for e in bitmask)
     return {"stored": stored,
             "dense_equivalent": stored - packed_stored + packed_dense - bitmask_stored + bitmask_dense,
             "packed_stored": packed_stored, "packed_dense_equivalent": packed_dense,
@@ -408,11 +428,14 @@ def write(
     groups: list[list[str]],
     hf_config: dict,
     dtype: torch.dtype,
-    write_extra: Callable[[Path], None] = lambda directory: None,
+    texts: dict[str, str] | None = None,
+    pretrained: Iterable = (),
     overwrite: bool = False,
-) -> None:
-    """Write an artifact atomically. ``state_dict`` holds dense weights; compressed modules are packed here
-    (a bitmask entry's ``nnz`` is set from its packing in the stored dtype)."""
+) -> ArtifactConfig:
+    """Write an artifact atomically and return its config. ``state_dict`` holds dense weights; compressed
+    modules are packed here (a bitmask entry's ``nnz`` is set from its packing in the stored dtype, and must
+    agree with one it already has). ``texts`` are written as files beside the weights (model card, plan);
+    each of ``pretrained`` (tokenizer, generation config) saves itself there with ``save_pretrained``."""
     tensors = {}
     for key, tensor in state_dict.items():
         tensors[key] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
@@ -425,6 +448,9 @@ def write(
             compressed = Bitmask.pack(tensors.pop(f"{name}.weight"), name)
             tensors[f"{name}.values"], tensors[f"{name}.mask"] = compressed.values, compressed.mask
             tensors[f"{name}.offsets"] = compressed.offsets
+            if entry.nnz is not None and entry.nnz != compressed.nnz:
+                # the caller counted bytes (the model card's) from its nnz: they would not be the stored ones
+                raise MixsparseError(f"{name}: entry records nnz {entry.nnz}, its packing keeps {compressed.nnz}")
             modules[name] = replace(entry, nnz=compressed.nnz)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         files = _save_sharded(tmp, tensors)
@@ -440,7 +466,11 @@ def write(
             "files": files,
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_extra(tmp)
+        for item in pretrained:
+            item.save_pretrained(tmp)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
+    return read_config(out)
 
 
 def _save_sharded(directory: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mixsparse.pruner import data, pipeline
-from mixsparse.pruner.export import export_dense
+from mixsparse.pruner.export import export_dense, human_bytes
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.spec import Spec
 from mixsparse.runtime.errors import MixsparseError
@@ -312,6 +312,15 @@ def test_the_vllm_plugin_refuses_bitmask_where_vllm_builds_no_linear_layer(mixed
     with pytest.raises(ValueError, match="format_version 3 is not supported by this plugin .*versions 1, 2"):
         MixsparseConfig.from_config({**quant, "format_version": 3})
     MixsparseConfig.from_config({**quant, "format_version": 1, "modules": {}})
+
+
+def test_model_card_quotes_the_bytes_read_back_from_the_artifact(mixed_artifact):
+    # the card is written before the weights land: its byte counts come from the module entries
+    sizes = artifact.weight_bytes(artifact.read_config(mixed_artifact))
+    card = (mixed_artifact / "README.md").read_text()
+    for stored, dense in (("stored", "dense_equivalent"), ("packed_stored", "packed_dense_equivalent"),
+                          ("bitmask_stored", "bitmask_dense_equivalent")):
+        assert f"| {human_bytes(sizes[stored])} of {human_bytes(sizes[dense])} dense" in card, stored
 
 
 def test_metrics_gauges_count_bitmask_modules(mixed_artifact, tmp_path):

@@ -1,0 +1,100 @@
+"""What an artifact says about itself beside its weights: the model card (README.md) and plan.json's text.
+
+Both are computed as data before the save, from the prune's summary; ``artifact.write`` only writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mixsparse.pruner import data
+from mixsparse.pruner.metrics import get_metric
+from mixsparse.pruner.plan import Plan
+from mixsparse.pruner.recover import RecoverResult
+from mixsparse.runtime.formats.artifact import dtype_name
+
+if TYPE_CHECKING:  # the pipeline imports this module
+    from mixsparse.pruner.pipeline import PruneJob, PruneSummary
+
+
+def plan_text(plan: Plan, record: dict) -> str:
+    """plan.json: the plan and the record of how it was applied (request, calibration, timings, measurements)."""
+    return json.dumps({**plan.to_json(), **record}, indent=2) + "\n"
+
+
+def describe_plan(plan: Plan) -> str:
+    counts: dict[str, int] = {}
+    ratios = [s.sparsity for s in plan.modules.values() if s.kind == "unstructured"]
+    for spec in plan.modules.values():
+        if spec.kind != "unstructured":
+            counts[str(spec)] = counts.get(str(spec), 0) + 1
+    parts = [f"{n} x {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if ratios:
+        spread = f"{min(ratios):.3f}" if max(ratios) - min(ratios) < 5e-4 else f"{min(ratios):.3f}-{max(ratios):.3f}"
+        parts.insert(0, f"{len(ratios)} x unstructured {spread}")
+    return f"{plan.info.get('allocator', 'custom')}: {', '.join(parts)} ({plan.weight_sparsity():.1%} of weights)"
+
+
+def describe_recovery(result: RecoverResult) -> str:
+    o = result.options
+    resumed = f", {result.resumed_blocks} blocks resumed" if result.resumed_blocks else ""
+    return (f"{o.epochs} epochs x {len(result.blocks)} blocks, batch {o.batch}, lr {o.lr:g} (norms {o.norm_lr:g}), "
+            f"{o.target} targets{resumed}")
+
+
+def calibration_use(job: PruneJob) -> str:
+    if get_metric(job.metric).needs_calibration:
+        return "sequential, block by block"
+    return f"not used by {job.metric}" + ("; used by recovery" if job.recover is not None else "")
+
+
+def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str:
+    table = "\n".join(f"| {k} | {v} |" for k, v in summary.rows() if k not in ("artifact", "prune time"))
+    calibration = job.calibration
+    lines = [
+        f"# {Path(job.out).name}",
+        "",
+        f"`{job.model}` pruned by [mixsparse](https://pypi.org/project/mixsparse/) with **{job.metric}**.",
+        "2:4 modules are stored packed (values + 2-bit indices, 56.25% of dense bf16 bytes); other sparse modules "
+        "bitmask-compressed (kept values + one bit per weight) where that is smaller than dense; the rest dense.",
+        "",
+        "| | |",
+        "|---|---|",
+        table,
+        "",
+        f"Calibration: {calibration.samples} windows of {calibration.seqlen} tokens from "
+        f"{data.describe(calibration.source, data.CALIBRATION)}, seed {calibration.seed} "
+        f"({calibration_use(job)}).",
+    ]
+    if summary.recovery is not None:
+        ppl = summary.perplexity
+        change = (f": perplexity {ppl['one_shot'].perplexity:.2f} one-shot -> {ppl['pruned'].perplexity:.2f} "
+                  f"recovered" if "one_shot" in ppl else "")
+        lines.append(f"Recovery: masks frozen, kept weights and norms tuned block by block to match the dense "
+                     f"model's block outputs on the calibration windows ({describe_recovery(summary.recovery)}; "
+                     f"{summary.recovery.seconds:.0f} s on {summary.recovery.device}){change}. Every zero stays "
+                     f"zero; settings and per-block errors are in `plan.json` under `recover`.")
+    if summary.perplexity:
+        protocol = job.evaluation
+        lines.append(f"Perplexity: non-overlapping windows of {protocol.seqlen} tokens of "
+                     f"{data.describe(protocol.source, data.EVALUATION)}, {summary.perplexity['pruned'].windows} "
+                     f"windows, {summary.perplexity['pruned'].tokens} tokens.")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```",
+        f"mixsparse serve {job.out}                 # OpenAI-compatible endpoint (vLLM + mixsparse plugin)",
+        f"mixsparse eval ppl {job.out}              # perplexity",
+        f"mixsparse export --dense {job.out} OUT    # plain transformers copy (zeros kept)",
+        "```",
+        "",
+        f"Pruned in {summary.result.seconds:.1f} s on {summary.result.device}. Per-module specs, timings and "
+        f"the calibration protocol are in `plan.json`. Stored dtype: {dtype_name(stored)}.",
+        "",
+    ]
+    return "\n".join(lines)
