@@ -177,7 +177,8 @@ def main() -> None:
                 + ", ".join(f"{s}: {b}" for s, b in ratios) + ". Copy bandwidth (read + write, 512 MiB): "
                 + ", ".join(f"{t} thread{'s' if t > 1 else ''} {b:.1f} GB/s" for t, b in bandwidth.items())
                 + ".\n\n" + table)
-    save(name, f"CPU GEMM: dense bf16 vs the native sparse kernel ({args.sparsity})", markdown,
+    title = f"CPU GEMM: dense bf16 vs the native sparse kernel ({args.sparsity}, threads {args.threads})"
+    save(name, title + (", path sweep" if args.sweep else ""), markdown,
          {"rows": rows, "copy_bandwidth_gbps": bandwidth, "l3_bytes": cache}, section="cpu", order=39)
 
 

@@ -1,11 +1,10 @@
 """Dense vs 2:4 linear layers, per weight shape and token count, for every backend this machine has.
 
-The sparse path is what serving runs: a packed 2:4 weight prepared by ``mixsparse.runtime.prepare`` and
-called through the registered op ``torch.ops.mixsparse.sparse_linear``. On CUDA, times are CUDA events
-around each call (median of repeats, after warm-up); elsewhere wall-clock medians, and only the dense
-fallback exists, so the table shows its parity with a plain dense linear (same numbers, same speed).
+The sparse path is what serving runs on CUDA: a packed 2:4 weight prepared by ``mixsparse.runtime.prepare``
+and called through the registered op ``torch.ops.mixsparse.sparse_linear``; times are CUDA events around each
+call (median of repeats, after warm-up). The CPU kernel has its own benchmark: benchmarks/cpu_gemm.py.
 
-    python benchmarks/gemm.py                          # GPU: all shapes, M = 1..8192; CPU: default model shapes
+    python benchmarks/gemm.py                          # all shapes, M = 1..8192
     python benchmarks/gemm.py --models llama-2-7b --tokens 1,16,4096
 """
 
@@ -123,7 +122,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        print("no CUDA device: the GPU GEMM table is skipped (the CPU table is benchmarks/cpu_gemm.py)")
+        return
+    device = torch.device("cuda")
     models = args.models.split(",") if args.models else (list(SHAPES) if cuda else ["smollm2-135m"])
     tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else (GPU_TOKENS if cuda else CPU_TOKENS)
     dtype = getattr(torch, args.dtype)
