@@ -4,7 +4,7 @@ Each point is `mixsparse prune ... --eval-windows N --json` in its own process (
 own); points are kept under --work, so an interrupted run continues where it stopped.
 
     python benchmarks/recovery.py seeds                # 50% unstructured, SparseGPT and Wanda, seeds 0-4
-    python benchmarks/recovery.py recover              # all-2:4 Wanda/SparseGPT, with and without --recover
+    python benchmarks/recovery.py recover              # all-2:4 Wanda/SparseGPT, before and after recovery
 
 Run with one thread (OMP_NUM_THREADS=1 taskset -c 1) when the machine is shared; the table says so.
 """
@@ -59,42 +59,97 @@ def seeds(args, work: Path) -> None:
                 f"windows of 2048 tokens (dense {dense:.2f}).\n\n"
                 + markdown_table(["metric", "perplexity per seed", "mean", "stdev", "range / mean", "stdev / mean"],
                                  rows))
-    save("seed-spread", "One-shot base: spread over calibration seeds", markdown, data, order=36)
+    save("seed-spread", "One-shot base: spread over calibration seeds", markdown, data, order=12)
     print(markdown)
 
 
 def recover(args, work: Path) -> None:
-    """One `prune --recover --eval-windows N` per row: it measures the one-shot model before tuning, so each row
-    gives the perplexity without and with recovery from the very same masks."""
-    extra = args.recover_flags.split()
+    """In one process, each stage cached under --work so a starved or interrupted run continues: prune (the same
+    prune_model the CLI runs), recover (RecoveryState: resumes at the next block), perplexity of the recovered
+    model, then of the one-shot model (the same masks, before tuning)."""
+    import copy
+    import resource
+
+    import torch
+
+    from mixsparse.pruner import data, evaluate, models
+    from mixsparse.pruner.adapter import adapt
+    from mixsparse.pruner.plan import Plan
+    from mixsparse.pruner.progress import RichProgress
+    from mixsparse.pruner.prune import prune_model
+    from mixsparse.pruner.recover import RecoverOptions, RecoveryState, recover_model
+    from mixsparse.pruner.spec import Spec
+
+    overrides = json.loads(args.recover_options) if args.recover_options else {}
+    options = RecoverOptions(**overrides)
+    tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "defaults"
+    protocol = data.EvaluationProtocol(windows=None if args.windows == "all" else int(args.windows))
+    progress = RichProgress()
     points = []
     for metric in args.metrics.split(","):
-        for target in args.targets.split(","):
-            flags = ["--metric", metric, *(["--plan", target] if target.endswith(".json") else ["--sparsity", target]),
-                     "--recover", *extra]
-            name = Path(target).stem if target.endswith(".json") else target.replace(":", "of")
-            tag = "-".join(f.lstrip("-") for f in extra) or "defaults"
-            points.append(run_point(args, work, f"recover-{metric}-{name}-{tag}-w{args.windows}", flags))
+        for spec in args.targets.split(","):
+            key = f"{metric}-{spec.replace(':', 'of')}"
+            done = work / f"recover-{key}-{tag}-w{args.windows}.json"
+            if done.exists():
+                points.append(json.loads(done.read_text()))
+                continue
+            loaded = models.load(args.model, dtype=torch.float32)
+            dense = copy.deepcopy(loaded.model)
+            adapter = adapt(loaded.model)
+            plan = Plan.uniform(adapter.shapes(), Spec.parse(spec))
+            calibration = data.calibration_windows(loaded.tokenizer, data.CalibrationProtocol())
+            pruned_file = work / f"pruned-{key}.pt"
+            if pruned_file.exists():
+                loaded.model.load_state_dict(torch.load(pruned_file, weights_only=True))
+            else:
+                prune_model(adapter, plan, metric, calibration)
+                torch.save(loaded.model.state_dict(), pruned_file)
+            one_shot_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+            state = RecoveryState(work / f"state-{key}-{tag}", {"model": args.model, "metric": metric, "spec": spec,
+                                                                "options": options.to_json()})
+            steps = options.epochs * -(-calibration.shape[0] // options.batch)
+            with progress.task(f"recovering {key}", len(adapter.blocks) * (steps + 1)) as advance:
+                result = recover_model(adapter, adapt(dense), plan, calibration, options, state=state,
+                                       after_step=advance)
+            for name, module in adapter.linears().items():
+                assert torch.equal(module.weight == 0, one_shot_state[name + ".weight"] == 0), name
+            windows = data.evaluation_windows(loaded.tokenizer, protocol)
+            partial = done.with_suffix(".partial.json")  # each perplexity is kept as soon as it is measured
+            ppl = json.loads(partial.read_text()) if partial.exists() else {}
+            for label, weights in (("recovered", None), ("one_shot", one_shot_state)):
+                if label in ppl:
+                    continue
+                if weights is not None:
+                    loaded.model.load_state_dict(weights)
+                with progress.task(f"perplexity ({label}, {len(windows)} windows)", len(windows)) as advance:
+                    ppl[label] = evaluate.perplexity(loaded.model, windows, protocol,
+                                                     after_window=lambda i: advance()).perplexity
+                partial.write_text(json.dumps(ppl) + "\n")
+            value = {"metric": metric, "spec": spec, "perplexity": ppl, "recovery": result.to_json(),
+                     "recovery_seconds": sum(b.seconds for b in result.blocks),
+                     "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                     "threads": torch.get_num_threads()}
+            done.write_text(json.dumps(value, indent=2) + "\n")
+            partial.unlink()
+            state.remove()
+            points.append(value)
     rows = []
     for point in points:
-        ppl, recovery = point["perplexity"], point["recovery"]
-        options = recovery["options"]
-        rows.append([point["metric"], point["plan"].split(": ", 1)[-1],
-                     f"{ppl['one_shot']['perplexity']:.2f}", f"{ppl['pruned']['perplexity']:.2f}",
-                     f"{recovery['seconds'] / 60:.1f} min", f"{point['prune_seconds'] / 60:.1f} min",
-                     f"{recovery['peak_memory_bytes'] / 2**30:.2f} GiB",
-                     f"{options['epochs']} x {options['batch']}, lr {options['lr']:g}/{options['norm_lr']:g}"])
-    dense = points[0]["perplexity"]["dense"]["perplexity"]
-    threads = points[0]["threads"]
+        o = point["recovery"]["options"]
+        rows.append([point["metric"], point["spec"], f"{point['perplexity']['one_shot']:.2f}",
+                     f"{point['perplexity']['recovered']:.2f}", f"{point['recovery_seconds'] / 60:.1f} min",
+                     f"{point['peak_memory_bytes'] / 2**30:.2f} GiB",
+                     f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}"])
+    threads = points[0]["threads"] if points else 1
     markdown = (f"`prune --recover`: masks frozen, kept weights and norms tuned block by block against the dense "
                 f"block outputs on the default calibration windows (64 x 512 tokens, WikiText-2 validation, seed 0). "
-                f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense {dense:.2f}); "
-                f"one-shot and recovered come from the same run and the same masks. Times on "
-                f"{'one thread' if threads == '1' else 'all cores'} of a machine shared with other jobs; peak "
-                f"memory is the prune process's resident peak (dense reference included).\n\n"
-                + markdown_table(["metric", "plan", "one-shot ppl", "recovered ppl", "recovery", "prune",
-                                  "peak memory", "epochs x batch, lr weights/norms"], rows))
-    save("recovery", "Recovery after pruning (prune --recover)", markdown, {"points": points}, order=37)
+                f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense 17.9, see the "
+                f"pruning table); one-shot and recovered are the same masks before and after tuning. Recovery time "
+                f"on {threads} thread(s) of a 2-core machine shared with other jobs (summed over blocks); peak "
+                f"memory is the process's resident peak (dense reference and evaluation included).\n\n"
+                + markdown_table(["metric", "sparsity", "one-shot ppl", "recovered ppl", "recovery", "peak memory",
+                                  "epochs x batch, lr weights/norms, target"], rows))
+    save("recovery", "Recovery after pruning (prune --recover)", markdown, {"points": points}, order=11)
     print(markdown)
 
 
@@ -105,8 +160,8 @@ def main() -> None:
     parser.add_argument("--metrics", default="sparsegpt,wanda")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all'")
-    parser.add_argument("--targets", default="2:4", help="recover: sparsity specs or plan files, comma-separated")
-    parser.add_argument("--recover-flags", default="", help="recover: extra prune flags, e.g. '--recover-epochs 3'")
+    parser.add_argument("--targets", default="2:4", help="recover: uniform sparsity specs, comma-separated")
+    parser.add_argument("--recover-options", default="", help='recover: RecoverOptions as JSON, e.g. \'{"epochs": 3}\'')
     parser.add_argument("--work", default="runs/bench-recovery", help="kept between runs; delete to start over")
     args = parser.parse_args()
     work = Path(args.work)

@@ -116,8 +116,8 @@ def _add_recovery(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recovery (masks frozen; zeros stay zero, 2:4 stays 2:4)")
     group.add_argument("--recover", action="store_true",
                        help="after pruning, tune the kept weights and norms block by block to match the dense "
-                            "model's block outputs on the calibration windows (default model on 2 CPU cores: "
-                            "about 10 minutes more); an interrupted run resumes where it stopped")
+                            "model's block outputs on the calibration windows (default model: 23 minutes more on one "
+                            "thread of a busy 2-core machine); an interrupted run resumes where it stopped")
     group.add_argument("--recover-epochs", type=POSITIVE, default=defaults.epochs,
                        help="passes over the calibration windows per block (default: %(default)s)")
     group.add_argument("--recover-batch", type=POSITIVE, default=defaults.batch,
