@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from mixsparse.runtime.machine import machine
 from mixsparse.serve import loadgen, report
 from mixsparse.serve.deploy import request, wait_healthy
 from mixsparse.serve.metrics import BENCH_RECORD
-from mixsparse.serve.server import check_port, preflight
+from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command
 
 # What makes two checkpoints the same base model for a throughput comparison.
 ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -162,9 +161,8 @@ def weight_bytes(metrics_text: str) -> dict[str, float]:
 
 
 def server_command(job: BenchJob, model: Path, log: Path) -> list[str]:
-    return [sys.executable, "-m", "mixsparse.serve.cli", *(["-v"] if job.verbose else []), "serve", str(model),
-            "--host", job.host, "--port", str(job.port), "--served-model-name", SERVED_NAME, "--log-file", str(log),
-            *job.vllm_args]
+    return serve_command(ServeOptions(str(model), job.host, job.port, served_name=SERVED_NAME,
+                                      vllm_args=list(job.vllm_args), verbose=job.verbose, log_file=str(log)))
 
 
 class Server:

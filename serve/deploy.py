@@ -12,11 +12,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mixsparse.pruner import models, pipeline
@@ -24,7 +23,7 @@ from mixsparse.pruner.export import human_bytes
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
-from mixsparse.serve.server import ServeOptions, check_port, preflight
+from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command
 
 
 @dataclass
@@ -180,22 +179,11 @@ def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
         pipeline.prune(prune, progress)
     out = preflight(prune.out)
     show("mixsparse deploy", summary_rows(out, job.serve, reused))
-    command = [sys.executable, "-m", "mixsparse.serve.cli", *(["-v"] if job.verbose else []), "serve", str(out),
-               "--host", job.serve.host, "--port", str(job.serve.port), "--metrics-window",
-               str(job.serve.metrics_window)]
-    if job.serve.api_key:
-        command += ["--api-key", job.serve.api_key]
-    if job.serve.served_name:
-        command += ["--served-model-name", job.serve.served_name]
-    if job.serve.log_file:
-        command += ["--log-file", job.serve.log_file]
-    guard = job.serve.guard
-    command += ["--max-n", str(guard.max_n), "--max-output-tokens", str(guard.max_tokens),
-                *(["--public-metrics"] if guard.public_metrics else [])]
+    command = serve_command(replace(job.serve, model=str(out), verbose=job.verbose))
     environment = {**os.environ, **job.environment}
     if not job.verbose:
         environment.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    child = subprocess.Popen(command + list(job.serve.vllm_args), env=environment)
+    child = subprocess.Popen(command, env=environment)
     try:
         url = f"http://{job.serve.host}:{job.serve.port}"
         if job.chat is not None:

@@ -157,6 +157,19 @@ def on_cuda() -> bool:
         return False
 
 
+def serve_command(options: ServeOptions) -> list[str]:
+    """The ``mixsparse serve`` command line that starts a server with ``options`` in a child process: the one
+    deploy and bench both run, so the child parses back exactly the options they were given."""
+    guard = options.guard
+    return [sys.executable, "-m", "mixsparse.serve.cli", *(["-v"] if options.verbose else []), "serve", options.model,
+            "--host", options.host, "--port", str(options.port), "--metrics-window", str(options.metrics_window),
+            *(["--api-key", options.api_key] if options.api_key else []),
+            *(["--served-model-name", options.served_name] if options.served_name else []),
+            *(["--log-file", options.log_file] if options.log_file else []),
+            "--max-n", str(guard.max_n), "--max-output-tokens", str(guard.max_tokens),
+            *(["--public-metrics"] if guard.public_metrics else []), *options.vllm_args]
+
+
 def vllm_argv(options: ServeOptions, path: Path, cuda: bool) -> list[str]:
     """The vLLM server's arguments: ours, the CPU defaults the user did not override, then the user's."""
     given = {arg.split("=", 1)[0] for arg in options.vllm_args if arg.startswith("--")}

@@ -7,8 +7,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.machine import cpu_serving_dtype
+from mixsparse.serve.guard import GuardSettings
 from mixsparse.serve.metrics import Rates, vllm_token_counters
-from mixsparse.serve.server import ServeOptions, check_port, preflight, vllm_argv
+from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command, vllm_argv
 
 
 def test_cpu_defaults_are_added_unless_overridden(tmp_path):
@@ -19,6 +20,21 @@ def test_cpu_defaults_are_added_unless_overridden(tmp_path):
                      cuda=False)
     assert mine.count("--dtype") == 1 and "--no-enable-prefix-caching" not in mine
     assert "--enforce-eager" not in vllm_argv(ServeOptions("m"), tmp_path, cuda=True)
+
+
+@pytest.mark.parametrize("options", [
+    ServeOptions("art"),
+    ServeOptions("/a/art", "0.0.0.0", 9001, "s3cret", "mine", 2.5, ["--max-num-seqs", "4", "--dtype=float32"],
+                 GuardSettings(3, 100, True), verbose=True, log_file="/tmp/x.log"),
+])
+def test_the_serve_command_line_parses_back_to_its_options(options):
+    from mixsparse.serve import cli
+
+    command = serve_command(options)
+    assert command[1:3] == ["-m", "mixsparse.serve.cli"]
+    args, extra = cli.build_parser().parse_known_args(command[3:])
+    args.vllm_args = extra
+    assert args.verb == "serve" and cli._serve_options(args, args.model) == options
 
 
 def test_port_in_use_is_a_clear_error():
