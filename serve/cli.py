@@ -559,11 +559,11 @@ def cmd_deploy(args) -> int:
 
 def cmd_bench(args) -> None:
     from mixsparse.pruner.progress import RichProgress
-    from mixsparse.serve import loadgen
     from mixsparse.serve.bench import BenchJob, bench
+    from mixsparse.serve.workload import make_workload
 
     job = BenchJob(dense=args.dense, sparse=args.sparse,
-                   workload=loadgen.make_workload(args.workload, args.prompt_tokens, args.output_tokens),
+                   workload=make_workload(args.workload, args.prompt_tokens, args.output_tokens),
                    concurrency=args.concurrency, requests=args.requests, warmup=args.warmup, out=args.out,
                    overwrite=args.overwrite, record=not args.no_record, host=args.host, port=args.port,
                    vllm_args=list(args.vllm_args), seed=args.seed, verbose=args.verbose)

@@ -17,8 +17,8 @@ from serving_helpers import free_port
 from mixsparse.pruner import pipeline
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.serve import bench as bench_module
-from mixsparse.serve import loadgen
 from mixsparse.serve.metrics import Metrics
+from mixsparse.serve.workload import PromptSource, make_workload
 
 STUB = str(Path(__file__).resolve().parent.parent / "stub_openai.py")
 
@@ -50,7 +50,7 @@ def stub_servers(monkeypatch, delays: dict, die_after: dict | None = None):
 
 
 def job_for(dense, sparse, out, **kw):
-    defaults = dict(workload=loadgen.make_workload("decode", prompt_tokens=12, output_tokens=5),
+    defaults = dict(workload=make_workload("decode", prompt_tokens=12, output_tokens=5),
                     concurrency=(1, 3), requests=4, warmup=2, port=free_port())
     return bench_module.BenchJob(dense=str(dense), sparse=str(sparse), out=str(out), **(defaults | kw))
 
@@ -112,15 +112,21 @@ def test_bench_input_errors(tiny_llama, artifact_copy, tmp_path):
     with pytest.raises(MixsparseError, match="--concurrency"):
         bench_module.bench(job_for(tiny_llama, artifact_copy, tmp_path / "r", concurrency=(0,)))
     with pytest.raises(MixsparseError, match="unknown workload"):
-        loadgen.make_workload("train")
+        make_workload("train")
 
 
 def test_percentiles_and_prompt_lengths(tiny_llama):
-    assert loadgen.percentile([5.0], 99) == 5.0 and loadgen.percentile([], 50) is None
-    assert loadgen.percentile([float(i) for i in range(1, 102)], 50) == 51.0
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+
+    def level(ttfts):  # what vLLM's request functions return, summarised by its calculate_metrics
+        return bench_module.summarise(1, [RequestFuncOutput(success=True, ttft=t, latency=t + 1, output_tokens=2,
+                                                            itl=[1.0], prompt_len=3) for t in ttfts], 10.0)
+
+    assert level([5.0]).ttft_p99 == 5.0 and bench_module.summarise(1, [RequestFuncOutput()], 1.0).ttft_p50 is None
+    assert level([float(i) for i in range(1, 102)]).ttft_p50 == 51.0
     from transformers import AutoTokenizer
 
-    source = loadgen.PromptSource(AutoTokenizer.from_pretrained(tiny_llama), loadgen.make_workload("prefill", 40))
+    source = PromptSource(AutoTokenizer.from_pretrained(tiny_llama), make_workload("prefill", 40))
     first, second = source.take(3), source.take(3)
     assert all(len(p) == 40 for p in first + second) and first != second  # exact length, never repeated
 

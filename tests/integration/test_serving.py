@@ -315,13 +315,13 @@ def test_deploy_once_then_reuse(servable_llama, tmp_path):
 
 
 def test_bench_runs_both_real_engines(servable_llama, servable_24, tmp_path):
-    from mixsparse.serve import loadgen
     from mixsparse.serve.bench import BenchJob, bench
+    from mixsparse.serve.workload import make_workload
 
     sparse = tmp_path / "tiny-24"
     shutil.copytree(servable_24, sparse)
     job = BenchJob(dense=str(servable_llama), sparse=str(sparse), out=str(tmp_path / "report"),
-                   workload=loadgen.make_workload("chat", prompt_tokens=40, output_tokens=6), concurrency=(1, 2),
+                   workload=make_workload("chat", prompt_tokens=40, output_tokens=6), concurrency=(1, 2),
                    requests=3, warmup=1, port=free_port())
     data = bench(job)
     assert data["complete"] and (sparse / "bench.json").exists()
