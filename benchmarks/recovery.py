@@ -93,6 +93,9 @@ def recover(args, work: Path) -> None:
             if done.exists():
                 points.append(json.loads(done.read_text()))
                 continue
+            if args.table_only:
+                partial_point(work / f"state-{key}-{tag}", done.with_suffix(".partial.json"), metric, spec, points)
+                continue
             loaded = models.load(args.model, dtype=torch.float32)
             dense = copy.deepcopy(loaded.model)
             adapter = adapt(loaded.model)
@@ -136,9 +139,11 @@ def recover(args, work: Path) -> None:
     rows = []
     for point in points:
         o = point["recovery"]["options"]
-        rows.append([point["metric"], point["spec"], f"{point['perplexity']['one_shot']:.2f}",
-                     f"{point['perplexity']['recovered']:.2f}", f"{point['recovery_seconds'] / 60:.1f} min",
-                     f"{point['peak_memory_bytes'] / 2**30:.2f} GiB",
+        measured = point["perplexity"]
+        rows.append([point["metric"], point["spec"],
+                     f"{measured['one_shot']:.2f}" if "one_shot" in measured else "(not measured yet)",
+                     f"{measured['recovered']:.2f}", f"{point['recovery_seconds'] / 60:.1f} min",
+                     f"{point['peak_memory_bytes'] / 2**30:.2f} GiB" if point["peak_memory_bytes"] else "-",
                      f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}"])
     threads = points[0]["threads"] if points else 1
     markdown = (f"`prune --recover`: masks frozen, kept weights and norms tuned block by block against the dense "
@@ -146,11 +151,30 @@ def recover(args, work: Path) -> None:
                 f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense 17.9, see the "
                 f"pruning table); one-shot and recovered are the same masks before and after tuning. Recovery time "
                 f"on {threads} thread(s) of a 2-core machine shared with other jobs (summed over blocks); peak "
-                f"memory is the process's resident peak (dense reference and evaluation included).\n\n"
+                f"memory is the process's resident peak (dense reference and evaluation included)."
+                + (" A row with '-' for peak memory comes from a run that was still measuring when the table was "
+                   "written (`--table-only`)." if any(p.get("partial") for p in points) else "")
+                + (f" The points were measured by `OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/recovery.py recover "
+                   f"--metrics {args.metrics}`; `--table-only` re-read them." if args.table_only else "") + "\n\n"
                 + markdown_table(["metric", "sparsity", "one-shot ppl", "recovered ppl", "recovery", "peak memory",
                                   "epochs x batch, lr weights/norms, target"], rows))
     save("recovery", "Recovery after pruning (prune --recover)", markdown, {"points": points}, order=11)
     print(markdown)
+
+
+def partial_point(state_dir: Path, partial: Path, metric: str, spec: str, points: list) -> None:
+    """A point whose run is still measuring: its tuned blocks' records and the perplexities measured so far."""
+    import torch
+
+    if not partial.exists():
+        return
+    blocks = [torch.load(f, weights_only=True)["record"]
+              for f in sorted(state_dir.glob("block-*.pt"), key=lambda f: int(f.stem.split("-")[1]))]
+    options = json.loads(json.loads((state_dir / "state.json").read_text())["request"])["options"]
+    points.append({"metric": metric, "spec": spec, "perplexity": json.loads(partial.read_text()),
+                   "recovery": {"options": options, "blocks": blocks},
+                   "recovery_seconds": sum(b["seconds"] for b in blocks), "peak_memory_bytes": None,
+                   "partial": True})
 
 
 def main() -> None:
@@ -162,6 +186,8 @@ def main() -> None:
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all'")
     parser.add_argument("--targets", default="2:4", help="recover: uniform sparsity specs, comma-separated")
     parser.add_argument("--recover-options", default="", help='recover: RecoverOptions as JSON, e.g. \'{"epochs": 3}\'')
+    parser.add_argument("--table-only", action="store_true",
+                        help="recover: write the table from what is measured so far, computing nothing")
     parser.add_argument("--work", default="runs/bench-recovery", help="kept between runs; delete to start over")
     args = parser.parse_args()
     work = Path(args.work)
