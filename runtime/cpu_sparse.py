@@ -140,4 +140,7 @@ def join(parts: list[CompressedRows]) -> CompressedRows:
 
 
 def linear(x: torch.Tensor, rows: CompressedRows, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op on a compressed weight (loads the kernels on first use; MixsparseError where they cannot run)."""
+    if load()[0] is None:
+        raise MixsparseError(f"the native CPU kernels cannot run here: {load()[1]}")
     return torch.ops.mixsparse_cpu.sparse_linear(x, rows.values, rows.offsets, rows.mask, bias, rows.shape[0])
