@@ -115,10 +115,38 @@ class DenseLinearMethod(UnquantizedLinearMethod):
         resident.report(self.prefix, nbytes, nbytes, "dense")
 
 
-class Sparse24LinearMethod(LinearMethodBase):
+class _PreparedMethod(LinearMethodBase):
+    """What both compressed methods do once a weight is prepared: hold it, report it, run it."""
+
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.dense_method: UnquantizedLinearMethod | None = None
+
+    def _install(self, layer: torch.nn.Module, prepared, dense_bytes: int) -> None:
+        if prepared.backend == kernels.DENSE:
+            # vLLM's dense path (oneDNN prepacking on CPU): the fallback is as fast as a dense model
+            layer.register_parameter("weight", torch.nn.Parameter(prepared.weight, requires_grad=False))
+            self.dense_method = UnquantizedLinearMethod()
+            self.dense_method.process_weights_after_loading(layer)
+        else:
+            layer.register_buffer("mixsparse_weight", prepared.weight, persistent=False)
+            layer.register_buffer("mixsparse_meta", prepared.meta, persistent=False)
+            layer.register_buffer("mixsparse_offsets", prepared.offsets, persistent=False)
+        layer.mixsparse_backend = kernels.BACKEND_IDS[prepared.backend]
+        layer.mixsparse_cpu = prepared.backend == kernels.CPU_SPARSE
+        resident.report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dense_method is not None:
+            return self.dense_method.apply(layer, x, bias)
+        if layer.mixsparse_cpu:  # the C++ op directly: no Python op layer on every call of the decode loop
+            return torch.ops.mixsparse_cpu.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_offsets,
+                                                         layer.mixsparse_meta, bias, layer.mixsparse_shape[0])
+        return ops.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_meta, layer.mixsparse_offsets, bias,
+                                 layer.mixsparse_backend, layer.mixsparse_shape[0])
+
+
+class Sparse24LinearMethod(_PreparedMethod):
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
@@ -146,30 +174,10 @@ class Sparse24LinearMethod(LinearMethodBase):
         dense_bytes = packed.shape[0] * packed.shape[1] * layer.values.element_size()
         prepared = prepare(packed, device, layer.values.dtype)
         del layer.values, layer.meta
-        if prepared.backend == kernels.DENSE:
-            # vLLM's dense path (oneDNN prepacking on CPU): the fallback is as fast as a dense model
-            layer.register_parameter("weight", torch.nn.Parameter(prepared.weight, requires_grad=False))
-            self.dense_method = UnquantizedLinearMethod()
-            self.dense_method.process_weights_after_loading(layer)
-        else:
-            layer.register_buffer("mixsparse_weight", prepared.weight, persistent=False)
-            layer.register_buffer("mixsparse_meta", prepared.meta, persistent=False)
-            layer.register_buffer("mixsparse_offsets", prepared.offsets, persistent=False)
-        layer.mixsparse_backend = kernels.BACKEND_IDS[prepared.backend]
-        layer.mixsparse_cpu = prepared.backend == kernels.CPU_SPARSE
-        resident.report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
-
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dense_method is not None:
-            return self.dense_method.apply(layer, x, bias)
-        if layer.mixsparse_cpu:  # the C++ op directly: no Python op layer on every call of the decode loop
-            return torch.ops.mixsparse_cpu.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_offsets,
-                                                         layer.mixsparse_meta, bias, layer.mixsparse_shape[0])
-        return ops.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_meta, layer.mixsparse_offsets, bias,
-                                 layer.mixsparse_backend, layer.mixsparse_shape[0])
+        self._install(layer, prepared, dense_bytes)
 
 
-class CompressedLinearMethod(LinearMethodBase):
+class CompressedLinearMethod(_PreparedMethod):
     """A vLLM layer whose members are stored in any mix of bitmask, packed 2:4 and dense (an MSP plan gives
     q, k and v their own ratios): the members are joined into one compressed weight, run as one GEMM by the
     native CPU kernel. Members load through this method's own loader (vLLM's loaders assume fixed-width
@@ -180,9 +188,8 @@ class CompressedLinearMethod(LinearMethodBase):
              artifact.DENSE: ("weight",)}
 
     def __init__(self, prefix: str, members: list[tuple[str, artifact.ModuleEntry | None]]):
-        self.prefix = prefix
+        super().__init__(prefix)
         self.members = members
-        self.dense_method: UnquantizedLinearMethod | None = None
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
@@ -246,18 +253,4 @@ class CompressedLinearMethod(LinearMethodBase):
         dense_bytes = rows.shape[0] * rows.shape[1] * torch.empty(0, dtype=layer.mixsparse_dtype).element_size()
         prepared = prepare(Bitmask.from_rows(rows), torch.device("cpu") if not torch.cuda.is_available()
                            else torch.device("cuda", torch.cuda.current_device()), layer.mixsparse_dtype)
-        if prepared.backend == kernels.DENSE:
-            layer.register_parameter("weight", torch.nn.Parameter(prepared.weight, requires_grad=False))
-            self.dense_method = UnquantizedLinearMethod()
-            self.dense_method.process_weights_after_loading(layer)
-        else:
-            layer.register_buffer("mixsparse_weight", prepared.weight, persistent=False)
-            layer.register_buffer("mixsparse_meta", prepared.meta, persistent=False)
-            layer.register_buffer("mixsparse_offsets", prepared.offsets, persistent=False)
-        resident.report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
-
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dense_method is not None:
-            return self.dense_method.apply(layer, x, bias)
-        return torch.ops.mixsparse_cpu.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_offsets,
-                                                     layer.mixsparse_meta, bias, layer.mixsparse_shape[0])
+        self._install(layer, prepared, dense_bytes)
