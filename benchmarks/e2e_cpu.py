@@ -10,6 +10,10 @@ servers' /metrics) and peak RSS of the server process tree.
 
     python benchmarks/e2e_cpu.py                       # both models
     python benchmarks/e2e_cpu.py --models smollm2 --output-tokens 128
+    python benchmarks/e2e_cpu.py --models none --stored-dense runs/smollm2-msp70-sparsegpt --name e2e-cpu-msp70
+
+``--stored-dense ART`` compares an artifact served compressed with the same pruned weights stored dense
+(`mixsparse export --dense`): what compressed storage buys for a mixed-sparsity (e.g. MSP) plan.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import sys
 from pathlib import Path
 
 from common import machine, machine_line, markdown_table, save
+
+from mixsparse.runtime.machine import cpu_serving_dtype
 
 RUNS = Path("runs")
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -72,12 +78,16 @@ def rows_of(model: str, data: dict, phase: str) -> list[list]:
     for d, s in zip(dense["levels"], sparse["levels"]):
         key = "prompt_tokens_per_second" if phase == "prefill" else "output_tokens_per_second"
         rows.append([model, phase, d["concurrency"], f"{d[key]:.1f}", f"{s[key]:.1f}", f"**{s[key] / d[key]:.2f}**",
-                     f"{d['ttft_p50'] * 1000:.0f} / {s['ttft_p50'] * 1000:.0f}",
-                     f"{d['itl_p50'] * 1000:.1f} / {s['itl_p50'] * 1000:.1f}",
+                     f"{_ms(d['ttft_p50'], 0)} / {_ms(s['ttft_p50'], 0)}",
+                     f"{_ms(d['itl_p50'], 1)} / {_ms(s['itl_p50'], 1)}",
                      _mib(dense.get("weight_bytes", {}).get("resident")) + " / "
                      + _mib(sparse.get("weight_bytes", {}).get("resident")),
                      f"{dense['peak_process_bytes'] / 2**30:.2f} / {sparse['peak_process_bytes'] / 2**30:.2f}"])
     return rows
+
+
+def _ms(seconds, digits: int) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.{digits}f}"  # prefill generates one token: no ITL
 
 
 def _mib(value) -> str:
@@ -90,15 +100,26 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64, help="generated tokens per decode request")
     parser.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
     parser.add_argument("--fresh", action="store_true", help="measure again even where a complete run exists")
+    parser.add_argument("--stored-dense", action="append", default=[], metavar="ARTIFACT",
+                        help="also bench this artifact against its own weights exported dense (repeatable)")
+    parser.add_argument("--name", default="e2e-cpu", help="result name under benchmarks/results")
     args = parser.parse_args()
     RUNS.mkdir(exist_ok=True)
     models = {"smollm2": "smollm2-135m", "llama-1b": None}
     rows, data = [], {}
-    for name in args.models.split(","):
+    pairs = []
+    for name in [m for m in args.models.split(",") if m and m != "none"]:
         dense = models[name] or str(build_llama_1b(RUNS / "llama-1b-random"))
         sparse = RUNS / f"{name}-magnitude-2of4"
         if not sparse.exists():
             mixsparse("prune", dense, "--metric", "magnitude", "--sparsity", "2:4", "--out", str(sparse))
+        pairs.append((name, dense, sparse))
+    for artifact_dir in map(Path, args.stored_dense):
+        plain = artifact_dir.with_name(artifact_dir.name + "-stored-dense")
+        if not plain.exists():
+            mixsparse("export", "--dense", str(artifact_dir), str(plain))
+        pairs.append((artifact_dir.name, str(plain), artifact_dir))
+    for name, dense, sparse in pairs:
         decode = bench(dense, sparse, "decode", "1,8", args.requests, args.output_tokens,
                        RUNS / f"bench-e2e-{name}-decode", args.fresh)
         prefill = bench(dense, sparse, "prefill", "1", max(4, args.requests // 2), None,
@@ -107,18 +128,22 @@ def main() -> None:
         rows += rows_of(name, decode, "decode") + rows_of(name, prefill, "prefill")
     info = machine()
     workload = data[next(iter(data))]["decode"]["workload"]
+    what = ("dense and 2:4 (magnitude, every decoder linear); llama-1b has random weights (Llama-3.2-1B shape)"
+            if not args.stored_dense else "the pruned model stored dense (`mixsparse export --dense`) and the same "
+            "weights served compressed from the artifact (bitmask / 2:4 per module)")
     markdown = (f"CPU: **{info['cpu']}**, {info['cores']} cores; {machine_line(info)}.\n\n"
                 f"`mixsparse bench` per model: decode ({workload['prompt_tokens']} prompt -> "
                 f"{workload['output_tokens']} generated tokens, EOS ignored) at concurrency 1 and 8, and prefill "
-                f"(1024 -> 1) at concurrency 1; dense and 2:4 (magnitude, every decoder linear) served one after the "
-                f"other with the same flags and dtype (`{data[next(iter(data))]['decode']['engines']['dense'].get('dtype', 'serve default')}`). "
-                f"llama-1b has random weights (Llama-3.2-1B shape). Resident weight bytes come from the servers' "
+                f"(1024 -> 1) at concurrency 1: {what}, served one after the other with the same flags and dtype "
+                f"({cpu_serving_dtype()}, the CPU default). Resident weight bytes come from the servers' "
                 f"`mixsparse_weight_bytes{{kind=\"resident\"}}`; peak RSS is the server process tree's.\n\n"
-                + markdown_table(["model", "phase", "concurrency", "dense tok/s", "2:4 tok/s", "2:4 / dense",
-                                  "TTFT p50 ms (dense / 2:4)", "ITL p50 ms (dense / 2:4)",
-                                  "resident weights MiB (dense / 2:4)", "peak RSS GiB (dense / 2:4)"], rows))
+                + markdown_table(["model", "phase", "concurrency", "dense tok/s", "sparse tok/s", "sparse / dense",
+                                  "TTFT p50 ms (dense / sparse)", "ITL p50 ms (dense / sparse)",
+                                  "resident weights MiB (dense / sparse)", "peak RSS GiB (dense / sparse)"], rows))
     print(markdown)
-    save("e2e-cpu", "End to end on CPU through vLLM: dense vs 2:4 on the native kernel", markdown, data, order=36)
+    title = ("End to end on CPU through vLLM: dense vs 2:4 on the native kernel" if not args.stored_dense else
+             "End to end on CPU through vLLM: a mixed-sparsity artifact stored dense vs compressed")
+    save(args.name, title, markdown, data, order=36)
 
 
 if __name__ == "__main__":
