@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/cpu/*)
 	@touch $@
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # The built-in model, served with half of its decoder linear weights in 2:4: a deployment plan puts the

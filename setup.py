@@ -44,7 +44,8 @@ def extension_setup() -> dict:
             for name, source, flags, macro in VARIANTS:
                 try:
                     objects += self.compiler.compile([source], output_dir=self.build_temp,
-                                                     include_dirs=[CSRC], extra_postargs=COMMON_FLAGS + VARIANT_FLAGS + flags)
+                                                     include_dirs=[CSRC],
+                                                     extra_postargs=COMMON_FLAGS + VARIANT_FLAGS + flags)
                 except CompileError as error:
                     print(f"mixsparse: the {name} kernels did not compile ({error}); the portable ones remain",
                           file=sys.stderr)

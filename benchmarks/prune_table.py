@@ -17,7 +17,8 @@ import tempfile
 
 from common import markdown_table, save
 
-REFERENCE = "A widely used open-source pruning library: SparseGPT 2:4 perplexity 39.7 in 234 s on this model and protocol."
+REFERENCE = ("A widely used open-source pruning library: SparseGPT 2:4 perplexity 39.7 in 234 s on this model and "
+             "protocol.")
 
 
 def run(model: str, metric: str, sparsity: str, windows: str, device: str, out: str) -> dict:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, markdown_table, save
+from common import markdown_table, save
 
 
 def run_point(args, work: Path, key: str, flags: list[str]) -> dict:
@@ -154,8 +154,9 @@ def recover(args, work: Path) -> None:
                 f"memory is the process's resident peak (dense reference and evaluation included)."
                 + (" A row with '-' for peak memory comes from a run that was still measuring when the table was "
                    "written (`--table-only`)." if any(p.get("partial") for p in points) else "")
-                + (f" The points were measured by `OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/recovery.py recover "
-                   f"--metrics {args.metrics}`; `--table-only` re-read them." if args.table_only else "") + "\n\n"
+                + (f" The points were measured by `OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/recovery.py "
+                   f"recover --metrics {args.metrics}`; `--table-only` re-read them." if args.table_only else "")
+                + "\n\n"
                 + markdown_table(["metric", "sparsity", "one-shot ppl", "recovered ppl", "recovery", "peak memory",
                                   "epochs x batch, lr weights/norms, target"], rows))
     save("recovery", "Recovery after pruning (prune --recover)", markdown, {"points": points}, order=11)

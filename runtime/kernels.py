@@ -118,7 +118,8 @@ def available(device: str) -> tuple[str, ...]:
     }
     for backend, has_op in checks.items():
         if not has_op():
-            log.warning("torch %s lacks the %s op (or its schema changed); backend disabled", torch.__version__, backend)
+            log.warning("torch %s lacks the %s op (or its schema changed); backend disabled", torch.__version__,
+                        backend)
             continue
         problem = _self_test(backend, device)
         if problem:

@@ -234,7 +234,8 @@ class CompressedLinearMethod(_PreparedMethod):
             raise ValueError(f"mixsparse: {name}: {', '.join('.' + k for k in missing)} missing from the checkpoint")
         try:
             if storage == artifact.BITMASK:
-                return Bitmask.from_tensors(parts["values"], parts["mask"], parts["offsets"], shape, name).to_rows(dtype)
+                weight = Bitmask.from_tensors(parts["values"], parts["mask"], parts["offsets"], shape, name)
+                return weight.to_rows(dtype)
             if storage == artifact.PACKED24:
                 packed = Packed24.from_tensors(parts["values"], parts["meta"], shape, name)
                 return cpu_sparse.from_packed24(packed.values, packed.meta, shape, dtype)

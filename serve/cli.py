@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trace of the empirical Fisher information (sum of squared per-sample gradients of the LM "
                     "loss) of every decoder linear, per module and per block, one backward per calibration "
                     "sequence with bounded memory.",
-        epilog="Example:\n  mixsparse sensitivity smollm2-135m --samples 32 --out sens.json --plot sens.png\n\n" + EPILOG,
+        epilog="Example:\n  mixsparse sensitivity smollm2-135m --samples 32 --out sens.json --plot sens.png\n\n"
+               + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sensitivity.add_argument("model", help="model to measure")
     sensitivity.add_argument("--samples", type=POSITIVE, default=32,
@@ -300,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a model or artifact through vLLM's OpenAI-compatible server",
         description="Start vLLM's OpenAI-compatible server (chat, completions, streaming, models list) with the "
                     "mixsparse plugin: 2:4 modules run on sparse GEMMs on CUDA sm80+ and on mixsparse's native "
-                    "kernel on CPU (weights stay compressed), on the exact dense fallback elsewhere. /metrics keeps vLLM's metrics and adds mixsparse_* gauges (weight bytes, modules "
+                    "kernel on CPU (weights stay compressed), on the exact dense fallback elsewhere. /metrics keeps "
+                    "vLLM's metrics and adds mixsparse_* gauges (weight bytes, modules "
                     "per format, memory ratio, tokens/s). Any other flag is passed to vLLM unchanged; on CPU the "
                     "defaults are --enforce-eager --no-enable-prefix-caching (correct output) and --dtype bfloat16 "
                     "where the CPU has native bf16 (AVX512-BF16/AMX), else float32.",
@@ -393,7 +395,8 @@ def _version() -> str:
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import transformers
@@ -521,7 +524,8 @@ def cmd_plan(args) -> None:
     if info.get("deploy"):
         rows.append(("2:4 fraction", f"{info['achieved_fraction']:.3f} (budget {info['budget']:.3f}), weight memory "
                                      f"{info['weight_memory']:.3f} of dense"))
-    rows += [("time", f"{outcome.seconds:.0f} s"), ("written", str(outcome.out) + (f", {args.plot}" if args.plot else ""))]
+    rows += [("time", f"{outcome.seconds:.0f} s"),
+             ("written", str(outcome.out) + (f", {args.plot}" if args.plot else ""))]
     _print_rows(f"mixsparse plan --allocator {args.allocator}", rows)
 
 
@@ -550,7 +554,8 @@ def cmd_deploy(args) -> int:
         prune=pipeline.PruneJob(
             model=args.model, metric=args.metric, out=args.out, sparsity=sparsity, plan=args.plan,
             calibration=data.CalibrationProtocol(args.calib, args.samples, args.seqlen, args.seed),
-            evaluation=None if args.eval_windows is None else data.EvaluationProtocol(windows=_count(args.eval_windows)),
+            evaluation=(None if args.eval_windows is None
+                        else data.EvaluationProtocol(windows=_count(args.eval_windows))),
             device=args.device, overwrite=args.overwrite, recover=_recover_options(args)),
         serve=_serve_options(args, None), chat=args.chat, once=args.once, max_tokens=args.max_tokens,
         verbose=args.verbose, budget=args.budget, allocator=args.allocator)
@@ -575,8 +580,8 @@ def cmd_bench(args) -> None:
     print(where)
 
 
-COMMANDS = {"serve": cmd_serve, "bench": cmd_bench, "deploy": cmd_deploy, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "sensitivity": cmd_sensitivity,
-            "plan": cmd_plan}
+COMMANDS = {"serve": cmd_serve, "bench": cmd_bench, "deploy": cmd_deploy, "prune": cmd_prune, "eval": cmd_eval,
+            "export": cmd_export, "sensitivity": cmd_sensitivity, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from mixsparse.pruner.planning import make_plan
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.search import SearchSettings
 from mixsparse.pruner.sensitivity import fisher_traces
-from mixsparse.runtime.errors import MixsparseError
 from mixsparse.serve.cli import main
 
 FAST = SearchSettings(generations=3, population=3, offspring=4, survivors=2, steps=(1, 2), seed=0)
@@ -91,7 +90,8 @@ def test_every_allocator_keeps_the_budget_and_drives_prune(tiny_llama, tmp_path,
     assert plan.weight_sparsity() == pytest.approx(0.7, abs=1e-6)
     assert plan.info["allocator"] == allocator and plan.info["calibration"]["samples"] == 4
     assert (tmp_path / "plan.png").stat().st_size > 1000
-    summary = pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="sparsegpt", plan=str(tmp_path / "plan.json"),
+    summary = pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="sparsegpt",
+                                               plan=str(tmp_path / "plan.json"),
                                                out=str(tmp_path / "art"),
                                                calibration=data.CalibrationProtocol(samples=4, seqlen=32)))
     assert summary.sparsity == pytest.approx(0.7, abs=0.01)
@@ -152,7 +152,8 @@ def test_pareto_front(tiny_llama, tmp_path, capsys):
     assert [round(p["budget"], 2) for p in outcome.front] == [0.0, 0.5, 1.0]
     memories = [p["weight_memory"] for p in outcome.front]
     assert memories == sorted(memories, reverse=True) and memories[0] == pytest.approx(1.0)
-    assert {"front.json", "front.md", "front.png", "plan-b0.50.json"} <= {p.name for p in (tmp_path / "front").iterdir()}
+    written = {p.name for p in (tmp_path / "front").iterdir()}
+    assert {"front.json", "front.md", "front.png", "plan-b0.50.json"} <= written
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -177,7 +178,8 @@ def test_plan_for_another_model_lists_what_does_not_match(tiny_llama, tiny_llama
     code = main(["prune", str(tiny_llama_odd), "--metric", "wanda", "--plan", str(tmp_path / "plan.json"),
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and "plan does not match this model" in err and "model.layers.0.mlp.down_proj (plan [64, 96]" in err
+    assert code == 2 and "plan does not match this model" in err
+    assert "model.layers.0.mlp.down_proj (plan [64, 96]" in err
 
 
 def test_resume_and_corrupt_state(tiny_llama, tmp_path, capsys):

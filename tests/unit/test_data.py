@@ -23,7 +23,8 @@ def test_calibration_windows_are_seeded_and_shaped():
     first = calibration_windows(CharTokenizer(), protocol)
     assert first.shape == (5, 32) and first.dtype == torch.long
     assert torch.equal(first, calibration_windows(CharTokenizer(), protocol))
-    assert not torch.equal(first, calibration_windows(CharTokenizer(), CalibrationProtocol(samples=5, seqlen=32, seed=8)))
+    other = calibration_windows(CharTokenizer(), CalibrationProtocol(samples=5, seqlen=32, seed=8))
+    assert not torch.equal(first, other)
 
 
 def test_evaluation_windows_are_the_first_non_overlapping_ones(tmp_path):
