@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python benchmarks/cpu_gemm.py --name cpu-gemm-24
 	$(BIN)/python benchmarks/cpu_gemm.py --sparsity 0.5,0.7,0.8,0.9 --shapes 7b --tokens 1,16,256,2048 --name cpu-gemm-bitmask
 	$(BIN)/python benchmarks/e2e_cpu.py
+	$(BIN)/python benchmarks/soak.py
 	$(BIN)/python benchmarks/gemm.py
 	$(BIN)/python benchmarks/e2e_gpu.py
 	$(BIN)/python benchmarks/render.py
