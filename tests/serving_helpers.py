@@ -13,10 +13,15 @@ import torch
 
 from mixsparse.runtime.reference import load_reference
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.",
-           "List three colours, separated by commas, and say which one you like best and why."]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+PROMPTS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colours, separated by commas, and say which one you like best and why.",
+]
 
 
 def free_port() -> int:
@@ -38,8 +43,18 @@ def call(url, payload=None, timeout=300):
 @contextmanager
 def running_server(model, *extra):
     port = free_port()
-    command = [sys.executable, "-m", "mixsparse.serve.cli", "serve", str(model), "--port", str(port),
-               "--metrics-window", "2", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "mixsparse.serve.cli",
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        "--metrics-window",
+        "2",
+        *extra,
+    ]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(child.stdout), daemon=True).start()
@@ -65,13 +80,13 @@ def running_server(model, *extra):
             child.kill()
 
 
-def reference_answers(model_dir, prompts, max_tokens, dense_model=False):
-    """Greedy answers of the reference engine in the dtype `mixsparse serve` serves on this CPU."""
+def reference_answers(model_dir, prompts, max_tokens, dense_model=False, dtype=None):
+    """Greedy answers of the reference engine, by default in the dtype `mixsparse serve` serves on this CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mixsparse.runtime.machine import cpu_serving_dtype
 
-    dtype = getattr(torch, cpu_serving_dtype())
+    dtype = getattr(torch, dtype or cpu_serving_dtype())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if dense_model:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -79,14 +94,19 @@ def reference_answers(model_dir, prompts, max_tokens, dense_model=False):
         model = load_reference(model_dir, dtype=dtype)[0]
     answers = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return answers
 
 
 def served_answers(url, name, prompts, max_tokens):
-    return [call(f"{url}/v1/chat/completions", {"model": name, "temperature": 0, "max_tokens": max_tokens,
-                                                "messages": [{"role": "user", "content": p}]})
-            ["choices"][0]["message"]["content"] for p in prompts]
+    return [
+        call(
+            f"{url}/v1/chat/completions",
+            {"model": name, "temperature": 0, "max_tokens": max_tokens, "messages": [{"role": "user", "content": p}]},
+        )["choices"][0]["message"]["content"]
+        for p in prompts
+    ]

