@@ -35,6 +35,7 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/cpu/*)
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # The built-in model, served with half of its decoder linear weights in 2:4: a deployment plan puts the

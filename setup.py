@@ -15,9 +15,12 @@ from setuptools import setup
 CSRC = "csrc/cpu"
 # (variant, source, compiler flags, macro the op is built with when the variant compiled)
 VARIANTS = [
-    ("avx512", f"{CSRC}/sparse_kernels_avx512.cpp",
-     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi2", "-mfma"],
-     "MIXSPARSE_HAS_AVX512"),
+    (
+        "avx512",
+        f"{CSRC}/sparse_kernels_avx512.cpp",
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi2", "-mfma"],
+        "MIXSPARSE_HAS_AVX512",
+    ),
 ]
 # -fno-wrapv undoes the -fwrapv that Python's own CFLAGS put first: with wrapping signed arithmetic GCC keeps
 # the kernels' index math in a form that measured 2.3x slower at 8 tokens (benchmarks/cpu_gemm.py)
@@ -30,8 +33,11 @@ def extension_setup() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("mixsparse: torch is not importable at build time; the native CPU kernels are not built "
-              "(install torch first and use `pip install --no-build-isolation`)", file=sys.stderr)
+        print(
+            "mixsparse: torch is not importable at build time; the native CPU kernels are not built "
+            "(install torch first and use `pip install --no-build-isolation`)",
+            file=sys.stderr,
+        )
         return {}
 
     class BuildWithVariants(BuildExtension):
@@ -43,12 +49,17 @@ def extension_setup() -> dict:
             objects = []
             for name, source, flags, macro in VARIANTS:
                 try:
-                    objects += self.compiler.compile([source], output_dir=self.build_temp,
-                                                     include_dirs=[CSRC],
-                                                     extra_postargs=COMMON_FLAGS + VARIANT_FLAGS + flags)
+                    objects += self.compiler.compile(
+                        [source],
+                        output_dir=self.build_temp,
+                        include_dirs=[CSRC],
+                        extra_postargs=COMMON_FLAGS + VARIANT_FLAGS + flags,
+                    )
                 except CompileError as error:
-                    print(f"mixsparse: the {name} kernels did not compile ({error}); the portable ones remain",
-                          file=sys.stderr)
+                    print(
+                        f"mixsparse: the {name} kernels did not compile ({error}); the portable ones remain",
+                        file=sys.stderr,
+                    )
                     continue
                 ext.define_macros.append((macro, "1"))
             ext.extra_objects = [*ext.extra_objects, *objects]

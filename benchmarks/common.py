@@ -27,8 +27,17 @@ def command_line() -> str:
 def save(name: str, title: str, markdown: str, data: dict, section: str = "cpu", order: int = 50) -> Path:
     """Write results/<name>.json (atomically) for render.py; ``section`` is 'cpu' or 'gpu'."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"name": name, "title": title, "section": section, "order": order, "command": command_line(),
-               "date": datetime.date.today().isoformat(), "machine": machine(), "markdown": markdown, "data": data}
+    payload = {
+        "name": name,
+        "title": title,
+        "section": section,
+        "order": order,
+        "command": command_line(),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "markdown": markdown,
+        "data": data,
+    }
     path = RESULTS / f"{name}.json"
     with atomic_file(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")

@@ -90,8 +90,9 @@ def compress(weight: torch.Tensor, sparsity: str) -> cpu_sparse.CompressedRows:
     return cpu_sparse.from_dense(weight)
 
 
-def bench_shape(shape, sparsity: str, tokens: list[int], threads: list[int], repeats: int, cache: int,
-                sweep: bool) -> list[dict]:
+def bench_shape(
+    shape, sparsity: str, tokens: list[int], threads: list[int], repeats: int, cache: int, sweep: bool
+) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     dense_bytes = shape[0] * shape[1] * 2
     copies = max(2, math.ceil(2 * cache / dense_bytes))
@@ -107,10 +108,12 @@ def bench_shape(shape, sparsity: str, tokens: list[int], threads: list[int], rep
             variants = {"sparse": lambda c: cpu_sparse.linear(x, c)}
             if sweep:
                 variants = {
-                    "rows": lambda c: module.sparse_linear_with("best", x, c.values, c.offsets, c.mask, None,
-                                                                shape[0], tile_min_tokens=1 << 40),
-                    "tiles": lambda c: module.sparse_linear_with("best", x, c.values, c.offsets, c.mask, None,
-                                                                 shape[0], tile_min_tokens=0),
+                    "rows": lambda c: module.sparse_linear_with(
+                        "best", x, c.values, c.offsets, c.mask, None, shape[0], tile_min_tokens=1 << 40
+                    ),
+                    "tiles": lambda c: module.sparse_linear_with(
+                        "best", x, c.values, c.offsets, c.mask, None, shape[0], tile_min_tokens=0
+                    ),
                 }
             times = {"dense": [], **{name: [] for name in variants}}
             calls = max(repeats, copies)
@@ -125,28 +128,50 @@ def bench_shape(shape, sparsity: str, tokens: list[int], threads: list[int], rep
             dense_s = statistics.median(times["dense"])
             for name in variants:
                 sparse_s = statistics.median(times[name])
-                rows.append({"out": shape[0], "in": shape[1], "sparsity": sparsity, "threads": count, "tokens": m,
-                             "variant": name, "dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3,
-                             "speedup": dense_s / sparse_s, "dense_gbps": dense_bytes / dense_s / 1e9,
-                             "sparse_gbps": sparse_bytes / sparse_s / 1e9, "bytes_ratio": sparse_bytes / dense_bytes,
-                             "copies": copies})
+                rows.append(
+                    {
+                        "out": shape[0],
+                        "in": shape[1],
+                        "sparsity": sparsity,
+                        "threads": count,
+                        "tokens": m,
+                        "variant": name,
+                        "dense_ms": dense_s * 1e3,
+                        "sparse_ms": sparse_s * 1e3,
+                        "speedup": dense_s / sparse_s,
+                        "dense_gbps": dense_bytes / dense_s / 1e9,
+                        "sparse_gbps": sparse_bytes / sparse_s / 1e9,
+                        "bytes_ratio": sparse_bytes / dense_bytes,
+                        "copies": copies,
+                    }
+                )
                 r = rows[-1]
-                print(f"{shape[0]}x{shape[1]} {sparsity} t={count} M={m} {name}: dense {r['dense_ms']:.3f} ms "
-                      f"({r['dense_gbps']:.1f} GB/s), sparse {r['sparse_ms']:.3f} ms ({r['sparse_gbps']:.1f} GB/s), "
-                      f"x{r['speedup']:.2f}", file=sys.stderr, flush=True)
+                print(
+                    f"{shape[0]}x{shape[1]} {sparsity} t={count} M={m} {name}: dense {r['dense_ms']:.3f} ms "
+                    f"({r['dense_gbps']:.1f} GB/s), sparse {r['sparse_ms']:.3f} ms ({r['sparse_gbps']:.1f} GB/s), "
+                    f"x{r['speedup']:.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="smollm2,7b",
-                        help=f"comma-separated sets ({', '.join(SHAPE_SETS)}) or OUTxIN shapes (default: %(default)s)")
+    parser.add_argument(
+        "--shapes",
+        default="smollm2,7b",
+        help=f"comma-separated sets ({', '.join(SHAPE_SETS)}) or OUTxIN shapes (default: %(default)s)",
+    )
     parser.add_argument("--sparsity", default="2:4", help="comma-separated: 2:4 and/or unstructured ratios")
     parser.add_argument("--tokens", default="1,4,16,64,256,2048", help="comma-separated token counts M")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--repeats", type=int, default=9, help="timed calls per side and point (median)")
-    parser.add_argument("--sweep", action="store_true",
-                        help="time the kernel's streaming path and its tiles path separately (tuning evidence)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="time the kernel's streaming path and its tiles path separately (tuning evidence)",
+    )
     parser.add_argument("--name", help="result name under benchmarks/results (default from the options)")
     args = parser.parse_args()
     if cpu_sparse.unavailable_reason():
@@ -160,26 +185,60 @@ def main() -> None:
         for shape in shapes:
             rows += bench_shape(shape, sparsity, tokens, threads, args.repeats, cache, args.sweep)
     info = machine()
-    name = args.name or ("cpu-gemm-sweep" if args.sweep else
-                         "cpu-gemm-24" if args.sparsity == "2:4" else "cpu-gemm-bitmask")
+    name = args.name or (
+        "cpu-gemm-sweep" if args.sweep else "cpu-gemm-24" if args.sparsity == "2:4" else "cpu-gemm-bitmask"
+    )
     table = markdown_table(
-        ["shape (out x in)", "sparsity", "threads", "M", *(["path"] if args.sweep else []), "dense ms", "sparse ms",
-         "speedup", "dense GB/s", "sparse GB/s"],
-        [[f"{r['out']}x{r['in']}", r["sparsity"], r["threads"], r["tokens"], *([r["variant"]] if args.sweep else []),
-          f"{r['dense_ms']:.3f}", f"{r['sparse_ms']:.3f}", f"**{r['speedup']:.2f}**", f"{r['dense_gbps']:.1f}",
-          f"{r['sparse_gbps']:.1f}"] for r in rows])
+        [
+            "shape (out x in)",
+            "sparsity",
+            "threads",
+            "M",
+            *(["path"] if args.sweep else []),
+            "dense ms",
+            "sparse ms",
+            "speedup",
+            "dense GB/s",
+            "sparse GB/s",
+        ],
+        [
+            [
+                f"{r['out']}x{r['in']}",
+                r["sparsity"],
+                r["threads"],
+                r["tokens"],
+                *([r["variant"]] if args.sweep else []),
+                f"{r['dense_ms']:.3f}",
+                f"{r['sparse_ms']:.3f}",
+                f"**{r['speedup']:.2f}**",
+                f"{r['dense_gbps']:.1f}",
+                f"{r['sparse_gbps']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
     ratios = sorted({(r["sparsity"], round(r["bytes_ratio"], 3)) for r in rows})
-    markdown = (f"CPU: **{info['cpu']}**, {info['cores']} cores, kernel variant `{cpu_sparse.isa()}`; "
-                f"{machine_line(info)}.\n\n"
-                f"bf16 both sides; median of {args.repeats} wall-clock calls per point, dense and sparse alternating; "
-                f"random weights cycling through copies totalling more than 2x the {cache / 2**20:.0f} MiB L3 "
-                f"(not in cache). Sparse bytes of dense: "
-                + ", ".join(f"{s}: {b}" for s, b in ratios) + ". Copy bandwidth (read + write, 512 MiB): "
-                + ", ".join(f"{t} thread{'s' if t > 1 else ''} {b:.1f} GB/s" for t, b in bandwidth.items())
-                + ".\n\n" + table)
+    markdown = (
+        f"CPU: **{info['cpu']}**, {info['cores']} cores, kernel variant `{cpu_sparse.isa()}`; "
+        f"{machine_line(info)}.\n\n"
+        f"bf16 both sides; median of {args.repeats} wall-clock calls per point, dense and sparse alternating; "
+        f"random weights cycling through copies totalling more than 2x the {cache / 2**20:.0f} MiB L3 "
+        f"(not in cache). Sparse bytes of dense: "
+        + ", ".join(f"{s}: {b}" for s, b in ratios)
+        + ". Copy bandwidth (read + write, 512 MiB): "
+        + ", ".join(f"{t} thread{'s' if t > 1 else ''} {b:.1f} GB/s" for t, b in bandwidth.items())
+        + ".\n\n"
+        + table
+    )
     title = f"CPU GEMM: dense bf16 vs the native sparse kernel ({args.sparsity}, threads {args.threads})"
-    save(name, title + (", path sweep" if args.sweep else ""), markdown,
-         {"rows": rows, "copy_bandwidth_gbps": bandwidth, "l3_bytes": cache}, section="cpu", order=39)
+    save(
+        name,
+        title + (", path sweep" if args.sweep else ""),
+        markdown,
+        {"rows": rows, "copy_bandwidth_gbps": bandwidth, "l3_bytes": cache},
+        section="cpu",
+        order=39,
+    )
 
 
 if __name__ == "__main__":

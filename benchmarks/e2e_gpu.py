@@ -24,10 +24,25 @@ from mixsparse.runtime.reference import resident_weight_bytes
 from mixsparse.runtime.sparse_linear import SparseLinear, prepare
 
 CONFIGS = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -92,9 +107,11 @@ def decode_rate(model, batch: int, prompt: int, steps: int) -> float:
 
 
 def measure(model, args) -> dict:
-    return {"weight_bytes": resident_weight_bytes(model),
-            "prefill": {b: prefill_rate(model, b, args.prompt, args.repeats) for b in args.prefill_batches},
-            "decode": {b: decode_rate(model, b, 128, args.steps) for b in args.decode_batches}}
+    return {
+        "weight_bytes": resident_weight_bytes(model),
+        "prefill": {b: prefill_rate(model, b, args.prompt, args.repeats) for b in args.prefill_batches},
+        "decode": {b: decode_rate(model, b, 128, args.steps) for b in args.decode_batches},
+    }
 
 
 def main() -> None:
@@ -125,18 +142,33 @@ def main() -> None:
             for b in batches:
                 d, s = dense[phase][b], sparse[phase][b]
                 rows.append([name, f"{phase} (batch {b})", f"{d:,.0f}", f"{s:,.0f}", f"{s / d:.2f}"])
-        rows.append([name, "resident decoder+other weight bytes", f"{dense['weight_bytes'] / 2**30:.2f} GiB",
-                     f"{sparse['weight_bytes'] / 2**30:.2f} GiB",
-                     f"{sparse['weight_bytes'] / dense['weight_bytes']:.3f}"])
+        rows.append(
+            [
+                name,
+                "resident decoder+other weight bytes",
+                f"{dense['weight_bytes'] / 2**30:.2f} GiB",
+                f"{sparse['weight_bytes'] / 2**30:.2f} GiB",
+                f"{sparse['weight_bytes'] / dense['weight_bytes']:.3f}",
+            ]
+        )
         print(rows[-1], file=sys.stderr, flush=True)
-    markdown = (f"Reference engine (transformers, eager, bf16) with every decoder linear 2:4 through "
-                f"`torch.ops.mixsparse.sparse_linear`; prefill = prompt {args.prompt}, median of {args.repeats}; "
-                f"decode = {args.steps} steps after a 128-token prompt, best of 2. Eager per-step overhead is "
-                f"included, which dilutes decode gains at small batch.\n\n"
-                + markdown_table(["model", "measure", "dense tokens/s", "2:4 tokens/s", "2:4 / dense"], rows)
-                + "\n\nBackends chosen: " + "; ".join(f"{n}: {r['backends']}" for n, r in results.items()))
-    save("e2e-gpu", "End to end: Llama-shaped models, dense vs all-2:4 (reference engine)", markdown, results,
-         section="gpu", order=50)
+    markdown = (
+        f"Reference engine (transformers, eager, bf16) with every decoder linear 2:4 through "
+        f"`torch.ops.mixsparse.sparse_linear`; prefill = prompt {args.prompt}, median of {args.repeats}; "
+        f"decode = {args.steps} steps after a 128-token prompt, best of 2. Eager per-step overhead is "
+        f"included, which dilutes decode gains at small batch.\n\n"
+        + markdown_table(["model", "measure", "dense tokens/s", "2:4 tokens/s", "2:4 / dense"], rows)
+        + "\n\nBackends chosen: "
+        + "; ".join(f"{n}: {r['backends']}" for n, r in results.items())
+    )
+    save(
+        "e2e-gpu",
+        "End to end: Llama-shaped models, dense vs all-2:4 (reference engine)",
+        markdown,
+        results,
+        section="gpu",
+        order=50,
+    )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ CPU_TOKENS = (1, 16, 256, 2048)
 
 def timer(device: torch.device):
     if device.type == "cuda":
+
         def measure(fn) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -47,10 +48,12 @@ def timer(device: torch.device):
             end.synchronize()
             return start.elapsed_time(end)
     else:
+
         def measure(fn) -> float:
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1000
+
     return measure
 
 
@@ -65,8 +68,15 @@ def random_24(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) 
     return (weight * mask_nm(weight.abs(), 2, 4)).to(dtype)
 
 
-def bench_shape(model: str, name: str, shape: tuple[int, int], tokens: tuple[int, ...], dtype: torch.dtype,
-                device: torch.device, repeats: int) -> list[dict]:
+def bench_shape(
+    model: str,
+    name: str,
+    shape: tuple[int, int],
+    tokens: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+) -> list[dict]:
     measure = timer(device)
     dense = random_24(shape, dtype, device)
     packed = Packed24.pack(dense.cpu())
@@ -82,12 +92,27 @@ def bench_shape(model: str, name: str, shape: tuple[int, int], tokens: tuple[int
                 y = module(x)
                 error = ((y.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
                 sparse_ms = median_ms(lambda: module(x), measure, repeats)
-            rows.append({"model": model, "gemm": name, "out": shape[0], "in": shape[1], "tokens": m,
-                         "backend": backend, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-                         "speedup": dense_ms / sparse_ms, "max_rel_error": error,
-                         "weight_bytes_ratio": module.resident_bytes / (dense.numel() * dense.element_size())})
-            print(f"{model} {name} {shape} M={m} {backend}: dense {dense_ms:.3f} ms, sparse {sparse_ms:.3f} ms, "
-                  f"x{dense_ms / sparse_ms:.2f}, rel err {error:.1e}", file=sys.stderr, flush=True)
+            rows.append(
+                {
+                    "model": model,
+                    "gemm": name,
+                    "out": shape[0],
+                    "in": shape[1],
+                    "tokens": m,
+                    "backend": backend,
+                    "dense_ms": dense_ms,
+                    "sparse_ms": sparse_ms,
+                    "speedup": dense_ms / sparse_ms,
+                    "max_rel_error": error,
+                    "weight_bytes_ratio": module.resident_bytes / (dense.numel() * dense.element_size()),
+                }
+            )
+            print(
+                f"{model} {name} {shape} M={m} {backend}: dense {dense_ms:.3f} ms, sparse {sparse_ms:.3f} ms, "
+                f"x{dense_ms / sparse_ms:.2f}, rel err {error:.1e}",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -100,10 +125,11 @@ def plot(rows: list[dict], path: Path) -> None:
     models = sorted({r["model"] for r in rows}, key=list(SHAPES).index)
     figure, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
     for axis, model in zip(axes[0], models):
-        for (gemm, backend) in sorted({(r["gemm"], r["backend"]) for r in rows if r["model"] == model}):
+        for gemm, backend in sorted({(r["gemm"], r["backend"]) for r in rows if r["model"] == model}):
             points = [r for r in rows if r["model"] == model and r["gemm"] == gemm and r["backend"] == backend]
-            axis.plot([p["tokens"] for p in points], [p["speedup"] for p in points], marker="o",
-                      label=f"{gemm} ({backend})")
+            axis.plot(
+                [p["tokens"] for p in points], [p["speedup"] for p in points], marker="o", label=f"{gemm} ({backend})"
+            )
         axis.axhline(1.0, color="black", lw=0.8)
         axis.set(xscale="log", xlabel="tokens (M)", ylabel="dense time / 2:4 time", title=model)
         axis.grid(alpha=0.3)
@@ -115,8 +141,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", help=f"comma-separated, from {', '.join(SHAPES)} (default: all on GPU, the "
-                                         f"default model on CPU)")
+    parser.add_argument(
+        "--models", help=f"comma-separated, from {', '.join(SHAPES)} (default: all on GPU, the default model on CPU)"
+    )
     parser.add_argument("--tokens", help="comma-separated token counts M")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=30)
@@ -140,25 +167,55 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, RESULTS / f"gemm-{section}.png")
-    table = markdown_table(["model", "GEMM (out x in)", "M", "backend", "dense ms", "2:4 ms", "speedup",
-                            "max rel. error", "weight bytes (of dense)"],
-                           [[r["model"], f"{r['gemm']} ({r['out']}x{r['in']})", r["tokens"], r["backend"],
-                             f"{r['dense_ms']:.3f}", f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}",
-                             f"{r['max_rel_error']:.1e}", f"{r['weight_bytes_ratio']:.3f}"] for r in rows])
+    table = markdown_table(
+        [
+            "model",
+            "GEMM (out x in)",
+            "M",
+            "backend",
+            "dense ms",
+            "2:4 ms",
+            "speedup",
+            "max rel. error",
+            "weight bytes (of dense)",
+        ],
+        [
+            [
+                r["model"],
+                f"{r['gemm']} ({r['out']}x{r['in']})",
+                r["tokens"],
+                r["backend"],
+                f"{r['dense_ms']:.3f}",
+                f"{r['sparse_ms']:.3f}",
+                f"{r['speedup']:.2f}",
+                f"{r['max_rel_error']:.1e}",
+                f"{r['weight_bytes_ratio']:.3f}",
+            ]
+            for r in rows
+        ],
+    )
     losers = [r for r in rows if r["backend"] != kernels.DENSE and r["speedup"] < 1.0]
-    note = ("Only the dense fallback runs here (no CUDA): the 2:4 path unpacks once at load and must cost "
-            "nothing, so the speedup column shows its parity with a plain dense linear." if not cuda else
-            f"{len(losers)} of {len(rows)} (shape, M, backend) points are slower than dense"
-            + (": " + ", ".join(sorted({f"{r['model']} {r['gemm']} M={r['tokens']} ({r['backend']})"
-                                        for r in losers})[:12]) if losers else "") +
-            ". Serving picks per shape the backend that wins over the token counts (runtime/sparse_linear.py).")
-    markdown = (f"{args.dtype}, median of {args.repeats} repeats"
-                f"{' (CUDA events)' if cuda else ' (wall clock)'}; random 2:4 weights; the sparse side is "
-                f"`torch.ops.mixsparse.sparse_linear` on a prepared packed weight. Plot: "
-                f"`benchmarks/results/gemm-{section}.png`, data: `benchmarks/results/gemm-{section}.csv`.\n\n"
-                f"![dense vs 2:4 GEMM](benchmarks/results/gemm-{section}.png)\n\n{table}\n\n{note}")
-    save(f"gemm-{section}", "Dense vs 2:4 linear layers (GEMM)", markdown, {"rows": rows}, section=section,
-         order=40)
+    note = (
+        "Only the dense fallback runs here (no CUDA): the 2:4 path unpacks once at load and must cost "
+        "nothing, so the speedup column shows its parity with a plain dense linear."
+        if not cuda
+        else f"{len(losers)} of {len(rows)} (shape, M, backend) points are slower than dense"
+        + (
+            ": "
+            + ", ".join(sorted({f"{r['model']} {r['gemm']} M={r['tokens']} ({r['backend']})" for r in losers})[:12])
+            if losers
+            else ""
+        )
+        + ". Serving picks per shape the backend that wins over the token counts (runtime/sparse_linear.py)."
+    )
+    markdown = (
+        f"{args.dtype}, median of {args.repeats} repeats"
+        f"{' (CUDA events)' if cuda else ' (wall clock)'}; random 2:4 weights; the sparse side is "
+        f"`torch.ops.mixsparse.sparse_linear` on a prepared packed weight. Plot: "
+        f"`benchmarks/results/gemm-{section}.png`, data: `benchmarks/results/gemm-{section}.csv`.\n\n"
+        f"![dense vs 2:4 GEMM](benchmarks/results/gemm-{section}.png)\n\n{table}\n\n{note}"
+    )
+    save(f"gemm-{section}", "Dense vs 2:4 linear layers (GEMM)", markdown, {"rows": rows}, section=section, order=40)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,30 @@ import tempfile
 
 from common import markdown_table, save
 
-REFERENCE = ("A widely used open-source pruning library: SparseGPT 2:4 perplexity 39.7 in 234 s on this model and "
-             "protocol.")
+REFERENCE = (
+    "A widely used open-source pruning library: SparseGPT 2:4 perplexity 39.7 in 234 s on this model and protocol."
+)
 
 
 def run(model: str, metric: str, sparsity: str, windows: str, device: str, out: str) -> dict:
-    command = [sys.executable, "-m", "mixsparse.serve.cli", "prune", model, "--metric", metric, "--sparsity",
-               sparsity, "--out", out, "--eval-windows", windows, "--device", device, "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "mixsparse.serve.cli",
+        "prune",
+        model,
+        "--metric",
+        metric,
+        "--sparsity",
+        sparsity,
+        "--out",
+        out,
+        "--eval-windows",
+        windows,
+        "--device",
+        device,
+        "--json",
+    ]
     print("$", " ".join(command[2:]), file=sys.stderr, flush=True)
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if result.returncode:
@@ -43,24 +60,50 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for sparsity in args.sparsities.split(","):
             for metric in args.metrics.split(","):
-                summary = run(args.model, metric, sparsity, args.windows, args.device,
-                              f"{scratch}/{metric}-{sparsity.replace(':', 'of')}")
+                summary = run(
+                    args.model,
+                    metric,
+                    sparsity,
+                    args.windows,
+                    args.device,
+                    f"{scratch}/{metric}-{sparsity.replace(':', 'of')}",
+                )
                 results.append({"metric": metric, "sparsity": sparsity, **summary})
     dense = results[0]["perplexity"]["dense"]
     rows = [["dense", "-", f"{dense['perplexity']:.2f}", "0%", "100%", "-", "-"]]
     for r in results:
         wb = r["weight_bytes"]
-        rows.append([r["metric"], r["sparsity"], f"{r['perplexity']['pruned']['perplexity']:.2f}",
-                     f"{r['linear_sparsity']:.1%}", f"{wb['stored'] / wb['dense_equivalent']:.1%}",
-                     f"{r['prune_seconds']:.1f}", f"{r['peak_memory_bytes'] / 2**30:.2f}"])
-    table = markdown_table(["metric", "sparsity", "perplexity", "linear sparsity", "stored weight bytes (of dense)",
-                            "prune time (s)", "peak memory (GiB)"], rows)
+        rows.append(
+            [
+                r["metric"],
+                r["sparsity"],
+                f"{r['perplexity']['pruned']['perplexity']:.2f}",
+                f"{r['linear_sparsity']:.1%}",
+                f"{wb['stored'] / wb['dense_equivalent']:.1%}",
+                f"{r['prune_seconds']:.1f}",
+                f"{r['peak_memory_bytes'] / 2**30:.2f}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "metric",
+            "sparsity",
+            "perplexity",
+            "linear sparsity",
+            "stored weight bytes (of dense)",
+            "prune time (s)",
+            "peak memory (GiB)",
+        ],
+        rows,
+    )
     windows = dense["windows"]
-    markdown = (f"WikiText-2 test perplexity on the first {windows} windows of 2048 tokens ({dense['tokens']} tokens); "
-                f"calibration: 64 random windows of 512 tokens of WikiText-2 valid, seed 0, sequential. Prune time "
-                f"is calibration + pruning (model load and save excluded); peak memory is the max RSS of the "
-                f"prune process. Stored weight bytes count the whole model (embeddings included).\n\n{table}\n\n"
-                f"{REFERENCE}")
+    markdown = (
+        f"WikiText-2 test perplexity on the first {windows} windows of 2048 tokens ({dense['tokens']} tokens); "
+        f"calibration: 64 random windows of 512 tokens of WikiText-2 valid, seed 0, sequential. Prune time "
+        f"is calibration + pruning (model load and save excluded); peak memory is the max RSS of the "
+        f"prune process. Stored weight bytes count the whole model (embeddings included).\n\n{table}\n\n"
+        f"{REFERENCE}"
+    )
     print(markdown)
     save("prune", f"Pruning the default model ({args.model})", markdown, {"results": results}, order=10)
 

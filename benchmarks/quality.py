@@ -27,19 +27,45 @@ def point(args, work: Path, metric: str, sparsity: str) -> dict:
     uniform = Path(args.allocator_work) / f"ppl-uniform-{sparsity}-{metric}-w{args.windows}.json"
     if ":" not in sparsity and uniform.exists():
         found = json.loads(uniform.read_text())
-        return {"metric": metric, "sparsity": sparsity, "perplexity": found["perplexity"], "dense": found["dense"],
-                "linear_sparsity": found["linear_sparsity"], "from": str(uniform)}
+        return {
+            "metric": metric,
+            "sparsity": sparsity,
+            "perplexity": found["perplexity"],
+            "dense": found["dense"],
+            "linear_sparsity": found["linear_sparsity"],
+            "from": str(uniform),
+        }
     out = work / "artifact"
-    command = [sys.executable, "-m", "mixsparse.serve.cli", "prune", args.model, "--metric", metric, "--sparsity",
-               sparsity, "--out", str(out), "--overwrite", "--eval-windows", args.windows, "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "mixsparse.serve.cli",
+        "prune",
+        args.model,
+        "--metric",
+        metric,
+        "--sparsity",
+        sparsity,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--eval-windows",
+        args.windows,
+        "--json",
+    ]
     print("$ mixsparse", " ".join(command[3:]), file=sys.stderr, flush=True)
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if result.returncode:
         raise SystemExit(f"{metric} {sparsity} failed with exit code {result.returncode}")
     subprocess.run(["rm", "-rf", str(out)], check=True)
     summary = json.loads(result.stdout)
-    value = {"metric": metric, "sparsity": sparsity, "perplexity": summary["perplexity"]["pruned"]["perplexity"],
-             "dense": summary["perplexity"]["dense"]["perplexity"], "linear_sparsity": summary["linear_sparsity"]}
+    value = {
+        "metric": metric,
+        "sparsity": sparsity,
+        "perplexity": summary["perplexity"]["pruned"]["perplexity"],
+        "dense": summary["perplexity"]["dense"]["perplexity"],
+        "linear_sparsity": summary["linear_sparsity"],
+    }
     cache.write_text(json.dumps(value, indent=2) + "\n")
     return value
 
@@ -65,21 +91,34 @@ def plot(points: list[dict], curves: dict, path: Path) -> None:
     figure, (metrics, allocators) = plt.subplots(1, 2, figsize=(11, 4.2))
     dense = points[0]["dense"] if points else None
     for metric in sorted({p["metric"] for p in points}):
-        mine = sorted((float(p["sparsity"]), p["perplexity"]) for p in points
-                      if p["metric"] == metric and ":" not in p["sparsity"])
+        mine = sorted(
+            (float(p["sparsity"]), p["perplexity"])
+            for p in points
+            if p["metric"] == metric and ":" not in p["sparsity"]
+        )
         line = metrics.plot([x for x, _ in mine], [y for _, y in mine], marker="o", label=metric)[0]
         for p in points:
             if p["metric"] == metric and ":" in p["sparsity"]:
-                metrics.scatter([p["linear_sparsity"]], [p["perplexity"]], marker="*", s=120, color=line.get_color(),
-                                label=f"{metric} {p['sparsity']}")
+                metrics.scatter(
+                    [p["linear_sparsity"]],
+                    [p["perplexity"]],
+                    marker="*",
+                    s=120,
+                    color=line.get_color(),
+                    label=f"{metric} {p['sparsity']}",
+                )
     for name, curve in curves.items():
-        allocators.plot([x for x, _ in curve], [y for _, y in curve], marker="o",
-                        linestyle="-" if "sparsegpt" in name else "--", label=name)
+        allocators.plot(
+            [x for x, _ in curve],
+            [y for _, y in curve],
+            marker="o",
+            linestyle="-" if "sparsegpt" in name else "--",
+            label=name,
+        )
     for axis, title in ((metrics, "Base metrics, uniform sparsity"), (allocators, "Allocators (mixed sparsity)")):
         if dense:
             axis.axhline(dense, color="black", lw=0.8, label=f"dense {dense:.2f}")
-        axis.set(yscale="log", xlabel="sparsity of decoder linear weights", ylabel="WikiText-2 perplexity",
-                 title=title)
+        axis.set(yscale="log", xlabel="sparsity of decoder linear weights", ylabel="WikiText-2 perplexity", title=title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -94,8 +133,11 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.3,0.4,0.5,0.6,0.7,0.8,2:4")
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all'")
     parser.add_argument("--work", default="runs/bench-quality", help="kept between runs; delete to start over")
-    parser.add_argument("--allocator-work", default="runs/bench-allocators",
-                        help="allocators.py's --work: its uniform-plan points are reused")
+    parser.add_argument(
+        "--allocator-work",
+        default="runs/bench-allocators",
+        help="allocators.py's --work: its uniform-plan points are reused",
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -105,15 +147,20 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(points, curves, RESULTS / "quality.png")
     metrics = args.metrics.split(",")
-    rows = [[s] + [f"{next(p['perplexity'] for p in points if p['metric'] == m and p['sparsity'] == s):.2f}"
-                   for m in metrics] for s in sparsities]
-    markdown = (f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense "
-                f"{points[0]['dense']:.2f}); uniform sparsity per module, default calibration protocol. The "
-                f"right panel takes the allocator table's numbers (its own window count) when it exists.\n\n"
-                f"![perplexity vs sparsity](benchmarks/results/quality.png)\n\n"
-                + markdown_table(["sparsity", *metrics], rows))
-    save("quality", "Quality: perplexity vs sparsity", markdown, {"points": points, "allocator_curves": curves},
-         order=30)
+    rows = [
+        [s]
+        + [f"{next(p['perplexity'] for p in points if p['metric'] == m and p['sparsity'] == s):.2f}" for m in metrics]
+        for s in sparsities
+    ]
+    markdown = (
+        f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense "
+        f"{points[0]['dense']:.2f}); uniform sparsity per module, default calibration protocol. The "
+        f"right panel takes the allocator table's numbers (its own window count) when it exists.\n\n"
+        f"![perplexity vs sparsity](benchmarks/results/quality.png)\n\n" + markdown_table(["sparsity", *metrics], rows)
+    )
+    save(
+        "quality", "Quality: perplexity vs sparsity", markdown, {"points": points, "allocator_curves": curves}, order=30
+    )
 
 
 if __name__ == "__main__":

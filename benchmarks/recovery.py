@@ -27,8 +27,20 @@ def run_point(args, work: Path, key: str, flags: list[str]) -> dict:
     if cache.exists():
         return json.loads(cache.read_text())
     out = work / "artifact"
-    command = [sys.executable, "-m", "mixsparse.serve.cli", "prune", args.model, *flags, "--out", str(out),
-               "--overwrite", "--eval-windows", args.windows, "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "mixsparse.serve.cli",
+        "prune",
+        args.model,
+        *flags,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--eval-windows",
+        args.windows,
+        "--json",
+    ]
     print("$ mixsparse", " ".join(command[3:]), file=sys.stderr, flush=True)
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if result.returncode:
@@ -51,14 +63,23 @@ def seeds(args, work: Path) -> None:
         values = [points[(metric, s)]["perplexity"]["pruned"]["perplexity"] for s in range(args.seeds)]
         mean, stdev = statistics.mean(values), statistics.stdev(values)
         data[metric] = {"perplexity": values, "mean": mean, "stdev": stdev, "min": min(values), "max": max(values)}
-        rows.append([metric, " / ".join(f"{v:.2f}" for v in values), f"{mean:.2f}", f"{stdev:.2f}",
-                     f"{(max(values) - min(values)) / mean:.1%}", f"{stdev / mean:.1%}"])
+        rows.append(
+            [
+                metric,
+                " / ".join(f"{v:.2f}" for v in values),
+                f"{mean:.2f}",
+                f"{stdev:.2f}",
+                f"{(max(values) - min(values)) / mean:.1%}",
+                f"{stdev / mean:.1%}",
+            ]
+        )
     dense = points[(args.metrics.split(",")[0], 0)]["perplexity"]["dense"]["perplexity"]
-    markdown = (f"50% unstructured, uniform, default calibration protocol (64 x 512 tokens of the validation split) "
-                f"with calibration seeds 0-{args.seeds - 1}; WikiText-2 test perplexity on the first {args.windows} "
-                f"windows of 2048 tokens (dense {dense:.2f}).\n\n"
-                + markdown_table(["metric", "perplexity per seed", "mean", "stdev", "range / mean", "stdev / mean"],
-                                 rows))
+    markdown = (
+        f"50% unstructured, uniform, default calibration protocol (64 x 512 tokens of the validation split) "
+        f"with calibration seeds 0-{args.seeds - 1}; WikiText-2 test perplexity on the first {args.windows} "
+        f"windows of 2048 tokens (dense {dense:.2f}).\n\n"
+        + markdown_table(["metric", "perplexity per seed", "mean", "stdev", "range / mean", "stdev / mean"], rows)
+    )
     save("seed-spread", "One-shot base: spread over calibration seeds", markdown, data, order=12)
     print(markdown)
 
@@ -108,12 +129,15 @@ def recover(args, work: Path) -> None:
                 prune_model(adapter, plan, metric, calibration)
                 torch.save(loaded.model.state_dict(), pruned_file)
             one_shot_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-            state = RecoveryState(work / f"state-{key}-{tag}", {"model": args.model, "metric": metric, "spec": spec,
-                                                                "options": options.to_json()})
+            state = RecoveryState(
+                work / f"state-{key}-{tag}",
+                {"model": args.model, "metric": metric, "spec": spec, "options": options.to_json()},
+            )
             steps = options.epochs * -(-calibration.shape[0] // options.batch)
             with progress.task(f"recovering {key}", len(adapter.blocks) * (steps + 1)) as advance:
-                result = recover_model(adapter, adapt(dense), plan, calibration, options, state=state,
-                                       after_step=advance)
+                result = recover_model(
+                    adapter, adapt(dense), plan, calibration, options, state=state, after_step=advance
+                )
             for name, module in adapter.linears().items():
                 assert torch.equal(module.weight == 0, one_shot_state[name + ".weight"] == 0), name
             windows = data.evaluation_windows(loaded.tokenizer, protocol)
@@ -125,13 +149,19 @@ def recover(args, work: Path) -> None:
                 if weights is not None:
                     loaded.model.load_state_dict(weights)
                 with progress.task(f"perplexity ({label}, {len(windows)} windows)", len(windows)) as advance:
-                    ppl[label] = evaluate.perplexity(loaded.model, windows, protocol,
-                                                     after_window=lambda i: advance()).perplexity
+                    ppl[label] = evaluate.perplexity(
+                        loaded.model, windows, protocol, after_window=lambda i: advance()
+                    ).perplexity
                 partial.write_text(json.dumps(ppl) + "\n")
-            value = {"metric": metric, "spec": spec, "perplexity": ppl, "recovery": result.to_json(),
-                     "recovery_seconds": sum(b.seconds for b in result.blocks),
-                     "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                     "threads": torch.get_num_threads()}
+            value = {
+                "metric": metric,
+                "spec": spec,
+                "perplexity": ppl,
+                "recovery": result.to_json(),
+                "recovery_seconds": sum(b.seconds for b in result.blocks),
+                "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "threads": torch.get_num_threads(),
+            }
             done.write_text(json.dumps(value, indent=2) + "\n")
             partial.unlink()
             state.remove()
@@ -140,25 +170,51 @@ def recover(args, work: Path) -> None:
     for point in points:
         o = point["recovery"]["options"]
         measured = point["perplexity"]
-        rows.append([point["metric"], point["spec"],
-                     f"{measured['one_shot']:.2f}" if "one_shot" in measured else "(not measured yet)",
-                     f"{measured['recovered']:.2f}", f"{point['recovery_seconds'] / 60:.1f} min",
-                     f"{point['peak_memory_bytes'] / 2**30:.2f} GiB" if point["peak_memory_bytes"] else "-",
-                     f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}"])
+        rows.append(
+            [
+                point["metric"],
+                point["spec"],
+                f"{measured['one_shot']:.2f}" if "one_shot" in measured else "(not measured yet)",
+                f"{measured['recovered']:.2f}",
+                f"{point['recovery_seconds'] / 60:.1f} min",
+                f"{point['peak_memory_bytes'] / 2**30:.2f} GiB" if point["peak_memory_bytes"] else "-",
+                f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}",
+            ]
+        )
     threads = points[0]["threads"] if points else 1
-    markdown = (f"`prune --recover`: masks frozen, kept weights and norms tuned block by block against the dense "
-                f"block outputs on the default calibration windows (64 x 512 tokens, WikiText-2 validation, seed 0). "
-                f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense 17.9, see the "
-                f"pruning table); one-shot and recovered are the same masks before and after tuning. Recovery time "
-                f"on {threads} thread(s) of a 2-core machine shared with other jobs (summed over blocks); peak "
-                f"memory is the process's resident peak (dense reference and evaluation included)."
-                + (" A row with '-' for peak memory comes from a run that was still measuring when the table was "
-                   "written (`--table-only`)." if any(p.get("partial") for p in points) else "")
-                + (f" The points were measured by `OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/recovery.py "
-                   f"recover --metrics {args.metrics}`; `--table-only` re-read them." if args.table_only else "")
-                + "\n\n"
-                + markdown_table(["metric", "sparsity", "one-shot ppl", "recovered ppl", "recovery", "peak memory",
-                                  "epochs x batch, lr weights/norms, target"], rows))
+    markdown = (
+        f"`prune --recover`: masks frozen, kept weights and norms tuned block by block against the dense "
+        f"block outputs on the default calibration windows (64 x 512 tokens, WikiText-2 validation, seed 0). "
+        f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense 17.9, see the "
+        f"pruning table); one-shot and recovered are the same masks before and after tuning. Recovery time "
+        f"on {threads} thread(s) of a 2-core machine shared with other jobs (summed over blocks); peak "
+        f"memory is the process's resident peak (dense reference and evaluation included)."
+        + (
+            " A row with '-' for peak memory comes from a run that was still measuring when the table was "
+            "written (`--table-only`)."
+            if any(p.get("partial") for p in points)
+            else ""
+        )
+        + (
+            f" The points were measured by `OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/recovery.py "
+            f"recover --metrics {args.metrics}`; `--table-only` re-read them."
+            if args.table_only
+            else ""
+        )
+        + "\n\n"
+        + markdown_table(
+            [
+                "metric",
+                "sparsity",
+                "one-shot ppl",
+                "recovered ppl",
+                "recovery",
+                "peak memory",
+                "epochs x batch, lr weights/norms, target",
+            ],
+            rows,
+        )
+    )
     save("recovery", "Recovery after pruning (prune --recover)", markdown, {"points": points}, order=11)
     print(markdown)
 
@@ -169,13 +225,22 @@ def partial_point(state_dir: Path, partial: Path, metric: str, spec: str, points
 
     if not partial.exists():
         return
-    blocks = [torch.load(f, weights_only=True)["record"]
-              for f in sorted(state_dir.glob("block-*.pt"), key=lambda f: int(f.stem.split("-")[1]))]
+    blocks = [
+        torch.load(f, weights_only=True)["record"]
+        for f in sorted(state_dir.glob("block-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
+    ]
     options = json.loads(json.loads((state_dir / "state.json").read_text())["request"])["options"]
-    points.append({"metric": metric, "spec": spec, "perplexity": json.loads(partial.read_text()),
-                   "recovery": {"options": options, "blocks": blocks},
-                   "recovery_seconds": sum(b["seconds"] for b in blocks), "peak_memory_bytes": None,
-                   "partial": True})
+    points.append(
+        {
+            "metric": metric,
+            "spec": spec,
+            "perplexity": json.loads(partial.read_text()),
+            "recovery": {"options": options, "blocks": blocks},
+            "recovery_seconds": sum(b["seconds"] for b in blocks),
+            "peak_memory_bytes": None,
+            "partial": True,
+        }
+    )
 
 
 def main() -> None:
@@ -186,9 +251,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all'")
     parser.add_argument("--targets", default="2:4", help="recover: uniform sparsity specs, comma-separated")
-    parser.add_argument("--recover-options", default="", help='recover: RecoverOptions as JSON, e.g. \'{"epochs": 3}\'')
-    parser.add_argument("--table-only", action="store_true",
-                        help="recover: write the table from what is measured so far, computing nothing")
+    parser.add_argument("--recover-options", default="", help="recover: RecoverOptions as JSON, e.g. '{\"epochs\": 3}'")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="recover: write the table from what is measured so far, computing nothing",
+    )
     parser.add_argument("--work", default="runs/bench-recovery", help="kept between runs; delete to start over")
     args = parser.parse_args()
     work = Path(args.work)

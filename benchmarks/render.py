@@ -24,12 +24,18 @@ def render() -> str:
         chosen = sorted((r for r in results if r["section"] == section), key=lambda r: (r["order"], r["name"]))
         parts.append(f"## {heading}\n")
         if not chosen:
-            parts.append("No results yet: the GPU tables are filled in by a session that has a CUDA machine "
-                         "(see the scripts in benchmarks/).\n" if section == "gpu" else "No results yet.\n")
+            parts.append(
+                "No results yet: the GPU tables are filled in by a session that has a CUDA machine "
+                "(see the scripts in benchmarks/).\n"
+                if section == "gpu"
+                else "No results yet.\n"
+            )
         for result in chosen:
-            parts.append(f"### {result['title']}\n\n"
-                         f"Machine: {machine_line(result['machine'])}. Date: {result['date']}.\n\n"
-                         f"```\n{result['command']}\n```\n\n{result['markdown']}\n")
+            parts.append(
+                f"### {result['title']}\n\n"
+                f"Machine: {machine_line(result['machine'])}. Date: {result['date']}.\n\n"
+                f"```\n{result['command']}\n```\n\n{result['markdown']}\n"
+            )
     return "\n".join(parts)
 
 

@@ -46,9 +46,22 @@ def main() -> None:
     report = Path(args.out) / "bench.json"
     done = report.exists() and json.loads(report.read_text()).get("complete")
     if args.fresh or not done:
-        mixsparse("bench", "--dense", args.dense, "--sparse", str(sparse), "--workload", args.workload,
-                  "--concurrency", args.concurrency, "--out", args.out, "--overwrite",
-                  *(["--requests", args.requests] if args.requests else []), *vllm_args)
+        mixsparse(
+            "bench",
+            "--dense",
+            args.dense,
+            "--sparse",
+            str(sparse),
+            "--workload",
+            args.workload,
+            "--concurrency",
+            args.concurrency,
+            "--out",
+            args.out,
+            "--overwrite",
+            *(["--requests", args.requests] if args.requests else []),
+            *vllm_args,
+        )
     data = json.loads(report.read_text())
     RESULTS.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(args.out) / "bench.png", RESULTS / "serving.png")
@@ -57,30 +70,56 @@ def main() -> None:
     rows = []
     for dense, sparse_level in zip(data["engines"]["dense"]["levels"], data["engines"]["sparse"]["levels"]):
         ratio = sparse_level["output_tokens_per_second"] / dense["output_tokens_per_second"]
-        rows.append([dense["concurrency"], f"{dense['output_tokens_per_second']:.1f}",
-                     f"{sparse_level['output_tokens_per_second']:.1f}", f"{ratio:.3f}",
-                     f"{dense['ttft_p50'] * 1000:.0f} / {sparse_level['ttft_p50'] * 1000:.0f}",
-                     f"{dense['itl_p50'] * 1000:.1f} / {sparse_level['itl_p50'] * 1000:.1f}",
-                     "yes" if abs(ratio - 1) <= 0.05 else "NO"])
+        rows.append(
+            [
+                dense["concurrency"],
+                f"{dense['output_tokens_per_second']:.1f}",
+                f"{sparse_level['output_tokens_per_second']:.1f}",
+                f"{ratio:.3f}",
+                f"{dense['ttft_p50'] * 1000:.0f} / {sparse_level['ttft_p50'] * 1000:.0f}",
+                f"{dense['itl_p50'] * 1000:.1f} / {sparse_level['itl_p50'] * 1000:.1f}",
+                "yes" if abs(ratio - 1) <= 0.05 else "NO",
+            ]
+        )
     weights = data["engines"]["sparse"].get("weight_bytes", {})
     dense_weights = data["engines"]["dense"].get("weight_bytes", {})
     workload = data["workload"]
-    markdown = (f"`mixsparse bench` (workload {workload['name']}: {workload['prompt_tokens']} prompt -> "
-                f"{workload['output_tokens']} generated tokens, streamed, EOS ignored), dense `{args.dense}` vs "
-                f"`{sparse}` (SparseGPT 2:4 on every decoder linear), one engine after the other with the same "
-                f"flags. Full report: `{args.out}/bench.md`.\n\n"
-                f"![dense vs 2:4 served](benchmarks/results/serving.png)\n\n"
-                + markdown_table(["concurrency", "dense output tok/s", "2:4 output tok/s", "2:4 / dense",
-                                  "TTFT p50 ms (dense / 2:4)", "ITL p50 ms (dense / 2:4)", "within 5%"], rows)
-                + f"\n\nOn disk, the 2:4 modules take {sizes['packed_stored'] / 2**20:.1f} MiB against "
-                  f"{sizes['packed_dense_equivalent'] / 2**20:.1f} MiB dense: **{disk:.4f}x** (the whole model: "
-                  f"{sizes['stored'] / sizes['dense_equivalent']:.3f}x, embeddings stay dense). "
-                + (f"Resident weights while serving: {weights['resident'] / 2**20:.1f} MiB sparse vs "
-                   f"{dense_weights['resident'] / 2**20:.1f} MiB dense (serving dtype)."
-                   if "resident" in weights and "resident" in dense_weights else ""))
+    markdown = (
+        f"`mixsparse bench` (workload {workload['name']}: {workload['prompt_tokens']} prompt -> "
+        f"{workload['output_tokens']} generated tokens, streamed, EOS ignored), dense `{args.dense}` vs "
+        f"`{sparse}` (SparseGPT 2:4 on every decoder linear), one engine after the other with the same "
+        f"flags. Full report: `{args.out}/bench.md`.\n\n"
+        f"![dense vs 2:4 served](benchmarks/results/serving.png)\n\n"
+        + markdown_table(
+            [
+                "concurrency",
+                "dense output tok/s",
+                "2:4 output tok/s",
+                "2:4 / dense",
+                "TTFT p50 ms (dense / 2:4)",
+                "ITL p50 ms (dense / 2:4)",
+                "within 5%",
+            ],
+            rows,
+        )
+        + f"\n\nOn disk, the 2:4 modules take {sizes['packed_stored'] / 2**20:.1f} MiB against "
+        f"{sizes['packed_dense_equivalent'] / 2**20:.1f} MiB dense: **{disk:.4f}x** (the whole model: "
+        f"{sizes['stored'] / sizes['dense_equivalent']:.3f}x, embeddings stay dense). "
+        + (
+            f"Resident weights while serving: {weights['resident'] / 2**20:.1f} MiB sparse vs "
+            f"{dense_weights['resident'] / 2**20:.1f} MiB dense (serving dtype)."
+            if "resident" in weights and "resident" in dense_weights
+            else ""
+        )
+    )
     print(markdown)
-    save("serving", "Serving through vLLM: dense vs 2:4 (mixsparse bench)", markdown,
-         {"bench": data, "disk": sizes, "disk_ratio_24_modules": disk}, order=35)
+    save(
+        "serving",
+        "Serving through vLLM: dense vs 2:4 (mixsparse bench)",
+        markdown,
+        {"bench": data, "disk": sizes, "disk_ratio_24_modules": disk},
+        order=35,
+    )
 
 
 if __name__ == "__main__":

@@ -37,14 +37,27 @@ from mixsparse.serve.server import ServeOptions, serve_command
 
 HOST = "127.0.0.1"
 DEFAULT_ARTIFACT = Path("runs/smollm2-magnitude-2of4")
-WORDS = ("the model serves compressed layers while many clients stream tokens at once and some of them leave "
-         "early so the engine must free what each request held memory should stay flat").split()
+WORDS = (
+    "the model serves compressed layers while many clients stream tokens at once and some of them leave "
+    "early so the engine must free what each request held memory should stay flat"
+).split()
 
 
 def ensure_artifact(path: Path) -> Path:
     if not (path / "config.json").exists():
-        command = [sys.executable, "-m", "mixsparse.serve.cli", "prune", "smollm2-135m", "--metric", "magnitude",
-                   "--sparsity", "2:4", "--out", str(path)]
+        command = [
+            sys.executable,
+            "-m",
+            "mixsparse.serve.cli",
+            "prune",
+            "smollm2-135m",
+            "--metric",
+            "magnitude",
+            "--sparsity",
+            "2:4",
+            "--out",
+            str(path),
+        ]
         print("$", " ".join(command[2:]), file=sys.stderr, flush=True)
         if subprocess.run(command).returncode:
             raise SystemExit("making the artifact failed")
@@ -135,9 +148,14 @@ class Load:
         self.sent += 1
         words = self.random.randint(8, 200)
         prompt = " ".join(self.random.choice(WORDS) for _ in range(words))
-        body = {"model": self.model, "messages": [{"role": "user", "content": f"#{self.sent}: {prompt}"}],
-                "max_tokens": self.random.randint(max(1, self.max_tokens // 4), self.max_tokens), "stream": True,
-                "ignore_eos": True, "temperature": 0.8}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": f"#{self.sent}: {prompt}"}],
+            "max_tokens": self.random.randint(max(1, self.max_tokens // 4), self.max_tokens),
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0.8,
+        }
         return body, self.cancel_every > 0 and self.sent % self.cancel_every == 0
 
     async def one(self, session) -> None:
@@ -210,11 +228,18 @@ def summarise(samples: list, start: float, end: float) -> dict:
     labels = sorted({label for _, s in measured for label in s})
     series = {label: [(t, s[label]) for t, s in measured if label in s] for label in labels}
     series["total"] = [(t, sum(s.values())) for t, s in measured]
-    return {label: {"start": points[0][1], "max": max(v for _, v in points), "end": points[-1][1],
-                    "growth_per_minute_all": slope_per_minute(points),
-                    "growth_per_minute_second_half": slope_per_minute([(t, v) for t, v in points if t >= half]),
-                    "growth_per_minute_last_quarter": slope_per_minute([(t, v) for t, v in points if t >= quarter])}
-            for label, points in series.items() if points}
+    return {
+        label: {
+            "start": points[0][1],
+            "max": max(v for _, v in points),
+            "end": points[-1][1],
+            "growth_per_minute_all": slope_per_minute(points),
+            "growth_per_minute_second_half": slope_per_minute([(t, v) for t, v in points if t >= half]),
+            "growth_per_minute_last_quarter": slope_per_minute([(t, v) for t, v in points if t >= quarter]),
+        }
+        for label, points in series.items()
+        if points
+    }
 
 
 def plot(samples: list, warm_end: float, path: Path, title: str) -> None:
@@ -254,8 +279,13 @@ def main() -> None:
     parser.add_argument("--cancel-every", type=int, default=4, help="drop every N-th request mid-stream (0: none)")
     parser.add_argument("--max-tokens", type=int, default=96, help="largest max_tokens of a request")
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between RSS samples")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="set in the server's environment (repeatable), e.g. MALLOC_ARENA_MAX=2")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set in the server's environment (repeatable), e.g. MALLOC_ARENA_MAX=2",
+    )
     parser.add_argument("--name", default="soak", help="result name under benchmarks/results")
     parser.add_argument("--label", default="", help="what this run varies, for the title")
     parser.add_argument("--seed", type=int, default=0)
@@ -278,8 +308,16 @@ def main() -> None:
     for item in args.env:
         key, _, value = item.partition("=")
         environment[key] = value
-    command = serve_command(ServeOptions(model, HOST, port, served_name="soak", log_file=str(log.resolve()),
-                                         vllm_args=["--max-num-seqs", str(args.streams), *args.vllm_arg]))
+    command = serve_command(
+        ServeOptions(
+            model,
+            HOST,
+            port,
+            served_name="soak",
+            log_file=str(log.resolve()),
+            vllm_args=["--max-num-seqs", str(args.streams), *args.vllm_arg],
+        )
+    )
     print("$", " ".join(command[2:]), f"(env: {' '.join(args.env) or '-'})", file=sys.stderr, flush=True)
     url = f"http://{HOST}:{port}"
     with open(log.with_suffix(".out"), "w") as out:
@@ -292,8 +330,12 @@ def main() -> None:
         asyncio.run(warm.run(args.warmup))
         sampler.sample()
         start = sampler.samples[-1][0]
-        print(f"baseline {', '.join(f'{k} {mib(v)} MiB' for k, v in sampler.samples[-1][1].items())}; "
-              f"measuring {args.minutes:g} min", file=sys.stderr, flush=True)
+        print(
+            f"baseline {', '.join(f'{k} {mib(v)} MiB' for k, v in sampler.samples[-1][1].items())}; "
+            f"measuring {args.minutes:g} min",
+            file=sys.stderr,
+            flush=True,
+        )
         load = Load(url, "soak", args.streams, args.cancel_every, args.max_tokens, args.seed)
         began = time.monotonic()
         asyncio.run(load.run(args.minutes * 60))
@@ -312,12 +354,27 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-    data = {"model": model, "label": args.label, "env": args.env, "streams": args.streams,
-            "cancel_every": args.cancel_every, "max_tokens": args.max_tokens, "interval_s": args.interval,
-            "warmup_s": args.warmup, "measured_s": seconds, "start_s": start, "end_s": end, "counts": load.counts,
-            "warmup_counts": warm.counts, "errors": load.errors, "streamed_tokens": load.tokens, "alive": alive,
-            "rss": summarise(sampler.samples, start, end), "idle": idle,
-            "samples": [[round(t, 2), s] for t, s in sampler.samples]}
+    data = {
+        "model": model,
+        "label": args.label,
+        "env": args.env,
+        "streams": args.streams,
+        "cancel_every": args.cancel_every,
+        "max_tokens": args.max_tokens,
+        "interval_s": args.interval,
+        "warmup_s": args.warmup,
+        "measured_s": seconds,
+        "start_s": start,
+        "end_s": end,
+        "counts": load.counts,
+        "warmup_counts": warm.counts,
+        "errors": load.errors,
+        "streamed_tokens": load.tokens,
+        "alive": alive,
+        "rss": summarise(sampler.samples, start, end),
+        "idle": idle,
+        "samples": [[round(t, 2), s] for t, s in sampler.samples],
+    }
     title, markdown = report(args.name, data, machine())
     print(markdown)
     save(args.name, title, markdown, data, order=38)
@@ -334,26 +391,47 @@ def report(name: str, data: dict, info: dict) -> tuple[str, str]:
     for process, s in data["rss"].items():
         if s["max"] < 50 * 2**20 and process != "total":  # helper processes (resource tracker)
             continue
-        rows.append([process, mib(s["start"]), mib(s["max"]), mib(s["end"]),
-                     mib(sum(idle.values()) if process == "total" else idle.get(process, 0)),
-                     f"{(s['end'] - s['start']) / 2**20:+.0f}", f"{s['growth_per_minute_all'] / 2**20:+.1f}",
-                     f"**{s['growth_per_minute_second_half'] / 2**20:+.1f}**",
-                     f"**{s['growth_per_minute_last_quarter'] / 2**20:+.1f}**"])
+        rows.append(
+            [
+                process,
+                mib(s["start"]),
+                mib(s["max"]),
+                mib(s["end"]),
+                mib(sum(idle.values()) if process == "total" else idle.get(process, 0)),
+                f"{(s['end'] - s['start']) / 2**20:+.0f}",
+                f"{s['growth_per_minute_all'] / 2**20:+.1f}",
+                f"**{s['growth_per_minute_second_half'] / 2**20:+.1f}**",
+                f"**{s['growth_per_minute_last_quarter'] / 2**20:+.1f}**",
+            ]
+        )
     counts, seconds = data["counts"], data["measured_s"]
     rate = data["streamed_tokens"] / seconds
-    markdown = (f"CPU: **{info['cpu']}**, {info['cores']} cores; {machine_line(info)}.\n\n"
-                f"`mixsparse serve {model}` (loopback), {data['streams']} streaming chat requests kept in flight "
-                f"for {seconds / 60:.1f} min after a {data['warmup_s']:.0f} s warm-up under the same load; prompts "
-                f"of 8-200 words, max_tokens up to {data['max_tokens']} (EOS ignored), every "
-                f"{data['cancel_every']}th request dropped mid-stream. Server environment: "
-                f"{' '.join(data['env']) or 'as `serve` sets it'}. Requests: **{counts['completed']} completed, "
-                f"{counts['cancelled']} cancelled, {counts['failed']} failed** ({rate:.0f} streamed "
-                f"tokens/s); server alive at the end: {data['alive']}. RSS sampled every "
-                f"{data['interval_s']:g} s; growth is the least-squares slope over the measured window.\n\n"
-                + markdown_table(["process", "RSS after warm-up MiB", "max MiB", "end MiB", "idle 10 s later MiB",
-                                  "end - start MiB", "growth MiB/min (all)", "growth MiB/min (2nd half)",
-                                  "growth MiB/min (last quarter)"], rows)
-                + f"\n\n![RSS over time](benchmarks/results/{png.name})\n")
+    markdown = (
+        f"CPU: **{info['cpu']}**, {info['cores']} cores; {machine_line(info)}.\n\n"
+        f"`mixsparse serve {model}` (loopback), {data['streams']} streaming chat requests kept in flight "
+        f"for {seconds / 60:.1f} min after a {data['warmup_s']:.0f} s warm-up under the same load; prompts "
+        f"of 8-200 words, max_tokens up to {data['max_tokens']} (EOS ignored), every "
+        f"{data['cancel_every']}th request dropped mid-stream. Server environment: "
+        f"{' '.join(data['env']) or 'as `serve` sets it'}. Requests: **{counts['completed']} completed, "
+        f"{counts['cancelled']} cancelled, {counts['failed']} failed** ({rate:.0f} streamed "
+        f"tokens/s); server alive at the end: {data['alive']}. RSS sampled every "
+        f"{data['interval_s']:g} s; growth is the least-squares slope over the measured window.\n\n"
+        + markdown_table(
+            [
+                "process",
+                "RSS after warm-up MiB",
+                "max MiB",
+                "end MiB",
+                "idle 10 s later MiB",
+                "end - start MiB",
+                "growth MiB/min (all)",
+                "growth MiB/min (2nd half)",
+                "growth MiB/min (last quarter)",
+            ],
+            rows,
+        )
+        + f"\n\n![RSS over time](benchmarks/results/{png.name})\n"
+    )
     if data["errors"]:
         markdown += "\nFirst errors: " + "; ".join(f"`{e}`" for e in data["errors"][:3]) + "\n"
     title = f"Soak: {data['streams']} streams for {seconds / 60:.1f} min, RSS per server process{label}"

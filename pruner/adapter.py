@@ -26,8 +26,11 @@ class ModelAdapter:
 
     def block_linears(self, index: int) -> dict[str, nn.Linear]:
         prefix = f"{self.blocks_name}.{index}"
-        return {f"{prefix}.{name}": module for name, module in self.blocks[index].named_modules()
-                if isinstance(module, nn.Linear)}
+        return {
+            f"{prefix}.{name}": module
+            for name, module in self.blocks[index].named_modules()
+            if isinstance(module, nn.Linear)
+        }
 
     def linears(self) -> dict[str, nn.Linear]:
         found: dict[str, nn.Linear] = {}
@@ -55,21 +58,25 @@ class ModelAdapter:
             module = getattr(owner, name, None)
             if isinstance(module, nn.Module):
                 return module
-        raise MixsparseError("cannot find the final norm before lm_head; lm_head can only be pruned for "
-                             "Llama-style models")
+        raise MixsparseError(
+            "cannot find the final norm before lm_head; lm_head can only be pruned for Llama-style models"
+        )
 
 
 def adapt(model: nn.Module) -> ModelAdapter:
     candidates = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(
-            any(isinstance(m, nn.Linear) for m in child.modules()) for child in module
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(any(isinstance(m, nn.Linear) for m in child.modules()) for child in module)
         ):
             size = sum(p.numel() for p in module.parameters())
             candidates.append((size, name, module))
     if not candidates:
-        raise MixsparseError(f"{type(model).__name__}: no decoder blocks with linear layers found "
-                             f"(unsupported architecture)")
+        raise MixsparseError(
+            f"{type(model).__name__}: no decoder blocks with linear layers found (unsupported architecture)"
+        )
     _, name, blocks = max(candidates, key=lambda c: c[0])
     return ModelAdapter(model, name, blocks)
 
@@ -98,10 +105,12 @@ def fused_groups(adapter: ModelAdapter) -> list[list[str]]:
     alive: list[torch.Tensor] = []  # keep inputs referenced so that no id is reused during the pass
     hooks = []
     for name, module in adapter.linears().items():
+
         def record(module, args, name=name):
             seen[name] = id(args[0])
             alive.append(args[0])
             order.append(name)
+
         hooks.append(module.register_forward_pre_hook(record))
     try:
         device = next(adapter.model.parameters()).device

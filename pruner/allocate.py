@@ -48,8 +48,14 @@ def uniform_ratios(sizes: list[int], target: float) -> list[float]:
     return [target] * len(sizes)
 
 
-def fisher_ratios(per_weight_traces: list[float], sizes: list[int], target: float, spread: float = 0.1,
-                  low: float = 0.0, high: float = 0.99) -> list[float]:
+def fisher_ratios(
+    per_weight_traces: list[float],
+    sizes: list[int],
+    target: float,
+    spread: float = 0.1,
+    low: float = 0.0,
+    high: float = 0.99,
+) -> list[float]:
     logs = [math.log(max(t, 1e-300)) for t in per_weight_traces]
     raw = [target + spread - 2 * spread * u for u in _normalised(logs)]
     return fit_shift(raw, sizes, target, low, high)
@@ -61,7 +67,8 @@ def outlier_ratio(scores: list[torch.Tensor], multiple: float = 5.0) -> float:
     return float((flat > multiple * flat.mean()).float().mean())
 
 
-def owl_ratios(outliers: list[float], sizes: list[int], target: float, lam: float = 0.08,
-               low: float = 0.0, high: float = 0.99) -> list[float]:
+def owl_ratios(
+    outliers: list[float], sizes: list[int], target: float, lam: float = 0.08, low: float = 0.0, high: float = 0.99
+) -> list[float]:
     raw = [target + lam - 2 * lam * u for u in _normalised(outliers)]
     return fit_shift(raw, sizes, target, max(low, target - lam), min(high, target + lam))

@@ -42,8 +42,10 @@ def describe_plan(plan: Plan) -> str:
 def describe_recovery(result: RecoverResult) -> str:
     o = result.options
     resumed = f", {result.resumed_blocks} blocks resumed" if result.resumed_blocks else ""
-    return (f"{o.epochs} epochs x {len(result.blocks)} blocks, batch {o.batch}, lr {o.lr:g} (norms {o.norm_lr:g}), "
-            f"{o.target} targets{resumed}")
+    return (
+        f"{o.epochs} epochs x {len(result.blocks)} blocks, batch {o.batch}, lr {o.lr:g} (norms {o.norm_lr:g}), "
+        f"{o.target} targets{resumed}"
+    )
 
 
 def calibration_use(job: PruneJob) -> str:
@@ -72,17 +74,24 @@ def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str
     ]
     if summary.recovery is not None:
         ppl = summary.perplexity
-        change = (f": perplexity {ppl['one_shot'].perplexity:.2f} one-shot -> {ppl['pruned'].perplexity:.2f} "
-                  f"recovered" if "one_shot" in ppl else "")
-        lines.append(f"Recovery: masks frozen, kept weights and norms tuned block by block to match the dense "
-                     f"model's block outputs on the calibration windows ({describe_recovery(summary.recovery)}; "
-                     f"{summary.recovery.seconds:.0f} s on {summary.recovery.device}){change}. Every zero stays "
-                     f"zero; settings and per-block errors are in `plan.json` under `recover`.")
+        change = (
+            f": perplexity {ppl['one_shot'].perplexity:.2f} one-shot -> {ppl['pruned'].perplexity:.2f} recovered"
+            if "one_shot" in ppl
+            else ""
+        )
+        lines.append(
+            f"Recovery: masks frozen, kept weights and norms tuned block by block to match the dense "
+            f"model's block outputs on the calibration windows ({describe_recovery(summary.recovery)}; "
+            f"{summary.recovery.seconds:.0f} s on {summary.recovery.device}){change}. Every zero stays "
+            f"zero; settings and per-block errors are in `plan.json` under `recover`."
+        )
     if summary.perplexity:
         protocol = job.evaluation
-        lines.append(f"Perplexity: non-overlapping windows of {protocol.seqlen} tokens of "
-                     f"{data.describe(protocol.source, data.EVALUATION)}, {summary.perplexity['pruned'].windows} "
-                     f"windows, {summary.perplexity['pruned'].tokens} tokens.")
+        lines.append(
+            f"Perplexity: non-overlapping windows of {protocol.seqlen} tokens of "
+            f"{data.describe(protocol.source, data.EVALUATION)}, {summary.perplexity['pruned'].windows} "
+            f"windows, {summary.perplexity['pruned'].tokens} tokens."
+        )
     lines += [
         "",
         "## Use",

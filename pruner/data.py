@@ -25,11 +25,15 @@ CALIBRATION, EVALUATION = "calibration", "evaluation"
 QUICK_WINDOWS = 40
 _BUNDLED_SPLITS = {CALIBRATION: "valid.txt", EVALUATION: "test.txt"}
 _HF = {
-    "hf:wikitext2": {CALIBRATION: ("wikitext", "wikitext-2-raw-v1", "validation", None),
-                     EVALUATION: ("wikitext", "wikitext-2-raw-v1", "test", None)},
+    "hf:wikitext2": {
+        CALIBRATION: ("wikitext", "wikitext-2-raw-v1", "validation", None),
+        EVALUATION: ("wikitext", "wikitext-2-raw-v1", "test", None),
+    },
     # the usual SparseGPT/Wanda choice: calibrate on the first train shard, evaluate on validation
-    "hf:c4": {CALIBRATION: ("allenai/c4", None, "train", "en/c4-train.00000-of-01024.json.gz"),
-              EVALUATION: ("allenai/c4", None, "validation", "en/c4-validation.00000-of-00008.json.gz")},
+    "hf:c4": {
+        CALIBRATION: ("allenai/c4", None, "train", "en/c4-train.00000-of-01024.json.gz"),
+        EVALUATION: ("allenai/c4", None, "validation", "en/c4-validation.00000-of-00008.json.gz"),
+    },
 }
 
 
@@ -66,14 +70,18 @@ def describe(source: str, role: str) -> str:
 def load_text(source: str, role: str) -> str:
     """The raw text for ``role`` (calibration or evaluation) from ``source``."""
     if source == DEFAULT_SOURCE:
-        return resources.files("mixsparse.pruner").joinpath("data/wikitext-2", _BUNDLED_SPLITS[role]).read_text(
-            encoding="utf-8")
+        return (
+            resources.files("mixsparse.pruner")
+            .joinpath("data/wikitext-2", _BUNDLED_SPLITS[role])
+            .read_text(encoding="utf-8")
+        )
     if source in _HF:
         return _load_hf(source, *_HF[source][role])
     path = Path(source)
     if not path.is_file():
-        raise MixsparseError(f"unknown data source {source!r}: not a file, and not one of "
-                             f"{', '.join([DEFAULT_SOURCE, *_HF])}")
+        raise MixsparseError(
+            f"unknown data source {source!r}: not a file, and not one of {', '.join([DEFAULT_SOURCE, *_HF])}"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -87,7 +95,7 @@ def load_text(source: str, role: str) -> str:
                 try:
                     texts.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise MixsparseError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
+                    raise MixsparseError(f'{path}:{number}: expected a JSON object with a "text" field') from None
         return "\n\n".join(texts)
     return text
 
@@ -101,8 +109,10 @@ def _load_hf(source: str, name: str, config: str | None, split: str, data_file: 
         kwargs = {"data_files": {split: data_file}} if data_file else {}
         dataset = datasets.load_dataset(name, config, split=split, **kwargs)
     except Exception as error:  # network, hub or cache errors of many kinds
-        raise MixsparseError(f"could not load {source} from the HF hub ({type(error).__name__}: {error}); "
-                             f"use the bundled '{DEFAULT_SOURCE}' or a local file") from None
+        raise MixsparseError(
+            f"could not load {source} from the HF hub ({type(error).__name__}: {error}); "
+            f"use the bundled '{DEFAULT_SOURCE}' or a local file"
+        ) from None
     texts = dataset["text"]
     if source == "hf:c4":
         texts = texts[:5000]  # one shard is far more than any protocol here needs
@@ -117,8 +127,10 @@ def calibration_windows(tokenizer, protocol: CalibrationProtocol = CalibrationPr
     """``samples`` windows of ``seqlen`` tokens at random offsets (seeded), shape (samples, seqlen)."""
     ids = tokenize(tokenizer, load_text(protocol.source, CALIBRATION))
     if len(ids) <= protocol.seqlen:
-        raise MixsparseError(f"calibration text ({describe(protocol.source, CALIBRATION)}) has {len(ids)} tokens; "
-                             f"windows of {protocol.seqlen} tokens need at least {protocol.seqlen + 1}")
+        raise MixsparseError(
+            f"calibration text ({describe(protocol.source, CALIBRATION)}) has {len(ids)} tokens; "
+            f"windows of {protocol.seqlen} tokens need at least {protocol.seqlen + 1}"
+        )
     generator = torch.Generator().manual_seed(protocol.seed)
     starts = torch.randint(0, len(ids) - protocol.seqlen, (protocol.samples,), generator=generator)
     return torch.stack([ids[s : s + protocol.seqlen] for s in starts.tolist()])
@@ -130,6 +142,8 @@ def evaluation_windows(tokenizer, protocol: EvaluationProtocol = EvaluationProto
     available = len(ids) // protocol.seqlen
     wanted = available if protocol.windows is None else protocol.windows
     if wanted < 1 or wanted > available:
-        raise MixsparseError(f"evaluation text ({describe(protocol.source, EVALUATION)}) has {len(ids)} tokens: "
-                             f"{available} windows of {protocol.seqlen}, but {wanted} were requested")
+        raise MixsparseError(
+            f"evaluation text ({describe(protocol.source, EVALUATION)}) has {len(ids)} tokens: "
+            f"{available} windows of {protocol.seqlen}, but {wanted} were requested"
+        )
     return ids[: wanted * protocol.seqlen].reshape(wanted, protocol.seqlen)

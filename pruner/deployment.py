@@ -25,8 +25,9 @@ class DeployBudget:
     @classmethod
     def for_fraction(cls, groups: list[list[str]], sizes: list[int], fraction: float) -> "DeployBudget":
         if not 0.0 <= fraction <= 1.0:
-            raise MixsparseError(f"--budget {fraction:g} is infeasible: the fraction of weights in 2:4 must be "
-                                 f"in [0, 1]")
+            raise MixsparseError(
+                f"--budget {fraction:g} is infeasible: the fraction of weights in 2:4 must be in [0, 1]"
+            )
         return cls(groups, sizes, round(fraction * sum(sizes)), max(sizes) // 2)
 
     def weight_of(self, bits) -> int:
@@ -44,8 +45,10 @@ def budget_for_memory(memory: float, linear_bytes: int, other_bytes: int) -> flo
     dense = linear_bytes + other_bytes
     smallest = (other_bytes + PACKED_FRACTION * linear_bytes) / dense
     if not smallest - 1e-9 <= memory <= 1.0:
-        raise MixsparseError(f"--memory {memory:g} is infeasible: with every decoder linear in 2:4 the weights "
-                             f"take {smallest:.3f} of dense, and nothing takes more than 1")
+        raise MixsparseError(
+            f"--memory {memory:g} is infeasible: with every decoder linear in 2:4 the weights "
+            f"take {smallest:.3f} of dense, and nothing takes more than 1"
+        )
     return min(1.0, (1.0 - memory) * dense / ((1 - PACKED_FRACTION) * linear_bytes))
 
 
@@ -109,7 +112,9 @@ class DeployOps:
         for i in order:  # too little: add groups that fit
             if self.budget.weight_of(bits) >= self.budget.target - self.budget.tolerance:
                 break
-            if not bits[i] and self.budget.weight_of(bits) + self.budget.sizes[i] <= self.budget.target + \
-                    self.budget.tolerance:
+            if (
+                not bits[i]
+                and self.budget.weight_of(bits) + self.budget.sizes[i] <= self.budget.target + self.budget.tolerance
+            ):
                 bits[i] = 1
         return tuple(bits)

@@ -46,8 +46,9 @@ def weight_bytes_split(evidence: Evidence) -> tuple[int, int]:
     return linear, total - linear
 
 
-def deploy_plan(request: PlanRequest, evidence: Evidence, fraction: float, progress: Progress,
-                state_path: Path | None) -> Plan:
+def deploy_plan(
+    request: PlanRequest, evidence: Evidence, fraction: float, progress: Progress, state_path: Path | None
+) -> Plan:
     groups, sizes = deployment_groups(evidence)
     budget = DeployBudget.for_fraction(groups, sizes, fraction)
     sensitivity = evidence.sensitivity
@@ -60,11 +61,23 @@ def deploy_plan(request: PlanRequest, evidence: Evidence, fraction: float, progr
     bits = least_sensitive
     info: dict = {}
     if request.allocator == "msp":
-        state_fingerprint = fingerprint(request, evidence, {"allocator": "msp-deploy", "budget": fraction,
-                                                            "groups": sizes, "candidates": DEPLOY_SCORES})
-        state, evaluator = run_search(request, evidence, DeployOps(budget), [least_sensitive], to_specs,
-                                      state_fingerprint, f"deploy, 2:4 fraction {fraction:g}", progress, state_path,
-                                      deploy_evaluator(request, evidence, progress))
+        state_fingerprint = fingerprint(
+            request,
+            evidence,
+            {"allocator": "msp-deploy", "budget": fraction, "groups": sizes, "candidates": DEPLOY_SCORES},
+        )
+        state, evaluator = run_search(
+            request,
+            evidence,
+            DeployOps(budget),
+            [least_sensitive],
+            to_specs,
+            state_fingerprint,
+            f"deploy, 2:4 fraction {fraction:g}",
+            progress,
+            state_path,
+            deploy_evaluator(request, evidence, progress),
+        )
         bits = tuple(state.best["genome"])
         info["search"] = search_summary(state, request)
         info["search"]["seed_fitness"] = {"least_sensitive_first": state.seed_fitness(least_sensitive)}
@@ -72,21 +85,36 @@ def deploy_plan(request: PlanRequest, evidence: Evidence, fraction: float, progr
     linear, other = weight_bytes_split(evidence)
     achieved = budget.fraction(bits)
     modules = {m: s for m, s in to_specs(bits).items() if not s.is_dense}
-    return Plan(modules, dict(evidence.shapes), {
-        "allocator": request.allocator, "metric": request.metric, "deploy": True, "search_scores": DEPLOY_SCORES,
-        "target": f"2:4 on {fraction:g} of decoder linear weights",
-        "budget": fraction, "achieved_fraction": achieved,
-        "weight_memory": memory_of(achieved, linear, other),
-        "calibration": request.calibration.to_json(), "seed": request.search.settings.seed,
-        "groups": [{"modules": g, "weights": n, "format": "2:4" if b else "dense", "fisher_per_weight": t}
-                   for g, n, b, t in zip(groups, sizes, bits, per_weight)],
-        "fisher": sensitivity.info, **info})
+    return Plan(
+        modules,
+        dict(evidence.shapes),
+        {
+            "allocator": request.allocator,
+            "metric": request.metric,
+            "deploy": True,
+            "search_scores": DEPLOY_SCORES,
+            "target": f"2:4 on {fraction:g} of decoder linear weights",
+            "budget": fraction,
+            "achieved_fraction": achieved,
+            "weight_memory": memory_of(achieved, linear, other),
+            "calibration": request.calibration.to_json(),
+            "seed": request.search.settings.seed,
+            "groups": [
+                {"modules": g, "weights": n, "format": "2:4" if b else "dense", "fisher_per_weight": t}
+                for g, n, b, t in zip(groups, sizes, bits, per_weight)
+            ],
+            "fisher": sensitivity.info,
+            **info,
+        },
+    )
 
 
 def score_plan(request: PlanRequest, evidence: Evidence, plan: Plan, progress: Progress) -> float:
     """The search's own fitness of a plan that was not searched (the fisher allocator's choice)."""
     evaluator = deploy_evaluator(request, evidence, progress)
-    value = evaluator.evaluate(plan.modules | {n: Spec.dense() for n in evidence.shapes if n not in plan.modules},
-                               max(request.search.settings.steps))
+    value = evaluator.evaluate(
+        plan.modules | {n: Spec.dense() for n in evidence.shapes if n not in plan.modules},
+        max(request.search.settings.steps),
+    )
     evaluator.restore()
     return value

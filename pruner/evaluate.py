@@ -48,15 +48,24 @@ def perplexity(
         tokens += ids.shape[1] - 1
         after_window(index)
     nll = total_nll / tokens
-    return Perplexity(math.exp(nll), nll, tokens, len(windows), time.perf_counter() - start,
-                      {**protocol.to_json(), "windows": len(windows)})
+    return Perplexity(
+        math.exp(nll),
+        nll,
+        tokens,
+        len(windows),
+        time.perf_counter() - start,
+        {**protocol.to_json(), "windows": len(windows)},
+    )
 
 
 def result_cache_key(model_path: str, protocol: EvaluationProtocol, dtype: torch.dtype) -> str:
     """Identifies (weights, protocol, dtype): cached dense perplexities are reused only for the same files."""
     path = Path(model_path)
-    stamp = [str(path.resolve()) if path.exists() else model_path, str(dtype), json.dumps(protocol.to_json(),
-                                                                                          sort_keys=True)]
+    stamp = [
+        str(path.resolve()) if path.exists() else model_path,
+        str(dtype),
+        json.dumps(protocol.to_json(), sort_keys=True),
+    ]
     if path.is_dir():
         for file in sorted(path.glob("*.safetensors")):
             info = file.stat()

@@ -45,32 +45,49 @@ def gather(request: PlanRequest, progress: Progress, need_fisher: bool, need_sta
             evidence.sensitivity = Sensitivity.load(request.fisher.sensitivity)
             evidence.sensitivity.check_model(evidence.shapes)
         else:
-            evidence.sensitivity = compute_sensitivity(evidence, request.calibration, request.fisher.samples,
-                                                       request.device, progress)
+            evidence.sensitivity = compute_sensitivity(
+                evidence, request.calibration, request.fisher.samples, request.device, progress
+            )
     if need_stats:
         windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
         blocks = len(evidence.adapter.blocks)
         with progress.task(f"activation norms ({blocks} blocks)", blocks) as advance:
-            evidence.stats = activation_stats(evidence.adapter, windows, list(evidence.shapes), request.device,
-                                              after_block=lambda index: advance())
+            evidence.stats = activation_stats(
+                evidence.adapter, windows, list(evidence.shapes), request.device, after_block=lambda index: advance()
+            )
     return evidence
 
 
-def compute_sensitivity(evidence: Evidence, calibration: data.CalibrationProtocol, samples: int, device: str,
-                        progress: Progress) -> Sensitivity:
+def compute_sensitivity(
+    evidence: Evidence, calibration: data.CalibrationProtocol, samples: int, device: str, progress: Progress
+) -> Sensitivity:
     if samples < 1:
         raise MixsparseError("--samples must be at least 1")
     windows = data.calibration_windows(evidence.loaded.tokenizer, replace(calibration, samples=samples))
     with progress.task(f"Fisher traces ({samples} samples)", samples) as advance:
-        sensitivity = fisher_traces(evidence.adapter, windows, list(evidence.shapes), device,
-                                    after_sample=lambda index: advance())
-    sensitivity.info.update({"model": evidence.loaded.name, "calibration": replace(calibration, samples=samples)
-                            .to_json(), "loss": "mean next-token NLL per sequence"})
+        sensitivity = fisher_traces(
+            evidence.adapter, windows, list(evidence.shapes), device, after_sample=lambda index: advance()
+        )
+    sensitivity.info.update(
+        {
+            "model": evidence.loaded.name,
+            "calibration": replace(calibration, samples=samples).to_json(),
+            "loss": "mean next-token NLL per sequence",
+        }
+    )
     return sensitivity
 
 
-def sensitivity_command(model: str, out: str, samples: int, calibration: data.CalibrationProtocol, device: str,
-                        plot: str | None, overwrite: bool, progress: Progress = Silent()) -> Sensitivity:
+def sensitivity_command(
+    model: str,
+    out: str,
+    samples: int,
+    calibration: data.CalibrationProtocol,
+    device: str,
+    plot: str | None,
+    overwrite: bool,
+    progress: Progress = Silent(),
+) -> Sensitivity:
     refuse_existing(out, overwrite)
     if plot:
         refuse_existing(plot, overwrite)
@@ -91,13 +108,17 @@ def base_weights_24(request: PlanRequest, evidence: Evidence, progress: Progress
         names = list(evidence.shapes)
         dense = {n: linears[n].weight.detach().clone() for n in names}
         metric = get_metric(request.metric)
-        windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration) \
-            if metric.needs_calibration else None
+        windows = (
+            data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
+            if metric.needs_calibration
+            else None
+        )
         plan = Plan({n: Spec.nm(2, 4) for n in names}, dict(evidence.shapes), {"allocator": "all 2:4"})
         blocks = len(evidence.adapter.blocks)
         with progress.task(f"{request.metric} 2:4 weights of every group ({blocks} blocks)", blocks) as advance:
-            prune_model(evidence.adapter, plan, request.metric, windows, request.device,
-                        after_block=lambda index: advance())
+            prune_model(
+                evidence.adapter, plan, request.metric, windows, request.device, after_block=lambda index: advance()
+            )
         evidence.adapter.model.to("cpu")
         with torch.no_grad():
             evidence.weights_24 = {n: linears[n].weight.detach().clone() for n in names}

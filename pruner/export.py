@@ -15,13 +15,22 @@ from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.formats.hf import load_dense
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one is needed to tokenize
 
 
-def module_entries(adapter: ModelAdapter, plan: Plan, groups: list[list[str]],
-                   dtype: torch.dtype | None = None) -> dict[str, artifact.ModuleEntry]:
+def module_entries(
+    adapter: ModelAdapter, plan: Plan, groups: list[list[str]], dtype: torch.dtype | None = None
+) -> dict[str, artifact.ModuleEntry]:
     """One entry per pruned module: its format, storage (chosen by its bytes stored in ``dtype``, default the
     weights' own), shape and measured sparsity."""
     modules = dict(adapter.linears())
@@ -29,19 +38,23 @@ def module_entries(adapter: ModelAdapter, plan: Plan, groups: list[list[str]],
     if head:
         modules[head[0]] = head[1]
     pruned = {name: spec for name, spec in plan.modules.items() if not spec.is_dense}
-    formats = {name: ("unstructured" if spec.kind == "unstructured" else str(spec),
-                      tuple(modules[name].weight.shape)) for name, spec in pruned.items()}
+    formats = {
+        name: ("unstructured" if spec.kind == "unstructured" else str(spec), tuple(modules[name].weight.shape))
+        for name, spec in pruned.items()
+    }
     # counted in the stored dtype: a weight too small for fp16 becomes a zero the bitmask does not keep
-    nnz = {name: int((modules[name].weight.detach().to(dtype or modules[name].weight.dtype) != 0).sum())
-           for name in pruned}
+    nnz = {
+        name: int((modules[name].weight.detach().to(dtype or modules[name].weight.dtype) != 0).sum()) for name in pruned
+    }
     element = torch.empty((), dtype=dtype or next(iter(modules.values())).weight.dtype).element_size()
     storage = artifact.storage_for(formats, groups, nnz, element)
     entries = {}
     for name, (fmt, shape) in formats.items():
         weight = modules[name].weight
         sparsity = float((weight == 0).sum()) / weight.numel()
-        entries[name] = artifact.ModuleEntry(fmt, storage[name], shape, round(sparsity, 6),
-                                             nnz[name] if storage[name] == artifact.BITMASK else None)
+        entries[name] = artifact.ModuleEntry(
+            fmt, storage[name], shape, round(sparsity, 6), nnz[name] if storage[name] == artifact.BITMASK else None
+        )
     return entries
 
 
@@ -70,10 +83,12 @@ def save_artifact(
 ) -> artifact.ArtifactConfig:
     """Write the artifact in one atomic rename: compressed sparse weights (``entries``, see ``module_entries``),
     config, tokenizer, generation config and ``texts`` (``plan.json``, the model card)."""
-    pretrained = [tokenizer] + ([model.generation_config] if getattr(model, "generation_config", None) is not None
-                                else [])
-    return artifact.write(out, unique_state_dict(model), entries, groups, model.config.to_dict(), dtype, texts,
-                          pretrained, overwrite)
+    pretrained = [tokenizer] + (
+        [model.generation_config] if getattr(model, "generation_config", None) is not None else []
+    )
+    return artifact.write(
+        out, unique_state_dict(model), entries, groups, model.config.to_dict(), dtype, texts, pretrained, overwrite
+    )
 
 
 def export_dense(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -81,8 +96,10 @@ def export_dense(source: str | os.PathLike, out: str | os.PathLike, overwrite: b
     refuse_existing(out, overwrite)
     if not any((Path(source) / name).is_file() for name in VOCABULARY_FILES):
         # a copy without them loads its weights but not its tokenizer: not the plain model users expect
-        raise MixsparseError(f"{source} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); copy the "
-                             f"base model's tokenizer files into it, then export")
+        raise MixsparseError(
+            f"{source} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); copy the "
+            f"base model's tokenizer files into it, then export"
+        )
     model, config = load_dense(source)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

@@ -32,9 +32,13 @@ FITNESS = ("loss", "kl")
 
 
 @torch.no_grad()
-def activation_stats(adapter: ModelAdapter, windows: torch.Tensor, names: list[str],
-                     device: str | torch.device = "cpu",
-                     after_block: Callable[[int], None] = lambda index: None) -> dict[str, InputStats]:
+def activation_stats(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    names: list[str],
+    device: str | torch.device = "cpu",
+    after_block: Callable[[int], None] = lambda index: None,
+) -> dict[str, InputStats]:
     """Every module's input statistics (Σ_tokens x_j², no Hessian), from one pass over the dense model."""
     stats: dict[str, InputStats] = {}
 
@@ -58,9 +62,17 @@ def ranks(scores_: torch.Tensor, per_row: bool) -> torch.Tensor:
 
 
 class PlanEvaluator:
-    def __init__(self, adapter: ModelAdapter, names: list[str], metric: str,
-                 stats: dict[str, InputStats] | None, sequences: torch.Tensor, device: str | torch.device = "cpu",
-                 fitness: str = "loss", weights_24: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        names: list[str],
+        metric: str,
+        stats: dict[str, InputStats] | None,
+        sequences: torch.Tensor,
+        device: str | torch.device = "cpu",
+        fitness: str = "loss",
+        weights_24: dict[str, torch.Tensor] | None = None,
+    ):
         if fitness not in FITNESS:
             raise ValueError(f"fitness must be one of {FITNESS}")
         self.model = adapter.model.to(device)
@@ -94,8 +106,10 @@ class PlanEvaluator:
                 weight.copy_(dense)
             elif spec.kind == "nm":
                 if (spec.n, spec.m) != (2, 4) or name not in self.weights_24:
-                    raise ValueError(f"{name}: {spec} candidates need the base metric's own 2:4 weights "
-                                     f"(deployment_plans.deploy_evaluator)")
+                    raise ValueError(
+                        f"{name}: {spec} candidates need the base metric's own 2:4 weights "
+                        f"(deployment_plans.deploy_evaluator)"
+                    )
                 weight.copy_(self.weights_24[name])
             else:
                 count = dense.shape[1] if self.per_row else dense.numel()

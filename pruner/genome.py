@@ -39,10 +39,13 @@ def genes_for(shapes: dict[str, tuple[int, int]], blocks_name: str, granularity:
     for name in shapes:
         if not name.startswith(blocks_name + "."):
             raise MixsparseError(f"module {name} is not inside a decoder block; use --granularity module")
-        block = f"{blocks_name}.{name[len(blocks_name) + 1:].split('.', 1)[0]}"
+        block = f"{blocks_name}.{name[len(blocks_name) + 1 :].split('.', 1)[0]}"
         groups.setdefault(block, []).append(name)
-    return Genes(list(groups), list(groups.values()),
-                 [sum(shapes[n][0] * shapes[n][1] for n in names) for names in groups.values()])
+    return Genes(
+        list(groups),
+        list(groups.values()),
+        [sum(shapes[n][0] * shapes[n][1] for n in names) for names in groups.values()],
+    )
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,10 @@ class Budget:
         if not 0 <= min_ratio <= max_ratio < 1:
             raise MixsparseError(f"ratio bounds [{min_ratio}, {max_ratio}] must satisfy 0 <= min <= max < 1")
         if not min_ratio <= target <= max_ratio:
-            raise MixsparseError(f"target {target:g} is infeasible: every ratio must lie in "
-                                 f"[{min_ratio:g}, {max_ratio:g}], so the average can too")
+            raise MixsparseError(
+                f"target {target:g} is infeasible: every ratio must lie in "
+                f"[{min_ratio:g}, {max_ratio:g}], so the average can too"
+            )
         low = tuple(math.ceil(min_ratio * n) for n in sizes)
         high = tuple(math.floor(max_ratio * n) for n in sizes)
         pruned = round(target * sum(sizes))

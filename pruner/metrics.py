@@ -37,8 +37,9 @@ def wanda_prune(weight: torch.Tensor, spec: Spec, stats: InputStats, **options) 
     return weight * mask_for(wanda_score(weight, stats), spec, per_row=True)
 
 
-def sparsegpt_prune_weight(weight: torch.Tensor, spec: Spec, stats: InputStats, blocksize: int = 128,
-                           damp: float = 0.01) -> torch.Tensor:
+def sparsegpt_prune_weight(
+    weight: torch.Tensor, spec: Spec, stats: InputStats, blocksize: int = 128, damp: float = 0.01
+) -> torch.Tensor:
     return sparsegpt_prune(weight, stats.hessian, spec, blocksize=blocksize, damp=damp)
 
 
@@ -54,14 +55,38 @@ class Metric:
     scores_as: str  # what a plan search ranks weights by: SparseGPT's saliency needs its sequential update
 
 
-METRICS = {metric.name: metric for metric in (
-    Metric("magnitude", magnitude_score, magnitude_prune, needs_calibration=False, needs_hessian=False,
-           per_row=False, scores_as="magnitude"),
-    Metric("wanda", wanda_score, wanda_prune, needs_calibration=True, needs_hessian=False, per_row=True,
-           scores_as="wanda"),
-    Metric("sparsegpt", wanda_score, sparsegpt_prune_weight, needs_calibration=True, needs_hessian=True,
-           per_row=True, scores_as="wanda"),
-)}
+METRICS = {
+    metric.name: metric
+    for metric in (
+        Metric(
+            "magnitude",
+            magnitude_score,
+            magnitude_prune,
+            needs_calibration=False,
+            needs_hessian=False,
+            per_row=False,
+            scores_as="magnitude",
+        ),
+        Metric(
+            "wanda",
+            wanda_score,
+            wanda_prune,
+            needs_calibration=True,
+            needs_hessian=False,
+            per_row=True,
+            scores_as="wanda",
+        ),
+        Metric(
+            "sparsegpt",
+            wanda_score,
+            sparsegpt_prune_weight,
+            needs_calibration=True,
+            needs_hessian=True,
+            per_row=True,
+            scores_as="wanda",
+        ),
+    )
+}
 
 
 def get_metric(name: str) -> Metric:

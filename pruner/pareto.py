@@ -29,12 +29,29 @@ def pareto(request: PlanRequest, evidence: Evidence, progress: Progress) -> list
                 best = score_plan(request, evidence, plan, progress)
             name = f"plan-b{fraction:.2f}.json"
             plan.save(tmp / name)
-            front.append({"budget": fraction, "achieved_fraction": plan.info["achieved_fraction"],
-                          "weight_memory": plan.info["weight_memory"], "fitness": best,
-                          "perplexity": float(torch.tensor(best).exp()) if fitness == "loss" else None,
-                          "plan": name})
-        (tmp / "front.json").write_text(json.dumps({"fitness": fitness, "metric": request.metric, "front": front,
-                                                    "linear_bytes": linear, "other_bytes": other}, indent=2) + "\n")
+            front.append(
+                {
+                    "budget": fraction,
+                    "achieved_fraction": plan.info["achieved_fraction"],
+                    "weight_memory": plan.info["weight_memory"],
+                    "fitness": best,
+                    "perplexity": float(torch.tensor(best).exp()) if fitness == "loss" else None,
+                    "plan": name,
+                }
+            )
+        (tmp / "front.json").write_text(
+            json.dumps(
+                {
+                    "fitness": fitness,
+                    "metric": request.metric,
+                    "front": front,
+                    "linear_bytes": linear,
+                    "other_bytes": other,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         (tmp / "front.md").write_text(front_markdown(front, fitness))
         plot_front(front, tmp / "front.png", fitness, request.allocator, request.metric)
     return front
@@ -42,10 +59,14 @@ def pareto(request: PlanRequest, evidence: Evidence, progress: Progress) -> list
 
 def front_markdown(front: list[dict], fitness: str) -> str:
     label = "held-out perplexity" if fitness == "loss" else "KL to dense"
-    rows = ["| 2:4 fraction (target) | 2:4 fraction (achieved) | weight memory (of dense) | " + label + " | plan |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| 2:4 fraction (target) | 2:4 fraction (achieved) | weight memory (of dense) | " + label + " | plan |",
+        "|---|---|---|---|---|",
+    ]
     for point in front:
         value = point["perplexity"] if fitness == "loss" else point["fitness"]
-        rows.append(f"| {point['budget']:.2f} | {point['achieved_fraction']:.3f} | {point['weight_memory']:.3f} | "
-                    f"{value:.3f} | {point['plan']} |")
+        rows.append(
+            f"| {point['budget']:.2f} | {point['achieved_fraction']:.3f} | {point['weight_memory']:.3f} | "
+            f"{value:.3f} | {point['plan']} |"
+        )
     return "\n".join(rows) + "\n"

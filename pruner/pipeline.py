@@ -61,39 +61,83 @@ class PruneSummary:
     recovery: RecoverResult | None = None
 
     def to_json(self) -> dict:
-        return {"out": str(self.out), "metric": self.result.metric, "plan": describe_plan(self.plan),
-                "planned_weight_sparsity": self.plan.weight_sparsity(), "linear_sparsity": self.sparsity,
-                "weight_bytes": self.weight_bytes,
-                "perplexity": {k: v.to_json() for k, v in self.perplexity.items()},
-                "prune_seconds": self.result.seconds, "load_seconds": self.load_seconds,
-                "save_seconds": self.save_seconds, "peak_memory_bytes": self.result.peak_memory_bytes,
-                "device": self.result.device,
-                **({"recovery": self.recovery.to_json()} if self.recovery else {})}
+        return {
+            "out": str(self.out),
+            "metric": self.result.metric,
+            "plan": describe_plan(self.plan),
+            "planned_weight_sparsity": self.plan.weight_sparsity(),
+            "linear_sparsity": self.sparsity,
+            "weight_bytes": self.weight_bytes,
+            "perplexity": {k: v.to_json() for k, v in self.perplexity.items()},
+            "prune_seconds": self.result.seconds,
+            "load_seconds": self.load_seconds,
+            "save_seconds": self.save_seconds,
+            "peak_memory_bytes": self.result.peak_memory_bytes,
+            "device": self.result.device,
+            **({"recovery": self.recovery.to_json()} if self.recovery else {}),
+        }
 
     def rows(self) -> list[tuple[str, str]]:
         ppl = self.perplexity
-        rows = [("metric", self.result.metric), ("plan", describe_plan(self.plan)),
-                ("linear sparsity (planned modules)", f"{self.sparsity:.2%}")]
+        rows = [
+            ("metric", self.result.metric),
+            ("plan", describe_plan(self.plan)),
+            ("linear sparsity (planned modules)", f"{self.sparsity:.2%}"),
+        ]
         if ppl:
             label = f"perplexity ({ppl['pruned'].windows} windows)"
             one_shot = f"{ppl['one_shot'].perplexity:.2f} one-shot -> " if "one_shot" in ppl else ""
-            rows.append((label, f"{ppl['dense'].perplexity:.2f} dense -> {one_shot}{ppl['pruned'].perplexity:.2f} "
-                                f"{'recovered' if one_shot else 'pruned'}"))
+            rows.append(
+                (
+                    label,
+                    f"{ppl['dense'].perplexity:.2f} dense -> {one_shot}{ppl['pruned'].perplexity:.2f} "
+                    f"{'recovered' if one_shot else 'pruned'}",
+                )
+            )
         wb = self.weight_bytes
-        rows += [("stored weight bytes", f"{human_bytes(wb['stored'])} of {human_bytes(wb['dense_equivalent'])} "
-                                         f"dense ({wb['stored'] / wb['dense_equivalent']:.1%})"),
-                 ("2:4 packed modules", f"{human_bytes(wb['packed_stored'])} of "
-                                        f"{human_bytes(wb['packed_dense_equivalent'])} dense"),
-                 *([("bitmask modules", f"{human_bytes(wb['bitmask_stored'])} of "
-                                        f"{human_bytes(wb['bitmask_dense_equivalent'])} dense")]
-                   if wb.get("bitmask_dense_equivalent") else []),
-                 ("prune time", f"{self.result.seconds:.1f} s on {self.result.device} "
-                                f"(load {self.load_seconds:.1f} s, save {self.save_seconds:.1f} s)"),
-                 *([("recovery", f"{self.recovery.seconds:.1f} s on {self.recovery.device}, "
-                                 f"{describe_recovery(self.recovery)}")] if self.recovery else []),
-                 ("peak memory", human_bytes(max(self.result.peak_memory_bytes,
-                                                 self.recovery.peak_memory_bytes if self.recovery else 0))),
-                 ("artifact", str(self.out))]
+        rows += [
+            (
+                "stored weight bytes",
+                f"{human_bytes(wb['stored'])} of {human_bytes(wb['dense_equivalent'])} "
+                f"dense ({wb['stored'] / wb['dense_equivalent']:.1%})",
+            ),
+            (
+                "2:4 packed modules",
+                f"{human_bytes(wb['packed_stored'])} of {human_bytes(wb['packed_dense_equivalent'])} dense",
+            ),
+            *(
+                [
+                    (
+                        "bitmask modules",
+                        f"{human_bytes(wb['bitmask_stored'])} of {human_bytes(wb['bitmask_dense_equivalent'])} dense",
+                    )
+                ]
+                if wb.get("bitmask_dense_equivalent")
+                else []
+            ),
+            (
+                "prune time",
+                f"{self.result.seconds:.1f} s on {self.result.device} "
+                f"(load {self.load_seconds:.1f} s, save {self.save_seconds:.1f} s)",
+            ),
+            *(
+                [
+                    (
+                        "recovery",
+                        f"{self.recovery.seconds:.1f} s on {self.recovery.device}, {describe_recovery(self.recovery)}",
+                    )
+                ]
+                if self.recovery
+                else []
+            ),
+            (
+                "peak memory",
+                human_bytes(
+                    max(self.result.peak_memory_bytes, self.recovery.peak_memory_bytes if self.recovery else 0)
+                ),
+            ),
+            ("artifact", str(self.out)),
+        ]
         return rows
 
 
@@ -119,8 +163,10 @@ def build_plan(job: PruneJob, adapter: ModelAdapter) -> Plan:
             raise MixsparseError("--prune-lm-head: this model has no linear lm_head")
         embeddings = adapter.model.get_input_embeddings()
         if embeddings is not None and embeddings.weight is head[1].weight:
-            raise MixsparseError("--prune-lm-head: lm_head shares its weight with the input embeddings "
-                                 "(tie_word_embeddings), so pruning it would prune the embeddings too")
+            raise MixsparseError(
+                "--prune-lm-head: lm_head shares its weight with the input embeddings "
+                "(tie_word_embeddings), so pruning it would prune the embeddings too"
+            )
         shapes[head[0]] = tuple(head[1].weight.shape)
         adapter.final_norm()  # fail now, not after the blocks, if it cannot be calibrated
     if job.plan:
@@ -164,15 +210,23 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
     needs_calibration = metric.needs_calibration or job.recover is not None
     calibration = data.calibration_windows(loaded.tokenizer, job.calibration) if needs_calibration else None
     with progress.task(f"pruning ({job.metric}, {len(adapter.blocks)} blocks)", len(adapter.blocks)) as advance:
-        result = prune_model(adapter, plan, job.metric, calibration if metric.needs_calibration else None,
-                             job.device, job.options, after_block=lambda index: advance())
+        result = prune_model(
+            adapter,
+            plan,
+            job.metric,
+            calibration if metric.needs_calibration else None,
+            job.device,
+            job.options,
+            after_block=lambda index: advance(),
+        )
     loaded.model.to("cpu")
     recovery = None
     state = RecoveryState(recovery_state_dir(job.out), request_of(job, path)) if job.recover is not None else None
     if job.recover is not None:
         if windows is not None:
-            perplexities["one_shot"] = run_perplexity(loaded.model, windows, job.evaluation, job.device, progress,
-                                                      "one-shot")
+            perplexities["one_shot"] = run_perplexity(
+                loaded.model, windows, job.evaluation, job.device, progress, "one-shot"
+            )
             loaded.model.to("cpu")
         recovery = run_recovery(adapter, adapt(dense), plan, calibration, job.recover, job.device, state, progress)
         del dense
@@ -190,19 +244,39 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
         "metric": job.metric,
         "model": {"name": job.model, "path": loaded.path},
         "calibration": job.calibration.to_json() if needs_calibration else None,
-        "prune": {**result.to_json(), "options": vars(job.options), "module_seconds":
-                  {k: round(v, 3) for k, v in result.module_seconds.items()}},
+        "prune": {
+            **result.to_json(),
+            "options": vars(job.options),
+            "module_seconds": {k: round(v, 3) for k, v in result.module_seconds.items()},
+        },
         **({"recover": recovery.to_json()} if recovery else {}),
-        "measurements": {"linear_sparsity": zeros / max(total, 1),
-                         "perplexity": {k: v.to_json() for k, v in perplexities.items()}},
+        "measurements": {
+            "linear_sparsity": zeros / max(total, 1),
+            "perplexity": {k: v.to_json() for k, v in perplexities.items()},
+        },
     }
     entries = module_entries(adapter, plan, groups, stored)
-    summary = PruneSummary(Path(job.out), plan, result, zeros / max(total, 1),
-                           artifact.planned_weight_bytes(unique_state_dict(loaded.model), entries, stored),
-                           perplexities, load_seconds, 0.0, recovery)
-    save_artifact(loaded.model, loaded.tokenizer, entries, groups, job.out, stored,
-                  {"plan.json": plan_text(plan, record), "README.md": model_card(job, summary, stored)},
-                  overwrite=job.overwrite)
+    summary = PruneSummary(
+        Path(job.out),
+        plan,
+        result,
+        zeros / max(total, 1),
+        artifact.planned_weight_bytes(unique_state_dict(loaded.model), entries, stored),
+        perplexities,
+        load_seconds,
+        0.0,
+        recovery,
+    )
+    save_artifact(
+        loaded.model,
+        loaded.tokenizer,
+        entries,
+        groups,
+        job.out,
+        stored,
+        {"plan.json": plan_text(plan, record), "README.md": model_card(job, summary, stored)},
+        overwrite=job.overwrite,
+    )
     if state is not None:
         state.remove()  # only now: the artifact holds the tuned weights
     summary.save_seconds = time.perf_counter() - save_start
@@ -227,10 +301,19 @@ def request_of(job: PruneJob, resolved: str) -> dict:
     plan_digest = None
     if job.plan:
         plan_digest = hashlib.sha256(Path(job.plan).read_bytes()).hexdigest()
-    return {"model": str(Path(resolved).resolve()) if Path(resolved).exists() else resolved, "metric": job.metric,
-            "sparsity": job.sparsity, "plan_sha256": plan_digest, "include": job.include, "exclude": job.exclude,
-            "prune_lm_head": job.prune_lm_head, "calibration": job.calibration.to_json(), "dtype": job.dtype,
-            "options": vars(job.options), **({"recover": job.recover.to_json()} if job.recover else {})}
+    return {
+        "model": str(Path(resolved).resolve()) if Path(resolved).exists() else resolved,
+        "metric": job.metric,
+        "sparsity": job.sparsity,
+        "plan_sha256": plan_digest,
+        "include": job.include,
+        "exclude": job.exclude,
+        "prune_lm_head": job.prune_lm_head,
+        "calibration": job.calibration.to_json(),
+        "dtype": job.dtype,
+        "options": vars(job.options),
+        **({"recover": job.recover.to_json()} if job.recover else {}),
+    }
 
 
 def _stored_dtype(path: str, requested: str | None) -> torch.dtype:
@@ -276,12 +359,21 @@ class EvalSummary:
     artifact: bool
 
     def to_json(self) -> dict:
-        return {"model": self.model, **self.perplexity.to_json(), "linear_sparsity": self.sparsity,
-                "artifact": self.artifact}
+        return {
+            "model": self.model,
+            **self.perplexity.to_json(),
+            "linear_sparsity": self.sparsity,
+            "artifact": self.artifact,
+        }
 
 
-def evaluate_model(model: str, protocol: data.EvaluationProtocol, device: str = "cpu",
-                   progress: Progress = Silent(), use_cache: bool = True) -> EvalSummary:
+def evaluate_model(
+    model: str,
+    protocol: data.EvaluationProtocol,
+    device: str = "cpu",
+    progress: Progress = Silent(),
+    use_cache: bool = True,
+) -> EvalSummary:
     check_device(device)
     path = models.resolve(model)
     loaded = models.load(model, dtype=compute_dtype(device, _stored_dtype(path, None)))

@@ -65,10 +65,12 @@ class Plan:
     @classmethod
     def from_json(cls, data: dict, source: str = "plan") -> "Plan":
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise MixsparseError(f"{source} is not a mixsparse plan (no \"format\": \"{PLAN_FORMAT}\")")
+            raise MixsparseError(f'{source} is not a mixsparse plan (no "format": "{PLAN_FORMAT}")')
         if data.get("version") != PLAN_VERSION:
-            raise MixsparseError(f"{source}: plan version {data.get('version')!r} is not supported "
-                                 f"(this mixsparse reads version {PLAN_VERSION})")
+            raise MixsparseError(
+                f"{source}: plan version {data.get('version')!r} is not supported "
+                f"(this mixsparse reads version {PLAN_VERSION})"
+            )
         try:
             modules = {str(n): Spec.parse(s) for n, s in data["modules"].items()}
             shapes = {str(n): (int(s[0]), int(s[1])) for n, s in data["shapes"].items()}

@@ -108,17 +108,21 @@ def check(request: PlanRequest) -> None:
     deploy = request.deploy
     if deploy is not None:
         if request.allocator not in DEPLOY_ALLOCATORS:
-            raise MixsparseError(f"--deploy chooses dense or 2:4 per fused group; allocator {request.allocator!r} "
-                                 f"does not apply (use {' or '.join(DEPLOY_ALLOCATORS)})")
+            raise MixsparseError(
+                f"--deploy chooses dense or 2:4 per fused group; allocator {request.allocator!r} "
+                f"does not apply (use {' or '.join(DEPLOY_ALLOCATORS)})"
+            )
         if not deploy.pareto and (deploy.budget is None) == (deploy.memory is None):
             raise MixsparseError("--deploy needs exactly one of --budget or --memory (or --pareto)")
         # the same range DeployBudget enforces
-        fractions = ([deploy.budget] if deploy.budget is not None else []) + \
-            (list(deploy.budgets) if deploy.pareto else [])
+        fractions = ([deploy.budget] if deploy.budget is not None else []) + (
+            list(deploy.budgets) if deploy.pareto else []
+        )
         for fraction in fractions:
             if not 0.0 <= fraction <= 1.0:
-                raise MixsparseError(f"--budget {fraction:g} is infeasible: the fraction of weights in 2:4 must be "
-                                     f"in [0, 1]")
+                raise MixsparseError(
+                    f"--budget {fraction:g} is infeasible: the fraction of weights in 2:4 must be in [0, 1]"
+                )
         if deploy.memory is not None and not 0.0 < deploy.memory <= 1.0:
             raise MixsparseError(f"--memory {deploy.memory:g} is not a fraction of the dense weight memory in (0, 1]")
     else:

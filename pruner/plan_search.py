@@ -21,29 +21,58 @@ from mixsparse.pruner.search import SearchState, evolve
 
 def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
     """Held-out sequences: other random windows of the calibration split (seed + 1)."""
-    protocol = replace(request.calibration, samples=max(request.search.settings.steps),
-                       seqlen=request.search.fitness_seqlen, seed=request.calibration.seed + 1)
+    protocol = replace(
+        request.calibration,
+        samples=max(request.search.settings.steps),
+        seqlen=request.search.fitness_seqlen,
+        seed=request.calibration.seed + 1,
+    )
     return data.calibration_windows(tokenizer, protocol)
 
 
-def evaluator_for(request: PlanRequest, evidence: Evidence,
-                  weights_24: dict[str, torch.Tensor] | None = None) -> PlanEvaluator:
-    return PlanEvaluator(evidence.adapter, list(evidence.shapes), request.metric, evidence.stats,
-                         fitness_sequences(request, evidence.loaded.tokenizer), request.device,
-                         request.search.fitness, weights_24)
+def evaluator_for(
+    request: PlanRequest, evidence: Evidence, weights_24: dict[str, torch.Tensor] | None = None
+) -> PlanEvaluator:
+    return PlanEvaluator(
+        evidence.adapter,
+        list(evidence.shapes),
+        request.metric,
+        evidence.stats,
+        fitness_sequences(request, evidence.loaded.tokenizer),
+        request.device,
+        request.search.fitness,
+        weights_24,
+    )
 
 
 def fingerprint(request: PlanRequest, evidence: Evidence, what: dict) -> dict:
     shapes = hashlib.sha256(json.dumps(sorted(evidence.shapes.items())).encode()).hexdigest()[:16]
     search = request.search
-    return {"model": evidence.loaded.path, "shapes": shapes, "metric": request.metric, "fitness": search.fitness,
-            "steps": list(search.settings.steps), "fitness_seqlen": search.fitness_seqlen,
-            "calibration": request.calibration.to_json(), "seed": search.settings.seed, **what}
+    return {
+        "model": evidence.loaded.path,
+        "shapes": shapes,
+        "metric": request.metric,
+        "fitness": search.fitness,
+        "steps": list(search.settings.steps),
+        "fitness_seqlen": search.fitness_seqlen,
+        "calibration": request.calibration.to_json(),
+        "seed": search.settings.seed,
+        **what,
+    }
 
 
-def run_search(request: PlanRequest, evidence: Evidence, ops, seeds, to_specs, fingerprint: dict, label: str,
-               progress: Progress, state_path: Path | None,
-               evaluator: PlanEvaluator | None = None) -> tuple[SearchState, PlanEvaluator]:
+def run_search(
+    request: PlanRequest,
+    evidence: Evidence,
+    ops,
+    seeds,
+    to_specs,
+    fingerprint: dict,
+    label: str,
+    progress: Progress,
+    state_path: Path | None,
+    evaluator: PlanEvaluator | None = None,
+) -> tuple[SearchState, PlanEvaluator]:
     settings = request.search.settings
     if evaluator is None:
         evaluator = evaluator_for(request, evidence)
@@ -59,6 +88,7 @@ def run_search(request: PlanRequest, evidence: Evidence, ops, seeds, to_specs, f
 
     remaining = max(settings.generations - state.generation, 0) + (0 if state.population else 1)
     with progress.task(f"search ({label})", remaining) as advance:
+
         def on_generation(current: SearchState) -> None:
             current.tokens = tokens_before + evaluator.tokens
             if state_path is not None:
@@ -75,9 +105,16 @@ def run_search(request: PlanRequest, evidence: Evidence, ops, seeds, to_specs, f
 
 def search_summary(state: SearchState, request: PlanRequest) -> dict:
     search = request.search
-    return {"settings": state.settings, "delta": search.delta, "fitness": search.fitness,
-            "fitness_seqlen": search.fitness_seqlen, "evaluation_steps_sequences": list(search.settings.steps),
-            "generations": state.generation, "evaluations": state.evaluations, "tokens": state.tokens,
-            "seconds": round(state.seconds, 1), "best_fitness": state.best["fitness"],
-            "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()}
-                        for h in state.history]}
+    return {
+        "settings": state.settings,
+        "delta": search.delta,
+        "fitness": search.fitness,
+        "fitness_seqlen": search.fitness_seqlen,
+        "evaluation_steps_sequences": list(search.settings.steps),
+        "generations": state.generation,
+        "evaluations": state.evaluations,
+        "tokens": state.tokens,
+        "seconds": round(state.seconds, 1),
+        "best_fitness": state.best["fitness"],
+        "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in state.history],
+    }

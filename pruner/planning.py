@@ -39,8 +39,9 @@ def make_plan(request: PlanRequest, progress: Progress = Silent()) -> PlanOutcom
     pareto_sweep = deploy is not None and deploy.pareto
     if not request.search.resume:
         if request.allocator == "msp" and not pareto_sweep and request.state_path.exists() and not request.overwrite:
-            raise MixsparseError(f"search state {request.state_path} exists: pass --resume to continue it, or "
-                                 f"--overwrite to start over")
+            raise MixsparseError(
+                f"search state {request.state_path} exists: pass --resume to continue it, or --overwrite to start over"
+            )
         refuse_existing(request.out, request.overwrite)
     if request.plot:
         refuse_existing(request.plot, request.overwrite)
@@ -48,8 +49,9 @@ def make_plan(request: PlanRequest, progress: Progress = Silent()) -> PlanOutcom
     need_fisher = deploy is not None or request.allocator in ("fisher", "msp")
     # a research search ranks by the metric's scores, which need activation statistics unless it has no
     # calibration; deployment candidates use the base metric's own 2:4 weights, not scores of the dense model
-    need_stats = request.allocator == "owl" or (get_metric(request.metric).needs_calibration
-                                                and request.allocator == "msp" and deploy is None)
+    need_stats = request.allocator == "owl" or (
+        get_metric(request.metric).needs_calibration and request.allocator == "msp" and deploy is None
+    )
     evidence = gather(request, progress, need_fisher, need_stats)
     if pareto_sweep:
         front = pareto(request, evidence, progress)
@@ -58,8 +60,9 @@ def make_plan(request: PlanRequest, progress: Progress = Silent()) -> PlanOutcom
         fraction = deploy.budget
         if deploy.memory is not None:
             fraction = budget_for_memory(deploy.memory, *weight_bytes_split(evidence))
-        plan = deploy_plan(request, evidence, fraction, progress,
-                           request.state_path if request.allocator == "msp" else None)
+        plan = deploy_plan(
+            request, evidence, fraction, progress, request.state_path if request.allocator == "msp" else None
+        )
     else:
         plan = research_plan(request, evidence, progress)
     plan.info["seconds"] = round(time.perf_counter() - start, 1)

@@ -87,8 +87,9 @@ def plot_front(front: list[dict], path: str | os.PathLike, fitness: str, allocat
     quality = [p["perplexity"] if p["perplexity"] is not None else p["fitness"] for p in front]
     axis.plot(memory, quality, marker="o")
     for point, x, y in zip(front, memory, quality):
-        axis.annotate(f"{point['achieved_fraction']:.2f}", (x, y), textcoords="offset points", xytext=(4, 4),
-                      fontsize=8)
+        axis.annotate(
+            f"{point['achieved_fraction']:.2f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
     axis.set_xlabel("weight memory (fraction of dense)")
     axis.set_ylabel("held-out perplexity" if fitness == "loss" else "KL to dense")
     axis.set_title(f"Deployment front ({allocator}, {metric} 2:4 masks); labels: 2:4 fraction")

@@ -32,12 +32,26 @@ class RichProgress:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[Advance]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress as Bar,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
-                 transient=False) as bar:
+        with Bar(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            transient=False,
+        ) as bar:
             task = bar.add_task(description, total=total, status="")
 
             def advance(status: str | None = None) -> None:

@@ -32,8 +32,12 @@ class PruneResult:
     module_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"metric": self.metric, "seconds": round(self.seconds, 2), "device": self.device,
-                "peak_memory_bytes": self.peak_memory_bytes}
+        return {
+            "metric": self.metric,
+            "seconds": round(self.seconds, 2),
+            "device": self.device,
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
 
 
 class _SequentialPruner:

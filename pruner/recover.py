@@ -83,11 +83,22 @@ class RecoverResult:
         return sum(b.resumed for b in self.blocks)
 
     def to_json(self) -> dict:
-        return {"options": self.options.to_json(), "seconds": round(self.seconds, 2), "device": self.device,
-                "peak_memory_bytes": self.peak_memory_bytes, "resumed_blocks": self.resumed_blocks,
-                "blocks": [{**asdict(b), "mse_before": float(f"{b.mse_before:.6g}"),
-                            "mse_after": float(f"{b.mse_after:.6g}"), "seconds": round(b.seconds, 2)}
-                           for b in self.blocks]}
+        return {
+            "options": self.options.to_json(),
+            "seconds": round(self.seconds, 2),
+            "device": self.device,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "resumed_blocks": self.resumed_blocks,
+            "blocks": [
+                {
+                    **asdict(b),
+                    "mse_before": float(f"{b.mse_before:.6g}"),
+                    "mse_after": float(f"{b.mse_after:.6g}"),
+                    "seconds": round(b.seconds, 2),
+                }
+                for b in self.blocks
+            ],
+        }
 
 
 class RecoveryState:
@@ -117,8 +128,10 @@ class RecoveryState:
         return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
 
     def save(self, index: int, block: nn.Module, record: BlockRecord) -> None:
-        payload = {"state": {k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
-                   "record": asdict(record)}
+        payload = {
+            "state": {k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
+            "record": asdict(record),
+        }
         with atomic_file(self._file(index), overwrite=True) as tmp:
             torch.save(payload, tmp)
 
@@ -151,20 +164,34 @@ def _call(block: nn.Module, hidden: torch.Tensor, kwargs: dict, index: torch.Ten
 @torch.no_grad()
 def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
     samples = hidden.shape[0]
-    return torch.cat([_call(block, hidden, kwargs, torch.arange(i, min(i + batch, samples)), samples)
-                      for i in range(0, samples, batch)])
+    return torch.cat(
+        [
+            _call(block, hidden, kwargs, torch.arange(i, min(i + batch, samples)), samples)
+            for i in range(0, samples, batch)
+        ]
+    )
 
 
 def block_masks(adapter: ModelAdapter, index: int, plan: Plan) -> dict[str, torch.Tensor]:
     """Parameter name (within the block) -> keep mask, for the block's pruned linears."""
     prefix = f"{adapter.blocks_name}.{index}."
-    return {name[len(prefix):] + ".weight": module.weight != 0 for name, module in adapter.block_linears(index).items()
-            if name in plan.modules and not plan.modules[name].is_dense}
+    return {
+        name[len(prefix) :] + ".weight": module.weight != 0
+        for name, module in adapter.block_linears(index).items()
+        if name in plan.modules and not plan.modules[name].is_dense
+    }
 
 
-def tune_block(block: nn.Module, masks: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-               kwargs: dict, options: RecoverOptions, generator: torch.Generator,
-               after_step: Callable[[], None] = lambda: None) -> None:
+def tune_block(
+    block: nn.Module,
+    masks: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict,
+    options: RecoverOptions,
+    generator: torch.Generator,
+    after_step: Callable[[], None] = lambda: None,
+) -> None:
     """Adam on ``block``'s parameters (float32, in place) to map ``inputs`` to ``targets``; masked entries stay 0."""
     weights, others = [], []
     for name, parameter in block.named_parameters():
@@ -185,7 +212,7 @@ def tune_block(block: nn.Module, masks: dict[str, torch.Tensor], inputs: torch.T
         for _ in range(options.epochs):
             order = torch.randperm(samples, generator=generator)
             for start in range(0, samples, options.batch):
-                index = order[start:start + options.batch]
+                index = order[start : start + options.batch]
                 loss = torch.nn.functional.mse_loss(_call(block, inputs, kwargs, index, samples), targets[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -249,11 +276,16 @@ def recover_model(
             mse_before = float(torch.nn.functional.mse_loss(before, targets))
             del before
             generator = torch.Generator().manual_seed(options.seed * 100_003 + index)
-            tune_block(block, block_masks(adapter, index, plan), pruned_hidden, targets, kwargs, options, generator,
-                       after_step)
+            tune_block(
+                block, block_masks(adapter, index, plan), pruned_hidden, targets, kwargs, options, generator, after_step
+            )
             pruned_out = _forward(block, pruned_hidden, kwargs, options.batch)
-            record = BlockRecord(index, mse_before, float(torch.nn.functional.mse_loss(pruned_out, targets)),
-                                 time.perf_counter() - block_start)
+            record = BlockRecord(
+                index,
+                mse_before,
+                float(torch.nn.functional.mse_loss(pruned_out, targets)),
+                time.perf_counter() - block_start,
+            )
         block.to(home, dtype)
         if state is not None and saved is None:
             state.save(index, block, record)

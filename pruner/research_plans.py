@@ -40,43 +40,78 @@ def research_plan(request: PlanRequest, evidence: Evidence, progress: Progress) 
     elif request.allocator == "owl":
         owl = request.owl
         # OWL's outliers are defined on Wanda's scores, whatever the base metric
-        outliers = [outlier_ratio([wanda_score(evidence.adapter.linears()[m].weight, evidence.stats[m])
-                                   for m in members], owl.multiple) for members in genes.members]
+        outliers = [
+            outlier_ratio(
+                [wanda_score(evidence.adapter.linears()[m].weight, evidence.stats[m]) for m in members], owl.multiple
+            )
+            for members in genes.members
+        ]
         ratios = owl_ratios(outliers, genes.sizes, target, owl.lam, goal.min_ratio, goal.max_ratio)
         info["owl"] = {"lambda": owl.lam, "multiple": owl.multiple}
     else:
-        per_weight = [sum(evidence.sensitivity.traces[m] for m in members) / size
-                      for members, size in zip(genes.members, genes.sizes)]
-        ratios = fisher_ratios(per_weight, genes.sizes, target, request.fisher.spread, goal.min_ratio,
-                               goal.max_ratio)
+        per_weight = [
+            sum(evidence.sensitivity.traces[m] for m in members) / size
+            for members, size in zip(genes.members, genes.sizes)
+        ]
+        ratios = fisher_ratios(per_weight, genes.sizes, target, request.fisher.spread, goal.min_ratio, goal.max_ratio)
         info["fisher_allocation"] = {"spread": request.fisher.spread}
     counts = from_ratios(ratios, budget)
 
     def to_specs(genome) -> dict[str, Spec]:
-        return {m: Spec.unstructured(c / n) for members, c, n in zip(genes.members, genome, genes.sizes)
-                for m in members}
+        return {
+            m: Spec.unstructured(c / n) for members, c, n in zip(genes.members, genome, genes.sizes) for m in members
+        }
 
     if request.allocator == "msp":
         delta = request.search.delta
         uniform = from_ratios(uniform_ratios(genes.sizes, target), budget)
-        state_fingerprint = fingerprint(request, evidence, {
-            "allocator": "msp", "target": target, "granularity": goal.granularity, "genes": genes.sizes,
-            "bounds": [goal.min_ratio, goal.max_ratio], "delta": delta})
-        state, evaluator = run_search(request, evidence, RatioOps(budget, delta), [tuple(counts), tuple(uniform)],
-                                      to_specs, state_fingerprint, f"msp, target {target:g}", progress,
-                                      request.state_path)
+        state_fingerprint = fingerprint(
+            request,
+            evidence,
+            {
+                "allocator": "msp",
+                "target": target,
+                "granularity": goal.granularity,
+                "genes": genes.sizes,
+                "bounds": [goal.min_ratio, goal.max_ratio],
+                "delta": delta,
+            },
+        )
+        state, evaluator = run_search(
+            request,
+            evidence,
+            RatioOps(budget, delta),
+            [tuple(counts), tuple(uniform)],
+            to_specs,
+            state_fingerprint,
+            f"msp, target {target:g}",
+            progress,
+            request.state_path,
+        )
         counts = list(state.best["genome"])
         budget.check(counts)
         info["search"] = search_summary(state, request)
-        info["search"]["seed_fitness"] = {"fisher": state.seed_fitness(from_ratios(ratios, budget)),
-                                          "uniform": state.seed_fitness(uniform)}
+        info["search"]["seed_fitness"] = {
+            "fisher": state.seed_fitness(from_ratios(ratios, budget)),
+            "uniform": state.seed_fitness(uniform),
+        }
         evaluator.restore()
     ratios = budget.ratios(counts)
     modules = to_specs(counts)
-    return Plan(modules, dict(evidence.shapes), {
-        "allocator": request.allocator, "metric": request.metric,
-        "search_scores": get_metric(request.metric).scores_as,
-        "target": target, "granularity": goal.granularity, "bounds": [goal.min_ratio, goal.max_ratio],
-        "calibration": request.calibration.to_json(), "seed": request.search.settings.seed,
-        "genes": gene_table(genes, ratios, evidence, outliers),
-        "fisher": evidence.sensitivity.info if evidence.sensitivity else None, **info})
+    return Plan(
+        modules,
+        dict(evidence.shapes),
+        {
+            "allocator": request.allocator,
+            "metric": request.metric,
+            "search_scores": get_metric(request.metric).scores_as,
+            "target": target,
+            "granularity": goal.granularity,
+            "bounds": [goal.min_ratio, goal.max_ratio],
+            "calibration": request.calibration.to_json(),
+            "seed": request.search.settings.seed,
+            "genes": gene_table(genes, ratios, evidence, outliers),
+            "fisher": evidence.sensitivity.info if evidence.sensitivity else None,
+            **info,
+        },
+    )

@@ -99,10 +99,12 @@ class SearchState:
         if not state.population:
             raise MixsparseError(f"--resume: search state {path} is corrupt (empty population)")
         if state.fingerprint != fingerprint:
-            differing = sorted(k for k in set(fingerprint) | set(state.fingerprint)
-                               if fingerprint.get(k) != state.fingerprint.get(k))
-            raise MixsparseError(f"--resume: search state {path} belongs to another search (differs in "
-                                 f"{', '.join(differing)})")
+            differing = sorted(
+                k for k in set(fingerprint) | set(state.fingerprint) if fingerprint.get(k) != state.fingerprint.get(k)
+            )
+            raise MixsparseError(
+                f"--resume: search state {path} belongs to another search (differs in {', '.join(differing)})"
+            )
         return state
 
 
@@ -187,5 +189,12 @@ def _record(state: SearchState, rng: random.Random, start: float) -> None:
     values = [m["fitness"] for m in state.population]
     state.seconds = time.perf_counter() - start
     state.rng = [list(x) if isinstance(x, tuple) else x for x in rng.getstate()]
-    state.history.append({"generation": state.generation, "best": min(values), "median": statistics.median(values),
-                          "evaluations": state.evaluations, "seconds": round(state.seconds, 1)})
+    state.history.append(
+        {
+            "generation": state.generation,
+            "best": min(values),
+            "median": statistics.median(values),
+            "evaluations": state.evaluations,
+            "seconds": round(state.seconds, 1),
+        }
+    )

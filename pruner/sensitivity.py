@@ -47,10 +47,14 @@ class Sensitivity:
         return {
             "format": SENSITIVITY_FORMAT,
             **self.info,
-            "blocks": {b: {"trace": self.block_trace(b), "per_weight": self.block_per_weight(b), "modules": names}
-                       for b, names in self.blocks.items()},
-            "modules": {n: {"trace": t, "per_weight": self.per_weight(n), "weights": self.sizes[n]}
-                        for n, t in self.traces.items()},
+            "blocks": {
+                b: {"trace": self.block_trace(b), "per_weight": self.block_per_weight(b), "modules": names}
+                for b, names in self.blocks.items()
+            },
+            "modules": {
+                n: {"trace": t, "per_weight": self.per_weight(n), "weights": self.sizes[n]}
+                for n, t in self.traces.items()
+            },
         }
 
     @classmethod
@@ -86,8 +90,10 @@ class Sensitivity:
         missing = sorted(set(shapes) - set(self.traces))
         wrong = sorted(n for n in shapes if n in self.sizes and self.sizes[n] != shapes[n][0] * shapes[n][1])
         if missing or wrong:
-            raise MixsparseError(f"sensitivity file does not match this model: {len(missing)} modules missing, "
-                                 f"{len(wrong)} of another size (e.g. {(missing + wrong)[0]})")
+            raise MixsparseError(
+                f"sensitivity file does not match this model: {len(missing)} modules missing, "
+                f"{len(wrong)} of another size (e.g. {(missing + wrong)[0]})"
+            )
 
 
 def fisher_traces(

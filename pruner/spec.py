@@ -51,8 +51,9 @@ class Spec:
         try:
             value = float(text)
         except ValueError:
-            raise MixsparseError(f"cannot read sparsity {text!r}: expected a ratio in [0, 1) such as 0.5, "
-                                 f"N:M such as 2:4, or 'dense'") from None
+            raise MixsparseError(
+                f"cannot read sparsity {text!r}: expected a ratio in [0, 1) such as 0.5, N:M such as 2:4, or 'dense'"
+            ) from None
         return cls.unstructured(value)
 
     def __str__(self) -> str:
@@ -72,5 +73,4 @@ class Spec:
 
     def check_shape(self, name: str, shape: tuple[int, int]) -> None:
         if self.kind == NM and shape[1] % self.m:
-            raise MixsparseError(f"module {name}: input size {shape[1]} is not a multiple of M={self.m} "
-                                 f"for {self}")
+            raise MixsparseError(f"module {name}: input size {shape[1]} is not a multiple of M={self.m} for {self}")

@@ -43,8 +43,9 @@ def check_writable(path: str | os.PathLike) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
     except OSError as error:
-        raise MixsparseError(f"cannot write {path}: no permission to create entries in {parent} "
-                             f"({error.strerror})") from None
+        raise MixsparseError(
+            f"cannot write {path}: no permission to create entries in {parent} ({error.strerror})"
+        ) from None
 
 
 def _temp_prefix(path: Path) -> str:
@@ -66,7 +67,7 @@ def remove_stale(path: Path) -> list[Path]:
     host = socket.gethostname()
     removed = []
     for entry in path.parent.glob(f"{glob.escape(f'.{path.name}.tmp-')}*"):
-        owner = entry.name[len(f".{path.name}.tmp-"):].rsplit("-", 2)
+        owner = entry.name[len(f".{path.name}.tmp-") :].rsplit("-", 2)
         if len(owner) != 3 or owner[0] != host or not owner[1].isdigit() or _alive(int(owner[1])):
             continue  # another host's, a live process's, or not ours to judge
         if entry.is_dir() and not entry.is_symlink():

@@ -39,8 +39,9 @@ def load():
     try:
         from mixsparse.runtime import _cpu_sparse
     except ImportError as error:  # not built (no compiler at install), or built for another torch
-        return None, (f"the native CPU kernels are not built ({error}); run `make install` (it needs g++ and "
-                      f"the Python headers)")
+        return None, (
+            f"the native CPU kernels are not built ({error}); run `make install` (it needs g++ and the Python headers)"
+        )
     _register_fake()
     return _cpu_sparse, None
 
@@ -70,9 +71,9 @@ def _register_fake() -> None:
 class CompressedRows:
     """A weight in the kernel's layout: flat kept values, row offsets into them, and the bitmask."""
 
-    values: torch.Tensor   # (nnz,) in the compute dtype
+    values: torch.Tensor  # (nnz,) in the compute dtype
     offsets: torch.Tensor  # (out + 1,) int64
-    mask: torch.Tensor     # (out, ceil(in / 8)) uint8
+    mask: torch.Tensor  # (out, ceil(in / 8)) uint8
     shape: tuple[int, int]
 
     @property
@@ -97,8 +98,9 @@ def _nibble_table() -> torch.Tensor:
 _TABLE = _nibble_table()
 
 
-def from_packed24(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
-                  dtype: torch.dtype | None = None) -> CompressedRows:
+def from_packed24(
+    values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None
+) -> CompressedRows:
     """The kernel layout of a packed 2:4 weight (values (out, in/2), meta (out, ceil(in/8))), no dense copy."""
     out_features, in_features = shape
     dtype = dtype or values.dtype
@@ -108,8 +110,9 @@ def from_packed24(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, in
     if in_features % 8:  # in/4 odd: the last byte holds one group, its high nibble must stay empty
         mask[:, -1] &= 0x0F
     offsets = torch.arange(out_features + 1, dtype=torch.int64) * (in_features // 2)
-    return CompressedRows(values.to(dtype).reshape(-1).contiguous(), offsets, mask.contiguous(),
-                          (out_features, in_features))
+    return CompressedRows(
+        values.to(dtype).reshape(-1).contiguous(), offsets, mask.contiguous(), (out_features, in_features)
+    )
 
 
 def from_dense(weight: torch.Tensor, dtype: torch.dtype | None = None) -> CompressedRows:
@@ -128,15 +131,23 @@ def join(parts: list[CompressedRows]) -> CompressedRows:
         return parts[0]
     in_features = {p.shape[1] for p in parts}
     if len(in_features) != 1 or len({p.values.dtype for p in parts}) != 1:
-        raise MixsparseError(f"cannot join weights of inputs {sorted(in_features)} / dtypes "
-                             f"{sorted({str(p.values.dtype) for p in parts})}")
+        raise MixsparseError(
+            f"cannot join weights of inputs {sorted(in_features)} / dtypes "
+            f"{sorted({str(p.values.dtype) for p in parts})}"
+        )
     starts = [0]
     for part in parts:
         starts.append(starts[-1] + part.values.numel())
-    offsets = torch.cat([part.offsets[:-1] + start for part, start in zip(parts, starts)]
-                        + [torch.tensor([starts[-1]], dtype=torch.int64)])
-    return CompressedRows(torch.cat([p.values for p in parts]), offsets, torch.cat([p.mask for p in parts]),
-                          (sum(p.shape[0] for p in parts), in_features.pop()))
+    offsets = torch.cat(
+        [part.offsets[:-1] + start for part, start in zip(parts, starts)]
+        + [torch.tensor([starts[-1]], dtype=torch.int64)]
+    )
+    return CompressedRows(
+        torch.cat([p.values for p in parts]),
+        offsets,
+        torch.cat([p.mask for p in parts]),
+        (sum(p.shape[0] for p in parts), in_features.pop()),
+    )
 
 
 def linear(x: torch.Tensor, rows: CompressedRows, bias: torch.Tensor | None = None) -> torch.Tensor:

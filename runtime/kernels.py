@@ -75,8 +75,15 @@ def compress(backend: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def linear(backend: str, x: torch.Tensor, weight: torch.Tensor, meta: torch.Tensor | None,
-           offsets: torch.Tensor | None, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def linear(
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    meta: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
     """y = x Wᵀ + b for x of shape (..., in_features)."""
     if backend == DENSE:
         return torch.nn.functional.linear(x, weight, bias)
@@ -107,19 +114,26 @@ def available(device: str) -> tuple[str, ...]:
         return (DENSE,)
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        log.warning("%s has compute capability %d.%d; 2:4 sparse kernels need 8.0+: using the exact dense "
-                    "fallback", torch.cuda.get_device_name(device), major, minor)
+        log.warning(
+            "%s has compute capability %d.%d; 2:4 sparse kernels need 8.0+: using the exact dense fallback",
+            torch.cuda.get_device_name(device),
+            major,
+            minor,
+        )
         return (DENSE,)
     found = []
     checks = {
-        CUSPARSELT: lambda: hasattr(torch, "_cslt_compress") and _has_arguments(
-            torch.ops.aten._cslt_sparse_mm, {"compressed_A", "dense_B", "transpose_result"}),
+        CUSPARSELT: lambda: (
+            hasattr(torch, "_cslt_compress")
+            and _has_arguments(torch.ops.aten._cslt_sparse_mm, {"compressed_A", "dense_B", "transpose_result"})
+        ),
         CUTLASS: lambda: hasattr(torch, "_sparse_semi_structured_mm"),
     }
     for backend, has_op in checks.items():
         if not has_op():
-            log.warning("torch %s lacks the %s op (or its schema changed); backend disabled", torch.__version__,
-                        backend)
+            log.warning(
+                "torch %s lacks the %s op (or its schema changed); backend disabled", torch.__version__, backend
+            )
             continue
         problem = _self_test(backend, device)
         if problem:

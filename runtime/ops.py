@@ -14,8 +14,15 @@ _NAMES = {number: name for name, number in kernels.BACKEND_IDS.items()}
 
 
 @torch.library.custom_op("mixsparse::sparse_linear", mutates_args=())
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, meta: torch.Tensor | None, offsets: torch.Tensor | None,
-                  bias: torch.Tensor | None, backend: int, out_features: int) -> torch.Tensor:
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    meta: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    backend: int,
+    out_features: int,
+) -> torch.Tensor:
     return kernels.linear(_NAMES[backend], x, weight, meta, offsets, bias, out_features)
 
 

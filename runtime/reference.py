@@ -18,8 +18,9 @@ from mixsparse.runtime.formats.hf import empty_model, load_state, plain_config
 from mixsparse.runtime.sparse_linear import SparseLinear, prepare
 
 
-def load_reference(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   backend: str = "auto"):
+def load_reference(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, backend: str = "auto"
+):
     """(model, artifact config, {module name: backend}) for an artifact."""
     config = artifact.read_config(path)
     tensors = artifact.load_tensors(config)

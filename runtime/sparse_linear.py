@@ -46,8 +46,12 @@ class Prepared:
 
 @functools.lru_cache(maxsize=None)
 def _warn_unsupported(shape: tuple[int, int]) -> None:
-    log.warning("2:4 kernels need out %% %d == 0 and in %% %d == 0; shape %s runs on the exact dense fallback",
-                kernels.LIMITS.min_rows, kernels.LIMITS.min_cols, list(shape))
+    log.warning(
+        "2:4 kernels need out %% %d == 0 and in %% %d == 0; shape %s runs on the exact dense fallback",
+        kernels.LIMITS.min_rows,
+        kernels.LIMITS.min_cols,
+        list(shape),
+    )
 
 
 def candidates(device: torch.device, shape: tuple[int, int], dtype: torch.dtype) -> tuple[str, ...]:
@@ -56,8 +60,9 @@ def candidates(device: torch.device, shape: tuple[int, int], dtype: torch.dtype)
         return backends
     if device.type == "cpu":
         if dtype not in cpu_sparse.DTYPES:
-            log.warning("CPU sparse kernels take float32/bfloat16/float16, not %s: using the exact dense fallback",
-                        dtype)
+            log.warning(
+                "CPU sparse kernels take float32/bfloat16/float16, not %s: using the exact dense fallback", dtype
+            )
             return (kernels.DENSE,)
         return backends  # any shape
     if dtype not in kernels.SPARSE_DTYPES:
@@ -69,8 +74,9 @@ def candidates(device: torch.device, shape: tuple[int, int], dtype: torch.dtype)
     return backends
 
 
-def prepare(packed: Packed24 | Bitmask, device: str | torch.device, dtype: torch.dtype | None = None,
-            backend: str = "auto") -> Prepared:
+def prepare(
+    packed: Packed24 | Bitmask, device: str | torch.device, dtype: torch.dtype | None = None, backend: str = "auto"
+) -> Prepared:
     """A packed 2:4 or bitmask weight ready for its device: compressed on the CPU kernel, else as below."""
     device = torch.device(device)
     dtype = dtype or packed.dtype
@@ -124,8 +130,11 @@ def choose(dense: torch.Tensor, options: tuple[str, ...]) -> str:
     # each backend's time relative to dense, summed over the token counts: no single regime dominates
     score = {b: sum(t / d for t, d in zip(times, timings[kernels.DENSE])) for b, times in timings.items()}
     best = min(score, key=score.get)
-    table[key] = {"backend": best, "tokens": list(TUNING_TOKENS),
-                  "milliseconds": {b: [round(t, 4) for t in times] for b, times in timings.items()}}
+    table[key] = {
+        "backend": best,
+        "tokens": list(TUNING_TOKENS),
+        "milliseconds": {b: [round(t, 4) for t in times] for b, times in timings.items()},
+    }
     with atomic_file(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(table, indent=1))
     log.info("2:4 %s: %s (%s)", key, best, {b: round(s, 3) for b, s in score.items()})
@@ -171,10 +180,10 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == kernels.CPU_SPARSE:  # the C++ op directly: no Python op layer per call
-            return torch.ops.mixsparse_cpu.sparse_linear(x, self.weight, self.offsets, self.meta, self.bias,
-                                                         self.out_features)
-        return ops.sparse_linear(x, self.weight, self.meta, self.offsets, self.bias, self.backend_id,
-                                 self.out_features)
+            return torch.ops.mixsparse_cpu.sparse_linear(
+                x, self.weight, self.offsets, self.meta, self.bias, self.out_features
+            )
+        return ops.sparse_linear(x, self.weight, self.meta, self.offsets, self.bias, self.backend_id, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"

@@ -92,8 +92,10 @@ class MixsparseConfig(QuantizationConfig):
         storage = [self.modules[m].storage if m in self.modules else artifact.DENSE for m in members]
         if not isinstance(layer, LinearBase):
             if artifact.BITMASK in storage:  # a pruned, untied lm_head: vLLM builds it as an embedding
-                raise ValueError(f"mixsparse: {prefix} is stored bitmask-compressed, which vLLM's lm_head cannot "
-                                 f"take; prune without --prune-lm-head, or `mixsparse export --dense` the artifact")
+                raise ValueError(
+                    f"mixsparse: {prefix} is stored bitmask-compressed, which vLLM's lm_head cannot "
+                    f"take; prune without --prune-lm-head, or `mixsparse export --dense` the artifact"
+                )
             return None  # embeddings, lm_head, attention: vLLM's defaults
         if all(s == artifact.PACKED24 for s in storage):
             return Sparse24LinearMethod(prefix)
@@ -140,26 +142,50 @@ class _PreparedMethod(LinearMethodBase):
         if self.dense_method is not None:
             return self.dense_method.apply(layer, x, bias)
         if layer.mixsparse_cpu:  # the C++ op directly: no Python op layer on every call of the decode loop
-            return torch.ops.mixsparse_cpu.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_offsets,
-                                                         layer.mixsparse_meta, bias, layer.mixsparse_shape[0])
-        return ops.sparse_linear(x, layer.mixsparse_weight, layer.mixsparse_meta, layer.mixsparse_offsets, bias,
-                                 layer.mixsparse_backend, layer.mixsparse_shape[0])
+            return torch.ops.mixsparse_cpu.sparse_linear(
+                x, layer.mixsparse_weight, layer.mixsparse_offsets, layer.mixsparse_meta, bias, layer.mixsparse_shape[0]
+            )
+        return ops.sparse_linear(
+            x,
+            layer.mixsparse_weight,
+            layer.mixsparse_meta,
+            layer.mixsparse_offsets,
+            bias,
+            layer.mixsparse_backend,
+            layer.mixsparse_shape[0],
+        )
 
 
 class Sparse24LinearMethod(_PreparedMethod):
-
-    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
-                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
         loader = extra_weight_attrs.pop("weight_loader")
         if input_size_per_partition % 4 or (input_size_per_partition != input_size and input_size_per_partition % 8):
-            raise ValueError(f"mixsparse: {self.prefix} has {input_size_per_partition} inputs per tensor-parallel "
-                             f"rank; packed 2:4 weights need a multiple of 8 per rank (4 without sharding)")
+            raise ValueError(
+                f"mixsparse: {self.prefix} has {input_size_per_partition} inputs per tensor-parallel "
+                f"rank; packed 2:4 weights need a multiple of 8 per rank (4 without sharding)"
+            )
         rows = sum(output_partition_sizes)
-        values = ModelWeightParameter(data=torch.empty(rows, input_size_per_partition // 2, dtype=params_dtype),
-                                      input_dim=1, output_dim=0, weight_loader=loader)
-        meta = ModelWeightParameter(data=torch.full((rows, (input_size_per_partition + 7) // 8), UNLOADED,
-                                                    dtype=torch.uint8),
-                                    input_dim=1, output_dim=0, weight_loader=loader)
+        values = ModelWeightParameter(
+            data=torch.empty(rows, input_size_per_partition // 2, dtype=params_dtype),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=loader,
+        )
+        meta = ModelWeightParameter(
+            data=torch.full((rows, (input_size_per_partition + 7) // 8), UNLOADED, dtype=torch.uint8),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=loader,
+        )
         layer.register_parameter("values", values)
         layer.register_parameter("meta", meta)
         layer.mixsparse_shape = (rows, input_size_per_partition)
@@ -168,8 +194,9 @@ class Sparse24LinearMethod(_PreparedMethod):
         try:
             packed = Packed24.from_tensors(layer.values.data, layer.meta.data, layer.mixsparse_shape, self.prefix)
         except MixsparseError as error:
-            raise ValueError(f"mixsparse: {self.prefix}: packed tensors missing from the checkpoint or corrupt "
-                             f"({error})") from None
+            raise ValueError(
+                f"mixsparse: {self.prefix}: packed tensors missing from the checkpoint or corrupt ({error})"
+            ) from None
         device = layer.values.device
         dense_bytes = packed.shape[0] * packed.shape[1] * layer.values.element_size()
         prepared = prepare(packed, device, layer.values.dtype)
@@ -184,23 +211,38 @@ class CompressedLinearMethod(_PreparedMethod):
     rows, which bitmask values are not), so tensor parallelism is not supported for such layers. Where the
     CPU kernel cannot run (CUDA, or not built) the joined weight is unpacked: vLLM's dense GEMM, exact."""
 
-    KINDS = {artifact.BITMASK: ("values", "mask", "offsets"), artifact.PACKED24: ("values", "meta"),
-             artifact.DENSE: ("weight",)}
+    KINDS = {
+        artifact.BITMASK: ("values", "mask", "offsets"),
+        artifact.PACKED24: ("values", "meta"),
+        artifact.DENSE: ("weight",),
+    }
 
     def __init__(self, prefix: str, members: list[tuple[str, artifact.ModuleEntry | None]]):
         super().__init__(prefix)
         self.members = members
 
-    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
-                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
         from vllm.model_executor.utils import set_weight_attrs
 
         if input_size_per_partition != input_size or sum(output_partition_sizes) != output_size:
-            raise ValueError(f"mixsparse: {self.prefix} holds bitmask-compressed weights, which are served without "
-                             f"tensor parallelism (use --tensor-parallel-size 1)")
+            raise ValueError(
+                f"mixsparse: {self.prefix} holds bitmask-compressed weights, which are served without "
+                f"tensor parallelism (use --tensor-parallel-size 1)"
+            )
         if len(output_partition_sizes) != len(self.members):
-            raise ValueError(f"mixsparse: {self.prefix} has {len(output_partition_sizes)} output partitions but the "
-                             f"artifact names {len(self.members)} members ({[m for m, _ in self.members]})")
+            raise ValueError(
+                f"mixsparse: {self.prefix} has {len(output_partition_sizes)} output partitions but the "
+                f"artifact names {len(self.members)} members ({[m for m, _ in self.members]})"
+            )
         storages = [entry.storage if entry else artifact.DENSE for _, entry in self.members]
         layer.mixsparse_parts = [{} for _ in self.members]
         layer.mixsparse_shape = (output_size, input_size)
@@ -212,8 +254,10 @@ class CompressedLinearMethod(_PreparedMethod):
             index = 0 if shard_id is None else shard_index.get(shard_id, shard_id)
             kind = param.mixsparse_kind
             if kind not in self.KINDS[storages[index]]:
-                raise ValueError(f"mixsparse: {self.members[index][0]} is recorded as {storages[index]} but the "
-                                 f"checkpoint holds its .{kind}")
+                raise ValueError(
+                    f"mixsparse: {self.members[index][0]} is recorded as {storages[index]} but the "
+                    f"checkpoint holds its .{kind}"
+                )
             layer.mixsparse_parts[index][kind] = loaded.detach().clone()  # the checkpoint may be memory-mapped
 
         for kind in dict.fromkeys(k for s in storages for k in self.KINDS[s]):  # each kind the members use, once
@@ -252,6 +296,9 @@ class CompressedLinearMethod(_PreparedMethod):
             delattr(layer, kind)
         del layer.mixsparse_parts
         dense_bytes = rows.shape[0] * rows.shape[1] * torch.empty(0, dtype=layer.mixsparse_dtype).element_size()
-        prepared = prepare(Bitmask.from_rows(rows), torch.device("cpu") if not torch.cuda.is_available()
-                           else torch.device("cuda", torch.cuda.current_device()), layer.mixsparse_dtype)
+        prepared = prepare(
+            Bitmask.from_rows(rows),
+            torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda", torch.cuda.current_device()),
+            layer.mixsparse_dtype,
+        )
         self._install(layer, prepared, dense_bytes)

@@ -48,9 +48,20 @@ from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_co
 from mixsparse.serve.workload import PromptSource, Workload
 
 # What makes two checkpoints the same base model for a throughput comparison.
-ARCHITECTURE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-                     "max_position_embeddings", "tie_word_embeddings", "rope_theta")
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "rope_theta",
+)
 SERVED_NAME = "bench"
 
 
@@ -89,8 +100,9 @@ def check_same_base(dense: Path, sparse: Path) -> None:
     a, b = architecture(dense), architecture(sparse)
     differ = [f"{k}: {a[k]!r} vs {b[k]!r}" for k in ARCHITECTURE_KEYS if a[k] != b[k]]
     if differ:
-        raise MixsparseError(f"--dense {dense} and --sparse {sparse} are not the same base model "
-                             f"({'; '.join(differ[:4])})")
+        raise MixsparseError(
+            f"--dense {dense} and --sparse {sparse} are not the same base model ({'; '.join(differ[:4])})"
+        )
 
 
 def check_job(job: BenchJob) -> tuple[Path, Path]:
@@ -103,8 +115,10 @@ def check_job(job: BenchJob) -> tuple[Path, Path]:
         raise MixsparseError(f"--dense {job.dense}: not a local model directory (bench serves local weights)")
     sparse = Path(job.sparse).expanduser()
     if not artifact.is_artifact(sparse):
-        raise MixsparseError(f"--sparse {job.sparse} is not a mixsparse artifact (no quantization_config with "
-                             f"quant_method mixsparse in config.json)")
+        raise MixsparseError(
+            f"--sparse {job.sparse} is not a mixsparse artifact (no quantization_config with "
+            f"quant_method mixsparse in config.json)"
+        )
     preflight(str(dense))
     preflight(str(sparse))
     check_same_base(dense, sparse)
@@ -119,8 +133,10 @@ def vllm_benchmarks():
         from vllm.benchmarks.lib.endpoint_request_func import ASYNC_REQUEST_FUNCS, RequestFuncInput, RequestFuncOutput
         from vllm.benchmarks.serve import calculate_metrics
     except ImportError as error:
-        raise MixsparseError(f"mixsparse bench sends its load through vLLM's benchmark library (vllm.benchmarks), "
-                             f"which cannot be imported here ({error}); install mixsparse[cpu] or [gpu]") from None
+        raise MixsparseError(
+            f"mixsparse bench sends its load through vLLM's benchmark library (vllm.benchmarks), "
+            f"which cannot be imported here ({error}); install mixsparse[cpu] or [gpu]"
+        ) from None
     return ASYNC_REQUEST_FUNCS, RequestFuncInput, RequestFuncOutput, calculate_metrics
 
 
@@ -155,8 +171,9 @@ def summarise(concurrency: int, outputs: list, seconds: float) -> LevelResult:
     *_, calculate_metrics = vllm_benchmarks()
     errors = sorted({_one_line(o.error) for o in outputs if not o.success})[:5]
     if not any(o.success for o in outputs) or seconds <= 0:
-        return LevelResult(concurrency, 0, len(outputs), seconds, 0, 0, 0.0, 0.0, 0.0, None, None, None, None, None,
-                           errors)
+        return LevelResult(
+            concurrency, 0, len(outputs), seconds, 0, 0, 0.0, 0.0, 0.0, None, None, None, None, None, errors
+        )
     # it prints failed requests and a plotting tip, and warns when all failed: bench reports those itself
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -166,12 +183,22 @@ def summarise(concurrency: int, outputs: list, seconds: float) -> LevelResult:
     itl = {p: float(ms) / 1000 for p, ms in metrics.percentiles_itl_ms}
     gaps = any(o.itl for o in outputs if o.success)  # vLLM reports 0 for none; bench has always said None
     return LevelResult(
-        concurrency=concurrency, requests=metrics.completed, failed=metrics.failed, seconds=seconds,
-        prompt_tokens=metrics.total_input, output_tokens=metrics.total_output,
-        output_tokens_per_second=metrics.output_throughput, prompt_tokens_per_second=metrics.total_input / seconds,
-        requests_per_second=metrics.request_throughput, ttft_p50=ttft[50.0], ttft_p99=ttft[99.0],
-        itl_p50=itl[50.0] if gaps else None, itl_p99=itl[99.0] if gaps else None,
-        latency_p50=float(metrics.median_e2el_ms) / 1000, errors=errors)
+        concurrency=concurrency,
+        requests=metrics.completed,
+        failed=metrics.failed,
+        seconds=seconds,
+        prompt_tokens=metrics.total_input,
+        output_tokens=metrics.total_output,
+        output_tokens_per_second=metrics.output_throughput,
+        prompt_tokens_per_second=metrics.total_input / seconds,
+        requests_per_second=metrics.request_throughput,
+        ttft_p50=ttft[50.0],
+        ttft_p99=ttft[99.0],
+        itl_p50=itl[50.0] if gaps else None,
+        itl_p99=itl[99.0] if gaps else None,
+        latency_p50=float(metrics.median_e2el_ms) / 1000,
+        errors=errors,
+    )
 
 
 def _one_line(error: str) -> str:
@@ -180,9 +207,17 @@ def _one_line(error: str) -> str:
     return lines[-1] if lines else "the request failed"
 
 
-async def _send_level(url: str, workload: Workload, model: str, prompts: list, concurrency: int,
-                      api_key: str | None, on_done: Callable, timeout: float,
-                      alive: Callable[[], bool]) -> tuple[list, float]:
+async def _send_level(
+    url: str,
+    workload: Workload,
+    model: str,
+    prompts: list,
+    concurrency: int,
+    api_key: str | None,
+    on_done: Callable,
+    timeout: float,
+    alive: Callable[[], bool],
+) -> tuple[list, float]:
     import aiohttp
 
     functions, RequestFuncInput, RequestFuncOutput, _ = vllm_benchmarks()
@@ -200,10 +235,20 @@ async def _send_level(url: str, workload: Workload, model: str, prompts: list, c
                 outputs.append(RequestFuncOutput(error="the server is not running"))
                 return
             chat = [{"role": "user", "content": prompt}] if workload.endpoint == "chat" else None
-            output = await send(request_func_input=RequestFuncInput(
-                prompt=prompt, api_url=url + path, prompt_len=workload.prompt_tokens,
-                output_len=workload.output_tokens, model=model, ignore_eos=True, extra_headers=headers,
-                extra_body=body, chat_messages=chat), session=session)
+            output = await send(
+                request_func_input=RequestFuncInput(
+                    prompt=prompt,
+                    api_url=url + path,
+                    prompt_len=workload.prompt_tokens,
+                    output_len=workload.output_tokens,
+                    model=model,
+                    ignore_eos=True,
+                    extra_headers=headers,
+                    extra_body=body,
+                    chat_messages=chat,
+                ),
+                session=session,
+            )
             if output.success and not output.output_tokens:
                 output.success, output.error = False, "the stream ended without usage (token counts)"
             outputs.append(output)
@@ -217,13 +262,22 @@ async def _send_level(url: str, workload: Workload, model: str, prompts: list, c
     return outputs, seconds
 
 
-def run_level(url: str, workload: Workload, model: str, prompts: list, concurrency: int,
-              api_key: str | None = None, on_done: Callable = lambda output: None,
-              timeout: float = 3600.0, alive: Callable[[], bool] = lambda: True) -> LevelResult:
+def run_level(
+    url: str,
+    workload: Workload,
+    model: str,
+    prompts: list,
+    concurrency: int,
+    api_key: str | None = None,
+    on_done: Callable = lambda output: None,
+    timeout: float = 3600.0,
+    alive: Callable[[], bool] = lambda: True,
+) -> LevelResult:
     """Send ``prompts`` with at most ``concurrency`` in flight (as ``vllm bench serve --max-concurrency`` at an
     infinite request rate); wall time runs from the first send to the last answer."""
-    outputs, seconds = asyncio.run(_send_level(url, workload, model, prompts, concurrency, api_key, on_done,
-                                               timeout, alive))
+    outputs, seconds = asyncio.run(
+        _send_level(url, workload, model, prompts, concurrency, api_key, on_done, timeout, alive)
+    )
     return summarise(concurrency, outputs, seconds)
 
 
@@ -275,8 +329,11 @@ def _gpu_handles() -> list:
 
         pynvml.nvmlInit()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else \
-            range(pynvml.nvmlDeviceGetCount())
+        indices = (
+            [int(i) for i in visible.split(",") if i.strip().isdigit()]
+            if visible
+            else range(pynvml.nvmlDeviceGetCount())
+        )
         return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
     except Exception:  # no NVML (CPU machine): GPU memory is not reported
         return []
@@ -292,8 +349,17 @@ def weight_bytes(metrics_text: str) -> dict[str, float]:
 
 
 def server_command(job: BenchJob, model: Path, log: Path) -> list[str]:
-    return serve_command(ServeOptions(str(model), job.host, job.port, served_name=SERVED_NAME,
-                                      vllm_args=list(job.vllm_args), verbose=job.verbose, log_file=str(log)))
+    return serve_command(
+        ServeOptions(
+            str(model),
+            job.host,
+            job.port,
+            served_name=SERVED_NAME,
+            vllm_args=list(job.vllm_args),
+            verbose=job.verbose,
+            log_file=str(log),
+        )
+    )
 
 
 class Server:
@@ -333,8 +399,9 @@ class Server:
         self.log.close()
 
 
-def run_engine(job: BenchJob, kind: str, model: Path, tokenizer, scratch: Path, progress: Progress,
-               publish, result: dict) -> None:
+def run_engine(
+    job: BenchJob, kind: str, model: Path, tokenizer, scratch: Path, progress: Progress, publish, result: dict
+) -> None:
     """Start one engine, warm it up, measure every level into ``result``; ``publish`` after each level."""
     result.update({"model": str(model), "levels": [], "complete": False})
     server = Server(job, model, scratch / f"server-{kind}.log")
@@ -345,16 +412,32 @@ def run_engine(job: BenchJob, kind: str, model: Path, tokenizer, scratch: Path, 
                 wait_healthy(server.url, server.child, job.startup_timeout)
             except MixsparseError as error:
                 raise MixsparseError(f"the {kind} server did not start: {error}\n{server.tail()}") from None
-            warm = run_level(server.url, job.workload, SERVED_NAME, prompts.take(job.warmup),
-                             min(job.warmup, max(job.concurrency)), timeout=job.request_timeout, alive=server.alive)
+            warm = run_level(
+                server.url,
+                job.workload,
+                SERVED_NAME,
+                prompts.take(job.warmup),
+                min(job.warmup, max(job.concurrency)),
+                timeout=job.request_timeout,
+                alive=server.alive,
+            )
             if warm.failed:
-                raise MixsparseError(f"the {kind} server failed warm-up requests: {'; '.join(warm.errors)}\n"
-                                     f"{server.tail()}")
+                raise MixsparseError(
+                    f"the {kind} server failed warm-up requests: {'; '.join(warm.errors)}\n{server.tail()}"
+                )
             for concurrency in job.concurrency:
                 count = job.requests_at(concurrency)
                 with progress.task(f"{kind}, concurrency {concurrency}", count) as advance:
-                    level = run_level(server.url, job.workload, SERVED_NAME, prompts.take(count), concurrency,
-                                      on_done=lambda r: advance(), timeout=job.request_timeout, alive=server.alive)
+                    level = run_level(
+                        server.url,
+                        job.workload,
+                        SERVED_NAME,
+                        prompts.take(count),
+                        concurrency,
+                        on_done=lambda r: advance(),
+                        timeout=job.request_timeout,
+                        alive=server.alive,
+                    )
                 entry = level.to_json() | {"peak_process_bytes": memory.peak_rss, "peak_gpu_bytes": memory.peak_gpu}
                 if level.failed:
                     result["levels"].append(entry)
@@ -389,13 +472,24 @@ def bench(job: BenchJob, progress: Progress = Silent()) -> dict:
     refuse_existing(out, job.overwrite)
     vllm_benchmarks()
     tokenizer = models.load_tokenizer(str(sparse))
-    data = {"format": "mixsparse-bench", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine(), "dense": str(dense), "sparse": str(sparse), "workload": job.workload.__dict__,
-            "concurrency": list(job.concurrency), "requests": {c: job.requests_at(c) for c in job.concurrency},
-            "warmup": job.warmup, "vllm_args": job.vllm_args, "engines": {}, "complete": False}
+    data = {
+        "format": "mixsparse-bench",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "dense": str(dense),
+        "sparse": str(sparse),
+        "workload": job.workload.__dict__,
+        "concurrency": list(job.concurrency),
+        "requests": {c: job.requests_at(c) for c in job.concurrency},
+        "warmup": job.warmup,
+        "vllm_args": job.vllm_args,
+        "engines": {},
+        "complete": False,
+    }
 
     failure: BaseException | None = None
     with atomic_dir(out, overwrite=job.overwrite) as scratch:
+
         def publish() -> None:
             (scratch / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
 
@@ -433,8 +527,13 @@ def finish(data: dict, scratch: Path) -> None:
 
 
 def record(data: dict, sparse: Path, out: Path) -> None:
-    summary = {"output_tokens_per_second_ratio": data["output_tokens_per_second_ratio"],
-               "concurrency": data["ratio_concurrency"], "workload": data["workload"]["name"],
-               "dense": data["dense"], "date": data["date"], "report": str(out.resolve() / "bench.json")}
+    summary = {
+        "output_tokens_per_second_ratio": data["output_tokens_per_second_ratio"],
+        "concurrency": data["ratio_concurrency"],
+        "workload": data["workload"]["name"],
+        "dense": data["dense"],
+        "date": data["date"],
+        "report": str(out.resolve() / "bench.json"),
+    }
     with atomic_file(sparse / BENCH_RECORD, overwrite=True) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")

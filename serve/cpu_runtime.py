@@ -38,8 +38,11 @@ class CpuRuntime:
 
     def summary(self) -> str:
         binding = self.environment.get("VLLM_CPU_OMP_THREADS_BIND") or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-        threads = f"OpenMP threads bound to CPUs {binding}" if binding else \
-            "OpenMP threads bound by vLLM (one per physical core, one core left to the server)"
+        threads = (
+            f"OpenMP threads bound to CPUs {binding}"
+            if binding
+            else "OpenMP threads bound by vLLM (one per physical core, one core left to the server)"
+        )
         loaded = ", ".join(Path(p).name for p in self.preloaded) if self.preloaded else "nothing"
         return f"CPU runtime: preloaded {loaded}; {threads}"
 
@@ -70,8 +73,12 @@ def find_iomp(prefix: str | None = None) -> Path | None:
     return path if path.is_file() else None
 
 
-def cpu_runtime(environ: dict[str, str] | None = None, tcmalloc: Path | None = None, iomp: Path | None = None,
-                machine: str | None = None) -> CpuRuntime:
+def cpu_runtime(
+    environ: dict[str, str] | None = None,
+    tcmalloc: Path | None = None,
+    iomp: Path | None = None,
+    machine: str | None = None,
+) -> CpuRuntime:
     """What to add to the environment vLLM's CPU engine starts with; ``tcmalloc`` and ``iomp`` are the
     libraries found (None: absent), ``environ`` the environment as the user gave it."""
     environ = dict(os.environ if environ is None else environ)
@@ -86,15 +93,19 @@ def cpu_runtime(environ: dict[str, str] | None = None, tcmalloc: Path | None = N
         if tcmalloc is not None:
             added.append(str(tcmalloc))
         else:
-            runtime.notes.append(f"tcmalloc not found, so vLLM uses the default allocator (slower); install it with "
-                                 f"`sudo apt-get install {TCMALLOC_PACKAGE}` (Debian/Ubuntu)")
+            runtime.notes.append(
+                f"tcmalloc not found, so vLLM uses the default allocator (slower); install it with "
+                f"`sudo apt-get install {TCMALLOC_PACKAGE}` (Debian/Ubuntu)"
+            )
     x86 = (machine or platform.machine()).lower() in ("x86_64", "amd64")
     if x86 and not any(marker in entry for entry in existing for marker in OPENMP_MARKERS):
         if iomp is not None:
             added.append(str(iomp))
         else:
-            runtime.notes.append("Intel OpenMP not found in this environment, so torch's GNU OpenMP runs the engine; "
-                                 "install it with `pip install intel-openmp` (`make install` does)")
+            runtime.notes.append(
+                "Intel OpenMP not found in this environment, so torch's GNU OpenMP runs the engine; "
+                "install it with `pip install intel-openmp` (`make install` does)"
+            )
     if added:
         # ahead of the user's entries, as vLLM's guide prepends tcmalloc
         runtime.environment["LD_PRELOAD"] = ":".join(added + existing)

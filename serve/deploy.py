@@ -50,8 +50,18 @@ def deployment_plan(job: DeployJob, progress: Progress, show) -> str:
     if path.exists():
         show("deployment plan", [("plan", f"{path} (reused)")])
         return str(path)
-    make_plan(PlanRequest(model=prune.model, out=str(path), goal=Deployment(budget=job.budget), allocator=job.allocator,
-                          metric=prune.metric, calibration=prune.calibration, device=prune.device), progress)
+    make_plan(
+        PlanRequest(
+            model=prune.model,
+            out=str(path),
+            goal=Deployment(budget=job.budget),
+            allocator=job.allocator,
+            metric=prune.metric,
+            calibration=prune.calibration,
+            device=prune.device,
+        ),
+        progress,
+    )
     return str(path)
 
 
@@ -78,8 +88,9 @@ def reusable(job: pipeline.PruneJob) -> bool:
         return True
     if job.overwrite:
         return False
-    raise MixsparseError(f"{out} holds an artifact made with other settings; pass --overwrite to replace it or "
-                         f"choose another --out")
+    raise MixsparseError(
+        f"{out} holds an artifact made with other settings; pass --overwrite to replace it or choose another --out"
+    )
 
 
 def summary_rows(out: Path, options: ServeOptions, reused: bool) -> list[tuple[str, str]]:
@@ -92,23 +103,41 @@ def summary_rows(out: Path, options: ServeOptions, reused: bool) -> list[tuple[s
         key = f"{entry.format} ({storage})"
         formats[key] = formats.get(key, 0) + 1
     url = f"http://{options.host}:{options.port}"
-    rows = [("artifact", f"{out} ({'reused' if reused else 'new'})"),
-            ("pruned", f"{plan.get('model', {}).get('name')} with {plan.get('metric')}: "
-                       + ", ".join(f"{n} modules {k}" for k, n in formats.items())),
-            ("weight memory", f"{human_bytes(sizes['stored'])} stored vs {human_bytes(sizes['dense_equivalent'])} "
-                              f"dense ({1 - sizes['stored'] / sizes['dense_equivalent']:.1%} saved)")]
+    rows = [
+        ("artifact", f"{out} ({'reused' if reused else 'new'})"),
+        (
+            "pruned",
+            f"{plan.get('model', {}).get('name')} with {plan.get('metric')}: "
+            + ", ".join(f"{n} modules {k}" for k, n in formats.items()),
+        ),
+        (
+            "weight memory",
+            f"{human_bytes(sizes['stored'])} stored vs {human_bytes(sizes['dense_equivalent'])} "
+            f"dense ({1 - sizes['stored'] / sizes['dense_equivalent']:.1%} saved)",
+        ),
+    ]
     perplexity = plan.get("measurements", {}).get("perplexity") or {}
     if "pruned" in perplexity:
-        rows.append(("perplexity", f"{perplexity['dense']['perplexity']:.2f} dense -> "
-                                   f"{perplexity['pruned']['perplexity']:.2f} pruned "
-                                   f"({perplexity['pruned']['windows']} WikiText-2 test windows)"))
+        rows.append(
+            (
+                "perplexity",
+                f"{perplexity['dense']['perplexity']:.2f} dense -> "
+                f"{perplexity['pruned']['perplexity']:.2f} pruned "
+                f"({perplexity['pruned']['windows']} WikiText-2 test windows)",
+            )
+        )
     else:
         rows.append(("perplexity", f"not measured (mixsparse eval ppl {out} --windows 40)"))
     name = options.served_name or out.name
     auth = f" -H 'Authorization: Bearer {options.api_key}'" if options.api_key else ""
-    rows += [("URL", f"{url}/v1 (OpenAI-compatible), {url}/metrics"),
-             ("try", f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d "
-                     f"'{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")]
+    rows += [
+        ("URL", f"{url}/v1 (OpenAI-compatible), {url}/metrics"),
+        (
+            "try",
+            f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d "
+            f'\'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
+        ),
+    ]
     return rows
 
 
@@ -188,15 +217,26 @@ def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
         url = f"http://{job.serve.host}:{job.serve.port}"
         if job.chat is not None:
             wait_healthy(url, child, job.startup_timeout)
-            reply = request(f"{url}/v1/chat/completions",
-                            {"model": job.serve.served_name or out.name, "temperature": 0,
-                             "max_tokens": job.max_tokens, "messages": [{"role": "user", "content": job.chat}]},
-                            job.serve.api_key)
+            reply = request(
+                f"{url}/v1/chat/completions",
+                {
+                    "model": job.serve.served_name or out.name,
+                    "temperature": 0,
+                    "max_tokens": job.max_tokens,
+                    "messages": [{"role": "user", "content": job.chat}],
+                },
+                job.serve.api_key,
+            )
             answer = reply["choices"][0]["message"]["content"]
             time.sleep(min(2.0, job.serve.metrics_window))  # let the metrics sampler see the traffic
-            rows = [("prompt", job.chat), ("answer", answer.strip()),
-                    ("tokens", f"{reply['usage']['prompt_tokens']} prompt, {reply['usage']['completion_tokens']} "
-                               f"generated")]
+            rows = [
+                ("prompt", job.chat),
+                ("answer", answer.strip()),
+                (
+                    "tokens",
+                    f"{reply['usage']['prompt_tokens']} prompt, {reply['usage']['completion_tokens']} generated",
+                ),
+            ]
             show("first answer", rows + metrics_summary(request(f"{url}/metrics", api_key=job.serve.api_key)))
             if job.once:
                 child.send_signal(signal.SIGINT)

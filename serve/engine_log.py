@@ -41,7 +41,7 @@ def error_line(text: str) -> str | None:
         match = EXCEPTION.match(line.strip())
         if match:
             message = match.group(2).strip()
-            for detail in lines[index + 1:index + 6]:
+            for detail in lines[index + 1 : index + 6]:
                 reason = DETAIL.match(detail)
                 if match.group(1).endswith("ValidationError") and reason:
                     message = reason.group(1)
@@ -86,6 +86,7 @@ def local_url(host: str, port: int) -> str:
 
 def announce_when_ready(url: str, line, write, stop: threading.Event, poll: float = 1.0) -> threading.Thread:
     """Write ``line()`` once ``url``/health answers (a daemon thread; ``stop`` ends it early)."""
+
     def wait() -> None:
         while not stop.is_set():
             try:

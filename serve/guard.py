@@ -65,8 +65,10 @@ def violation(body: bytes, settings: GuardSettings) -> str | None:
                 return f"{name}={fields[name]} is above this server's limit of {settings.max_n} (--max-n)"
         for name in TOKEN_FIELDS:
             if isinstance(fields.get(name), (int, float)) and fields[name] > settings.max_tokens:
-                return (f"{name}={fields[name]} is above this server's limit of {settings.max_tokens} output "
-                        f"tokens per request (--max-output-tokens)")
+                return (
+                    f"{name}={fields[name]} is above this server's limit of {settings.max_tokens} output "
+                    f"tokens per request (--max-output-tokens)"
+                )
     return None
 
 
@@ -96,8 +98,9 @@ class RequestGuard:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         if not self.authorized(scope):
-            return await self.reply(scope, send, 401, "a valid API key is required (Authorization: Bearer <key>)",
-                                    "AuthenticationError")
+            return await self.reply(
+                scope, send, 401, "a valid API key is required (Authorization: Bearer <key>)", "AuthenticationError"
+            )
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         received, body = [], b""
@@ -124,6 +127,11 @@ class RequestGuard:
             await send({"type": "websocket.close", "code": 1008, "reason": message})
             return
         body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

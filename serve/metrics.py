@@ -66,27 +66,62 @@ def vllm_token_counters(registry=REGISTRY) -> tuple[float, float]:
 
 
 class Metrics:
-    def __init__(self, model_dir: str | os.PathLike, stats_dir: str | os.PathLike, serving_dtype: str | None,
-                 window: float = 10.0, interval: float = 1.0, registry=REGISTRY):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        stats_dir: str | os.PathLike,
+        serving_dtype: str | None,
+        window: float = 10.0,
+        interval: float = 1.0,
+        registry=REGISTRY,
+    ):
         self.model_dir = Path(model_dir)
         self.stats_dir = Path(stats_dir)
         self.interval = interval
         self.rates = Rates(window)
         self.registry = registry
-        self.bytes = Gauge("mixsparse_weight_bytes", "Model weight bytes: dense_equivalent (every weight dense) and "
-                           "resident (held while serving), both in the serving dtype; stored (artifact on disk, "
-                           "stored dtype)", ["kind"],
-                           registry=registry, multiprocess_mode="mostrecent")
-        self.modules = Gauge("mixsparse_sparse_modules", "Decoder linear modules per format", ["format"],
-                             registry=registry, multiprocess_mode="mostrecent")
-        self.kernels = Gauge("mixsparse_kernel_layers", "vLLM linear layers per GEMM backend", ["backend"],
-                             registry=registry, multiprocess_mode="mostrecent")
-        self.ratio = Gauge("mixsparse_weight_memory_ratio", "mixsparse_weight_bytes resident / dense_equivalent",
-                           registry=registry, multiprocess_mode="mostrecent")
-        self.linear_ratio = Gauge("mixsparse_linear_memory_ratio", "Resident / dense bytes of the linear layers "
-                                  "(serving dtype)", registry=registry, multiprocess_mode="mostrecent")
-        self.speed = Gauge("mixsparse_tokens_per_second", "Tokens/s over the sliding window", ["phase"],
-                           registry=registry, multiprocess_mode="mostrecent")
+        self.bytes = Gauge(
+            "mixsparse_weight_bytes",
+            "Model weight bytes: dense_equivalent (every weight dense) and "
+            "resident (held while serving), both in the serving dtype; stored (artifact on disk, "
+            "stored dtype)",
+            ["kind"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.modules = Gauge(
+            "mixsparse_sparse_modules",
+            "Decoder linear modules per format",
+            ["format"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.kernels = Gauge(
+            "mixsparse_kernel_layers",
+            "vLLM linear layers per GEMM backend",
+            ["backend"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.ratio = Gauge(
+            "mixsparse_weight_memory_ratio",
+            "mixsparse_weight_bytes resident / dense_equivalent",
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.linear_ratio = Gauge(
+            "mixsparse_linear_memory_ratio",
+            "Resident / dense bytes of the linear layers (serving dtype)",
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.speed = Gauge(
+            "mixsparse_tokens_per_second",
+            "Tokens/s over the sliding window",
+            ["phase"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self.gain = None
         self.static = self._static(serving_dtype)
         self.bytes.labels("dense_equivalent").set(self.static["serving_dense"])
@@ -99,8 +134,12 @@ class Metrics:
         if record.is_file():
             ratio = json.loads(record.read_text()).get("output_tokens_per_second_ratio")
             if ratio is not None:
-                self.gain = Gauge("mixsparse_throughput_gain_ratio", "Sparse/dense output tokens/s measured by "
-                                  "mixsparse bench", registry=registry, multiprocess_mode="mostrecent")
+                self.gain = Gauge(
+                    "mixsparse_throughput_gain_ratio",
+                    "Sparse/dense output tokens/s measured by mixsparse bench",
+                    registry=registry,
+                    multiprocess_mode="mostrecent",
+                )
                 self.gain.set(ratio)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mixsparse-metrics", daemon=True)
@@ -111,9 +150,12 @@ class Metrics:
             sizes = artifact.weight_bytes(config)
             element = config.dtype.itemsize
             linears = sum(len(g) for g in config.groups)
-            formats = collections.Counter("2:4" if e.storage == artifact.PACKED24 else
-                                          ("unstructured" if e.format == "unstructured" else e.format)
-                                          for e in config.modules.values())
+            formats = collections.Counter(
+                "2:4"
+                if e.storage == artifact.PACKED24
+                else ("unstructured" if e.format == "unstructured" else e.format)
+                for e in config.modules.values()
+            )
             formats["dense"] = linears - len(config.modules)
         else:
             files = sorted(self.model_dir.glob("*.safetensors"))
@@ -152,8 +194,9 @@ class Metrics:
             resident = self.static["serving_dense"] - saved
             self.bytes.labels("resident").set(resident)
             self.ratio.set(resident / self.static["serving_dense"])
-            self.linear_ratio.set(sum(e["bytes"] for e in reports.values())
-                                  / max(1, sum(e["dense_bytes"] for e in reports.values())))
+            self.linear_ratio.set(
+                sum(e["bytes"] for e in reports.values()) / max(1, sum(e["dense_bytes"] for e in reports.values()))
+            )
             for backend, count in collections.Counter(e["backend"] for e in reports.values()).items():
                 self.kernels.labels(backend).set(count)
 

@@ -43,9 +43,15 @@ def level_rows(data: dict) -> list[list]:
         for key, label, fmt, _ in LEVEL_COLUMNS:
             d = _value(dense.get(concurrency, {}), key)
             s = _value(sparse.get(concurrency, {}), key)
-            rows.append([concurrency, label, fmt.format(d) if d is not None else "-",
-                         fmt.format(s) if s is not None else "-",
-                         f"{s / d:.3f}" if d and s is not None else "-"])
+            rows.append(
+                [
+                    concurrency,
+                    label,
+                    fmt.format(d) if d is not None else "-",
+                    fmt.format(s) if s is not None else "-",
+                    f"{s / d:.3f}" if d and s is not None else "-",
+                ]
+            )
     return rows
 
 
@@ -54,29 +60,43 @@ def memory_rows(data: dict) -> list[list]:
     dense, sparse = data["engines"].get("dense", {}), data["engines"].get("sparse", {})
     for kind in ("dense_equivalent", "stored", "resident"):
         d, s = dense.get("weight_bytes", {}).get(kind), sparse.get("weight_bytes", {}).get(kind)
-        rows.append([f"weight bytes ({kind.replace('_', '-')})", human_bytes(d) if d else "-",
-                     human_bytes(s) if s else "-", f"{s / d:.3f}" if d and s else "-"])
-    for key, label in (("peak_process_bytes", "peak process memory (server tree RSS)"),
-                       ("peak_gpu_bytes", "peak GPU memory in use")):
+        rows.append(
+            [
+                f"weight bytes ({kind.replace('_', '-')})",
+                human_bytes(d) if d else "-",
+                human_bytes(s) if s else "-",
+                f"{s / d:.3f}" if d and s else "-",
+            ]
+        )
+    for key, label in (
+        ("peak_process_bytes", "peak process memory (server tree RSS)"),
+        ("peak_gpu_bytes", "peak GPU memory in use"),
+    ):
         d, s = dense.get(key), sparse.get(key)
         if d or s:
-            rows.append([label, human_bytes(d) if d else "-", human_bytes(s) if s else "-",
-                         f"{s / d:.3f}" if d and s else "-"])
+            rows.append(
+                [label, human_bytes(d) if d else "-", human_bytes(s) if s else "-", f"{s / d:.3f}" if d and s else "-"]
+            )
     return rows
 
 
 def bench_markdown(data: dict) -> str:
     workload = data["workload"]
     status = "" if data.get("complete") else f"\n\n**Incomplete run**: {data.get('error', 'stopped early')}\n"
-    head = (f"Workload {workload['name']}: {workload['prompt_tokens']} prompt tokens, {workload['output_tokens']} "
-            f"generated per request ({workload['endpoint']} endpoint, streamed, EOS ignored); requests per level "
-            f"{', '.join(f'{c}: {n}' for c, n in data['requests'].items())}; {data['warmup']} warm-up requests "
-            f"excluded. Dense: `{data['dense']}`; sparse: `{data['sparse']}`.{status}")
+    head = (
+        f"Workload {workload['name']}: {workload['prompt_tokens']} prompt tokens, {workload['output_tokens']} "
+        f"generated per request ({workload['endpoint']} endpoint, streamed, EOS ignored); requests per level "
+        f"{', '.join(f'{c}: {n}' for c, n in data['requests'].items())}; {data['warmup']} warm-up requests "
+        f"excluded. Dense: `{data['dense']}`; sparse: `{data['sparse']}`.{status}"
+    )
     table = markdown_table(["concurrency", "measure", "dense", "sparse", "sparse/dense"], level_rows(data))
     memory = markdown_table(["memory", "dense", "sparse", "sparse/dense"], memory_rows(data))
     gain = data.get("output_tokens_per_second_ratio")
-    footer = (f"\n\nSparse/dense output tokens/s at concurrency {data['ratio_concurrency']}: **{gain:.3f}**"
-              if gain is not None else "")
+    footer = (
+        f"\n\nSparse/dense output tokens/s at concurrency {data['ratio_concurrency']}: **{gain:.3f}**"
+        if gain is not None
+        else ""
+    )
     return f"{head}\n\n{table}\n\n{memory}{footer}\n"
 
 
@@ -99,10 +119,19 @@ def plot_bench(data: dict, path: str | Path) -> None:
             ys = [_value(lv, key) for lv in levels]
             if all(y is not None for y in ys):
                 latency.plot(xs, ys, dash, marker=marker, color=colour, label=f"{kind} {key.replace('_', ' ')}")
-    speed.set(xscale="log", xlabel="concurrent requests", ylabel="output tokens/s",
-              title=f"Throughput ({data['workload']['name']})")
-    latency.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="ms",
-                title="Latency: time to first token, inter-token")
+    speed.set(
+        xscale="log",
+        xlabel="concurrent requests",
+        ylabel="output tokens/s",
+        title=f"Throughput ({data['workload']['name']})",
+    )
+    latency.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent requests",
+        ylabel="ms",
+        title="Latency: time to first token, inter-token",
+    )
     for axis in (speed, latency):
         xs = sorted(data["concurrency"])
         axis.set_xticks(xs, [str(x) for x in xs])

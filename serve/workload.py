@@ -58,8 +58,9 @@ class PromptSource:
         self.overhead = self._template_tokens() if workload.endpoint == "chat" else 0
         self.text_tokens = workload.prompt_tokens - self.overhead
         if self.text_tokens < 1:
-            raise MixsparseError(f"--prompt-tokens {workload.prompt_tokens} is shorter than the chat template "
-                                 f"({self.overhead} tokens)")
+            raise MixsparseError(
+                f"--prompt-tokens {workload.prompt_tokens} is shorter than the chat template ({self.overhead} tokens)"
+            )
         if self.text_tokens >= len(self.ids):
             raise MixsparseError(f"--prompt-tokens {workload.prompt_tokens} is longer than the bundled text")
         self.rng = random.Random(seed)
@@ -74,6 +75,6 @@ class PromptSource:
         prompts = []
         for _ in range(count):
             start = self.rng.randrange(len(self.ids) - self.text_tokens)
-            ids = self.ids[start:start + self.text_tokens]
+            ids = self.ids[start : start + self.text_tokens]
             prompts.append(self.tokenizer.decode(ids) if self.workload.endpoint == "chat" else ids)
         return prompts

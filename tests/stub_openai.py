@@ -23,9 +23,11 @@ async def health(request):
 
 
 async def metrics(request):
-    return web.Response(text='mixsparse_weight_bytes{kind="dense_equivalent"} 1000.0\n'
-                             'mixsparse_weight_bytes{kind="stored"} 600.0\n'
-                             'mixsparse_weight_bytes{kind="resident"} 700.0\n')
+    return web.Response(
+        text='mixsparse_weight_bytes{kind="dense_equivalent"} 1000.0\n'
+        'mixsparse_weight_bytes{kind="stored"} 600.0\n'
+        'mixsparse_weight_bytes{kind="resident"} 700.0\n'
+    )
 
 
 async def complete(request):
@@ -48,6 +50,12 @@ async def complete(request):
 
 
 app = web.Application()
-app.add_routes([web.get("/health", health), web.get("/metrics", metrics), web.post("/v1/completions", complete),
-                web.post("/v1/chat/completions", complete)])
+app.add_routes(
+    [
+        web.get("/health", health),
+        web.get("/metrics", metrics),
+        web.post("/v1/completions", complete),
+        web.post("/v1/chat/completions", complete),
+    ]
+)
 web.run_app(app, host="127.0.0.1", port=PORT, print=None)

@@ -80,16 +80,22 @@ class ModuleEntry:
     def from_json(cls, name: str, data: dict) -> "ModuleEntry":
         try:
             nnz = data.get("nnz")
-            entry = cls(str(data["format"]), str(data["storage"]), tuple(int(s) for s in data["shape"]),
-                        float(data["sparsity"]), None if nnz is None else int(nnz))
+            entry = cls(
+                str(data["format"]),
+                str(data["storage"]),
+                tuple(int(s) for s in data["shape"]),
+                float(data["sparsity"]),
+                None if nnz is None else int(nnz),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise MixsparseError(f"module {name}: malformed entry in quantization_config ({error!r})") from None
         if entry.storage not in STORAGES or len(entry.shape) != 2:
             raise MixsparseError(f"module {name}: unknown storage {entry.storage!r} or shape {list(entry.shape)}")
         size = entry.shape[0] * entry.shape[1]
         if entry.storage == BITMASK and not (entry.nnz is not None and 0 <= entry.nnz <= size):
-            raise MixsparseError(f"module {name}: a bitmask entry needs nnz between 0 and {size}, got "
-                                 f"{data.get('nnz')!r}")
+            raise MixsparseError(
+                f"module {name}: a bitmask entry needs nnz between 0 and {size}, got {data.get('nnz')!r}"
+            )
         return entry
 
 
@@ -118,8 +124,12 @@ class ArtifactConfig:
         return {name: e for name, e in self.modules.items() if e.storage != DENSE}
 
 
-def storage_for(modules: dict[str, tuple[str, tuple[int, int]]], groups: Iterable[Iterable[str]],
-                nnz: dict[str, int] | None = None, element_size: int = 2) -> dict[str, str]:
+def storage_for(
+    modules: dict[str, tuple[str, tuple[int, int]]],
+    groups: Iterable[Iterable[str]],
+    nnz: dict[str, int] | None = None,
+    element_size: int = 2,
+) -> dict[str, str]:
     """Choose each module's storage (see module doc): packed 2:4 when its whole fused group is 2:4, else
     bitmask when its ``nnz`` kept weights of ``element_size`` bytes take fewer bytes than dense, else dense."""
     group_of = {name: tuple(group) for group in groups for name in group}
@@ -131,20 +141,26 @@ def storage_for(modules: dict[str, tuple[str, tuple[int, int]]], groups: Iterabl
 
     def smaller_as_bitmask(name: str) -> bool:
         shape = modules[name][1]
-        return name in nnz and Bitmask.stored_nbytes(shape, nnz[name], element_size) < \
-            shape[0] * shape[1] * element_size
+        return (
+            name in nnz and Bitmask.stored_nbytes(shape, nnz[name], element_size) < shape[0] * shape[1] * element_size
+        )
 
     return {
-        name: PACKED24 if all(packable(member) for member in group_of.get(name, (name,)))
-        else BITMASK if smaller_as_bitmask(name) else DENSE
+        name: PACKED24
+        if all(packable(member) for member in group_of.get(name, (name,)))
+        else BITMASK
+        if smaller_as_bitmask(name)
+        else DENSE
         for name in modules
     }
 
 
 def check_version(version, what: str, reader: str) -> None:
     if version not in READ_VERSIONS or isinstance(version, bool):
-        raise MixsparseError(f"{what} format_version {version!r} is not supported by this {reader} (it reads "
-                             f"versions {', '.join(map(str, READ_VERSIONS))})")
+        raise MixsparseError(
+            f"{what} format_version {version!r} is not supported by this {reader} (it reads "
+            f"versions {', '.join(map(str, READ_VERSIONS))})"
+        )
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
@@ -165,8 +181,10 @@ def parse_quantization(quant: dict, what: str, reader: str) -> tuple[dict[str, M
     modules = {name: ModuleEntry.from_json(name, data) for name, data in (quant.get("modules") or {}).items()}
     bitmask = [name for name, entry in modules.items() if entry.storage == BITMASK]
     if bitmask and quant.get("format_version") < 2:
-        raise MixsparseError(f"{what}: module {bitmask[0]} is stored as {BITMASK}, which format_version "
-                             f"{quant.get('format_version')} does not have (corrupt config?)")
+        raise MixsparseError(
+            f"{what}: module {bitmask[0]} is stored as {BITMASK}, which format_version "
+            f"{quant.get('format_version')} does not have (corrupt config?)"
+        )
     return modules, [list(g) for g in quant.get("groups") or []]
 
 
@@ -183,12 +201,12 @@ def read_config(path: str | os.PathLike) -> ArtifactConfig:
     except OSError as error:
         raise MixsparseError(f"cannot read {config_file} ({error.strerror})") from None
     if not isinstance(hf_config, dict) or not isinstance(hf_config.get("quantization_config") or {}, dict):
-        raise MixsparseError(f"{config_file} is not a model config (a JSON object with a quantization_config "
-                             f"object)")
+        raise MixsparseError(f"{config_file} is not a model config (a JSON object with a quantization_config object)")
     quant = hf_config.get("quantization_config") or {}
     if quant.get("quant_method") != QUANT_METHOD:
-        raise MixsparseError(f"{path} is not a mixsparse artifact (quantization_config.quant_method is "
-                             f"{quant.get('quant_method')!r})")
+        raise MixsparseError(
+            f"{path} is not a mixsparse artifact (quantization_config.quant_method is {quant.get('quant_method')!r})"
+        )
     modules, groups = parse_quantization(quant, f"{path}: artifact", "mixsparse")
     files = {str(k): int(v) for k, v in (quant.get("files") or {}).items()}
     if not files:
@@ -199,8 +217,9 @@ def read_config(path: str | os.PathLike) -> ArtifactConfig:
             raise MixsparseError(f"{path}: weight file {name} is missing")
         actual = file.stat().st_size
         if actual != size:
-            raise MixsparseError(f"{path}: weight file {name} is {actual} bytes but the artifact records {size} "
-                                 f"(truncated or corrupt)")
+            raise MixsparseError(
+                f"{path}: weight file {name} is {actual} bytes but the artifact records {size} (truncated or corrupt)"
+            )
     return ArtifactConfig(path, parse_dtype(quant.get("dtype", "bfloat16")), modules, groups, files, hf_config)
 
 
@@ -239,13 +258,27 @@ def check_tensors(config: ArtifactConfig, tensors: dict[str, torch.Tensor]) -> N
             if weight is None:
                 raise MixsparseError(f"{config.path}: tensor {name}.weight is missing")
             if tuple(weight.shape) != entry.shape:
-                raise MixsparseError(f"{config.path}: {name}.weight has shape {list(weight.shape)}, "
-                                     f"the artifact records {list(entry.shape)}")
+                raise MixsparseError(
+                    f"{config.path}: {name}.weight has shape {list(weight.shape)}, "
+                    f"the artifact records {list(entry.shape)}"
+                )
 
 
 _FLOAT_DTYPES = ("BF16", "F16", "F32")
-_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "U8": 1,
+    "I8": 1,
+    "I16": 2,
+    "I32": 4,
+    "I64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def tensor_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -268,42 +301,64 @@ def check_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], st
     for name, entry in config.modules.items():
         out_features, in_features = entry.shape
         if entry.storage == PACKED24:
-            expected = {f"{name}.values": (out_features, in_features // 2),
-                        f"{name}.meta": (out_features, (in_features + 7) // 8)}
+            expected = {
+                f"{name}.values": (out_features, in_features // 2),
+                f"{name}.meta": (out_features, (in_features + 7) // 8),
+            }
         elif entry.storage == BITMASK:
-            expected = {f"{name}.values": (entry.nnz,), f"{name}.mask": (out_features, (in_features + 7) // 8),
-                        f"{name}.offsets": (out_features + 1,)}
+            expected = {
+                f"{name}.values": (entry.nnz,),
+                f"{name}.mask": (out_features, (in_features + 7) // 8),
+                f"{name}.offsets": (out_features + 1,),
+            }
         else:
             expected = {f"{name}.weight": (out_features, in_features)}
         for key, shape in expected.items():
             if key not in headers:
                 raise MixsparseError(f"{config.path}: tensor {key} of module {name} is missing")
             if headers[key][0] != shape:
-                raise MixsparseError(f"{config.path}: {key} has shape {list(headers[key][0])}, the artifact "
-                                     f"records {list(shape)} for module {name}")
+                raise MixsparseError(
+                    f"{config.path}: {key} has shape {list(headers[key][0])}, the artifact "
+                    f"records {list(shape)} for module {name}"
+                )
         if entry.storage == PACKED24 and headers[f"{name}.meta"][1] != "U8":
-            raise MixsparseError(f"{config.path}: {name}.meta is stored as {headers[f'{name}.meta'][1]}, a 2:4 "
-                                 f"index tensor must be U8 (uint8)")
+            raise MixsparseError(
+                f"{config.path}: {name}.meta is stored as {headers[f'{name}.meta'][1]}, a 2:4 "
+                f"index tensor must be U8 (uint8)"
+            )
         if entry.storage == BITMASK:
             for key, dtype in ((f"{name}.mask", "U8"), (f"{name}.offsets", "I64")):
                 if headers[key][1] != dtype:
-                    raise MixsparseError(f"{config.path}: {key} is stored as {headers[key][1]}, a bitmask "
-                                         f"{key.rsplit('.', 1)[1]} tensor must be {dtype}")
+                    raise MixsparseError(
+                        f"{config.path}: {key} is stored as {headers[key][1]}, a bitmask "
+                        f"{key.rsplit('.', 1)[1]} tensor must be {dtype}"
+                    )
         if entry.storage != DENSE and headers[f"{name}.values"][1] not in _FLOAT_DTYPES:
-            raise MixsparseError(f"{config.path}: {name}.values is stored as {headers[f'{name}.values'][1]}, "
-                                 f"expected a floating dtype ({', '.join(_FLOAT_DTYPES)})")
+            raise MixsparseError(
+                f"{config.path}: {name}.values is stored as {headers[f'{name}.values'][1]}, "
+                f"expected a floating dtype ({', '.join(_FLOAT_DTYPES)})"
+            )
     for key in sorted(headers):
         module, _, suffix = key.rpartition(".")
         storage = config.modules[module].storage if module in config.modules else DENSE
-        expected_storage = {"values": (PACKED24, BITMASK), "meta": (PACKED24,), "mask": (BITMASK,),
-                            "offsets": (BITMASK,)}.get(suffix)
+        expected_storage = {
+            "values": (PACKED24, BITMASK),
+            "meta": (PACKED24,),
+            "mask": (BITMASK,),
+            "offsets": (BITMASK,),
+        }.get(suffix)
         # a plain model may own a tensor named *.mask or *.offsets; beside a .values it is a packed module's
-        if expected_storage and storage not in expected_storage and (suffix in ("values", "meta")
-                                                                      or f"{module}.values" in headers):
+        if (
+            expected_storage
+            and storage not in expected_storage
+            and (suffix in ("values", "meta") or f"{module}.values" in headers)
+        ):
             kind = {"meta": "packed 2:4", "values": "packed"}.get(suffix, "bitmask")
-            raise MixsparseError(f"{config.path}: tensor {key} is {kind} but quantization_config.modules does not "
-                                 f"record its module {module} as {'bitmask' if kind == 'bitmask' else 'packed'} "
-                                 f"(it is {storage})")
+            raise MixsparseError(
+                f"{config.path}: tensor {key} is {kind} but quantization_config.modules does not "
+                f"record its module {module} as {'bitmask' if kind == 'bitmask' else 'packed'} "
+                f"(it is {storage})"
+            )
     return headers
 
 
@@ -324,8 +379,9 @@ def check_meta(config: ArtifactConfig) -> None:
             offsets_file = where.get(f"{name}.offsets")
             if offsets_file is None:
                 raise MixsparseError(f"{config.path}: tensor {name}.offsets of module {name} is missing")
-            nnz = Bitmask.check_index(_tensor(config, file, key), _tensor(config, offsets_file, f"{name}.offsets"),
-                                      entry.shape, name)
+            nnz = Bitmask.check_index(
+                _tensor(config, file, key), _tensor(config, offsets_file, f"{name}.offsets"), entry.shape, name
+            )
             if nnz != entry.nnz:
                 raise MixsparseError(f"{name}: its mask keeps {nnz} weights, the artifact records nnz {entry.nnz}")
         except MixsparseError as error:
@@ -364,8 +420,9 @@ def weight_bytes(config: ArtifactConfig) -> dict[str, int]:
     return _weight_bytes(stored, config.modules, config.dtype)
 
 
-def planned_weight_bytes(state_dict: dict[str, torch.Tensor], modules: dict[str, ModuleEntry],
-                         dtype: torch.dtype) -> dict[str, int]:
+def planned_weight_bytes(
+    state_dict: dict[str, torch.Tensor], modules: dict[str, ModuleEntry], dtype: torch.dtype
+) -> dict[str, int]:
     """``weight_bytes`` of the artifact ``write`` would make of these, counted before writing (so a model card
     can quote them); every bitmask entry needs its ``nnz``."""
     element = torch.empty((), dtype=dtype).element_size()
@@ -373,8 +430,11 @@ def planned_weight_bytes(state_dict: dict[str, torch.Tensor], modules: dict[str,
     missing = [name for name, entry in modules.items() if entry.storage == BITMASK and entry.nnz is None]
     if missing:
         raise MixsparseError(f"bitmask module {missing[0]} has no nnz: its stored bytes are unknown")
-    plain = sum(t.numel() * (element if t.is_floating_point() else t.element_size())
-                for key, t in state_dict.items() if key not in compressed)
+    plain = sum(
+        t.numel() * (element if t.is_floating_point() else t.element_size())
+        for key, t in state_dict.items()
+        if key not in compressed
+    )
     sizes = _weight_bytes(0, modules, dtype)
     return _weight_bytes(plain + sizes["packed_stored"] + sizes["bitmask_stored"], modules, dtype)
 
@@ -387,10 +447,14 @@ def _weight_bytes(stored: int, modules: dict[str, ModuleEntry], dtype: torch.dty
     packed_stored = sum(e.shape[0] * (e.shape[1] // 2 * element + (e.shape[1] + 7) // 8) for e in packed)
     bitmask_dense = sum(e.shape[0] * e.shape[1] * element for e in bitmask)
     bitmask_stored = sum(Bitmask.stored_nbytes(e.shape, e.nnz or 0, element) for e in bitmask)
-    return {"stored": stored,
-            "dense_equivalent": stored - packed_stored + packed_dense - bitmask_stored + bitmask_dense,
-            "packed_stored": packed_stored, "packed_dense_equivalent": packed_dense,
-            "bitmask_stored": bitmask_stored, "bitmask_dense_equivalent": bitmask_dense}
+    return {
+        "stored": stored,
+        "dense_equivalent": stored - packed_stored + packed_dense - bitmask_stored + bitmask_dense,
+        "packed_stored": packed_stored,
+        "packed_dense_equivalent": packed_dense,
+        "bitmask_stored": bitmask_stored,
+        "bitmask_dense_equivalent": bitmask_dense,
+    }
 
 
 def packed_module(config: ArtifactConfig, tensors: dict[str, torch.Tensor], name: str) -> Packed24:
@@ -401,11 +465,11 @@ def packed_module(config: ArtifactConfig, tensors: dict[str, torch.Tensor], name
 def bitmask_module(config: ArtifactConfig, tensors: dict[str, torch.Tensor], name: str) -> Bitmask:
     """A bitmask module's weight, checked against its entry (shape, nnz) and itself."""
     entry = config.modules[name]
-    weight = Bitmask.from_tensors(tensors[f"{name}.values"], tensors[f"{name}.mask"], tensors[f"{name}.offsets"],
-                                  entry.shape, name)
+    weight = Bitmask.from_tensors(
+        tensors[f"{name}.values"], tensors[f"{name}.mask"], tensors[f"{name}.offsets"], entry.shape, name
+    )
     if weight.nnz != entry.nnz:
-        raise MixsparseError(f"{config.path}: {name} keeps {weight.nnz} weights, the artifact records nnz "
-                             f"{entry.nnz}")
+        raise MixsparseError(f"{config.path}: {name} keeps {weight.nnz} weights, the artifact records nnz {entry.nnz}")
     return weight
 
 
@@ -487,8 +551,10 @@ def _save_sharded(directory: Path, tensors: dict[str, torch.Tensor]) -> dict[str
         names = ["model.safetensors"]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
+        }
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name, shard in zip(names, shards):
         save_file(shard, directory / name, metadata={"format": "pt"})

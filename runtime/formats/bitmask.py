@@ -55,13 +55,15 @@ class Bitmask:
         return cls(dense[keep].contiguous(), mask.contiguous(), offsets, (out_features, in_features))
 
     @classmethod
-    def from_tensors(cls, values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, shape,
-                     name: str = "weight") -> "Bitmask":
+    def from_tensors(
+        cls, values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, shape, name: str = "weight"
+    ) -> "Bitmask":
         """Wrap tensors read from disk, checking that they are a consistent bitmask packing of ``shape``."""
         shape = tuple(int(s) for s in shape)
         if values.dim() != 1 or not values.is_floating_point():
-            raise MixsparseError(f"{name}: bitmask values must be a 1-D floating tensor, got "
-                                 f"{list(values.shape)} {values.dtype}")
+            raise MixsparseError(
+                f"{name}: bitmask values must be a 1-D floating tensor, got {list(values.shape)} {values.dtype}"
+            )
         nnz = cls.check_index(mask, offsets, shape, name)
         if values.numel() != nnz:
             raise MixsparseError(f"{name}: bitmask values hold {values.numel()} weights but the mask keeps {nnz}")
@@ -79,20 +81,24 @@ class Bitmask:
                 f"(expected {[out_features + 1]})"
             )
         if mask.dtype != torch.uint8 or offsets.dtype != torch.int64:
-            raise MixsparseError(f"{name}: bitmask mask must be uint8 and offsets int64, got {mask.dtype} and "
-                                 f"{offsets.dtype}")
+            raise MixsparseError(
+                f"{name}: bitmask mask must be uint8 and offsets int64, got {mask.dtype} and {offsets.dtype}"
+            )
         if in_features % 8 and mask.numel() and bool((mask[:, -1] >> (in_features % 8)).any()):
             row = int((mask[:, -1] >> (in_features % 8)).nonzero()[0])
-            raise MixsparseError(f"{name}: bitmask row {row} keeps columns past the input size {in_features} "
-                                 f"(corrupt artifact?)")
+            raise MixsparseError(
+                f"{name}: bitmask row {row} keeps columns past the input size {in_features} (corrupt artifact?)"
+            )
         counts = _popcount(mask).sum(1, dtype=torch.int64)
         expected = torch.zeros_like(offsets)
         expected[1:] = counts.cumsum(0)
         if not torch.equal(offsets, expected):
             row = int((offsets != expected).nonzero()[0])
-            raise MixsparseError(f"{name}: bitmask offsets disagree with the mask at entry {row} "
-                                 f"({int(offsets[row])}, the mask's bits give {int(expected[row])}; corrupt "
-                                 f"artifact?)")
+            raise MixsparseError(
+                f"{name}: bitmask offsets disagree with the mask at entry {row} "
+                f"({int(offsets[row])}, the mask's bits give {int(expected[row])}; corrupt "
+                f"artifact?)"
+            )
         return int(expected[-1])
 
     def unpack(self) -> torch.Tensor:

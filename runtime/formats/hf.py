@@ -52,8 +52,11 @@ def load_state(model, state: dict[str, torch.Tensor], source, allowed_missing: s
     tied = {name for name, param in model.named_parameters(remove_duplicate=False)} - {
         name for name, _ in model.named_parameters()
     }
-    missing = [k for k in result.missing_keys
-               if k not in tied and k not in allowed_missing and not k.endswith("rotary_emb.inv_freq")]
+    missing = [
+        k
+        for k in result.missing_keys
+        if k not in tied and k not in allowed_missing and not k.endswith("rotary_emb.inv_freq")
+    ]
     if missing or result.unexpected_keys:
         problem = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {result.unexpected_keys[0]}"
         raise MixsparseError(f"{source}: {problem} (artifact does not match its config)")

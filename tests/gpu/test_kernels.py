@@ -36,7 +36,7 @@ def test_matches_dense_matmul_in_bf16_tolerance(backend, shape):
     for tokens in TOKENS:
         x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
         got = module(x).float()
-        want = (x.float() @ dense.float().T)
+        want = x.float() @ dense.float().T
         error = ((got - want).norm() / want.norm()).item()
         assert error < 1e-2, (tokens, error)
 

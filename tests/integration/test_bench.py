@@ -50,8 +50,13 @@ def stub_servers(monkeypatch, delays: dict, die_after: dict | None = None):
 
 
 def job_for(dense, sparse, out, **kw):
-    defaults = dict(workload=make_workload("decode", prompt_tokens=12, output_tokens=5),
-                    concurrency=(1, 3), requests=4, warmup=2, port=free_port())
+    defaults = dict(
+        workload=make_workload("decode", prompt_tokens=12, output_tokens=5),
+        concurrency=(1, 3),
+        requests=4,
+        warmup=2,
+        port=free_port(),
+    )
     return bench_module.BenchJob(dense=str(dense), sparse=str(sparse), out=str(out), **(defaults | kw))
 
 
@@ -82,8 +87,7 @@ def test_bench_measures_both_engines_and_records_the_gain(monkeypatch, tiny_llam
     assert registry.get_sample_value("mixsparse_throughput_gain_ratio") == pytest.approx(ratio)
 
 
-def test_a_server_that_dies_stops_the_run_and_keeps_what_was_measured(monkeypatch, tiny_llama, artifact_copy,
-                                                                      tmp_path):
+def test_a_server_that_dies_stops_the_run_and_keeps_what_was_measured(monkeypatch, tiny_llama, artifact_copy, tmp_path):
     # the sparse server answers the 2 warm-up requests and the 4 of concurrency 1, then exits
     stub_servers(monkeypatch, {"dense": 0.0, "sparse": 0.0}, die_after={"sparse": 6})
     with pytest.raises(MixsparseError, match="sparse, concurrency 3: the server died"):
@@ -119,8 +123,14 @@ def test_percentiles_and_prompt_lengths(tiny_llama):
     from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
 
     def level(ttfts):  # what vLLM's request functions return, summarised by its calculate_metrics
-        return bench_module.summarise(1, [RequestFuncOutput(success=True, ttft=t, latency=t + 1, output_tokens=2,
-                                                            itl=[1.0], prompt_len=3) for t in ttfts], 10.0)
+        return bench_module.summarise(
+            1,
+            [
+                RequestFuncOutput(success=True, ttft=t, latency=t + 1, output_tokens=2, itl=[1.0], prompt_len=3)
+                for t in ttfts
+            ],
+            10.0,
+        )
 
     assert level([5.0]).ttft_p99 == 5.0 and bench_module.summarise(1, [RequestFuncOutput()], 1.0).ttft_p50 is None
     assert level([float(i) for i in range(1, 102)]).ttft_p50 == 51.0

@@ -51,8 +51,7 @@ def test_unknown_model(tmp_path, capsys):
 
 def test_directory_without_config(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert "has no config.json" in error_of(prune_args(tmp_path / "empty", tmp_path / "o", "--sparsity", "0.5"),
-                                             capsys)
+    assert "has no config.json" in error_of(prune_args(tmp_path / "empty", tmp_path / "o", "--sparsity", "0.5"), capsys)
 
 
 def test_architecture_without_linear_decoder_blocks(tiny_llama, tmp_path, capsys):
@@ -73,10 +72,15 @@ def test_unknown_architecture(tmp_path, capsys):
     assert "cannot load model" in message and "no-such-arch" in message
 
 
-@pytest.mark.parametrize("sparsity, message", [("1.5", r"sparsity 1.5 is outside [0, 1)"),
-                                               ("-0.2", r"sparsity -0.2 is outside [0, 1)"),
-                                               ("4:4", "N:M sparsity 4:4 needs 0 < N < M"),
-                                               ("8:4", "N:M sparsity 8:4 needs 0 < N < M")])
+@pytest.mark.parametrize(
+    "sparsity, message",
+    [
+        ("1.5", r"sparsity 1.5 is outside [0, 1)"),
+        ("-0.2", r"sparsity -0.2 is outside [0, 1)"),
+        ("4:4", "N:M sparsity 4:4 needs 0 < N < M"),
+        ("8:4", "N:M sparsity 8:4 needs 0 < N < M"),
+    ],
+)
 def test_bad_sparsity(tiny_llama, tmp_path, capsys, sparsity, message):
     assert message in error_of(prune_args(tiny_llama, tmp_path / "o", f"--sparsity={sparsity}"), capsys)
     assert not (tmp_path / "o").exists()
@@ -97,8 +101,9 @@ def test_calibration_text_too_short(tiny_llama, tmp_path, capsys):
 
 def test_existing_output(tiny_llama, tmp_path, capsys):
     (tmp_path / "o").mkdir()
-    assert "already exists; pass --overwrite" in error_of(prune_args(tiny_llama, tmp_path / "o", "--sparsity", "2:4"),
-                                                         capsys)
+    assert "already exists; pass --overwrite" in error_of(
+        prune_args(tiny_llama, tmp_path / "o", "--sparsity", "2:4"), capsys
+    )
 
 
 def test_prune_then_eval_then_export(tiny_llama, tmp_path, capsys):

@@ -41,8 +41,16 @@ def planted(tmp_path_factory, tiny_llama):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for index, block in enumerate(model.model.layers):
@@ -56,20 +64,43 @@ def planted(tmp_path_factory, tiny_llama):
     return directory
 
 
-def plan_job(model, out, target=None, granularity="block", deploy=False, budget=None, memory=None, pareto=False,
-             budgets=(0.0, 0.25, 0.5, 0.75, 1.0), sensitivity=None, search=FAST, fitness="loss", delta=0.01, **kw):
+def plan_job(
+    model,
+    out,
+    target=None,
+    granularity="block",
+    deploy=False,
+    budget=None,
+    memory=None,
+    pareto=False,
+    budgets=(0.0, 0.25, 0.5, 0.75, 1.0),
+    sensitivity=None,
+    search=FAST,
+    fitness="loss",
+    delta=0.01,
+    **kw,
+):
     goal = Deployment(budget, memory, pareto, budgets) if deploy else Research(target, granularity)
-    return PlanRequest(model=str(model), out=str(out), goal=goal, **{
-        "calibration": data.CalibrationProtocol(samples=4, seqlen=32),
-        "fisher": FisherOptions(samples=3, sensitivity=sensitivity),
-        "search": SearchOptions(search, delta=delta, fitness=fitness, fitness_seqlen=32), **kw})
+    return PlanRequest(
+        model=str(model),
+        out=str(out),
+        goal=goal,
+        **{
+            "calibration": data.CalibrationProtocol(samples=4, seqlen=32),
+            "fisher": FisherOptions(samples=3, sensitivity=sensitivity),
+            "search": SearchOptions(search, delta=delta, fitness=fitness, fitness_seqlen=32),
+            **kw,
+        },
+    )
 
 
 def test_the_search_learns_to_keep_the_planted_sensitive_block_denser(planted, tmp_path):
-    search = SearchSettings(generations=12, population=4, offspring=6, survivors=2, steps=(2, 4), moves=6,
-                            patience=50, seed=0)
-    outcome = make_plan(plan_job(planted, tmp_path / "plan.json", allocator="msp", target=0.6, fitness="kl",
-                                 search=search, delta=0.05))
+    search = SearchSettings(
+        generations=12, population=4, offspring=6, survivors=2, steps=(2, 4), moves=6, patience=50, seed=0
+    )
+    outcome = make_plan(
+        plan_job(planted, tmp_path / "plan.json", allocator="msp", target=0.6, fitness="kl", search=search, delta=0.05)
+    )
     info = outcome.plan.info
     ratios = {label: gene["ratio"] for label, gene in info["genes"].items()}
     assert ratios["model.layers.1"] < 0.5 < min(r for label, r in ratios.items() if label != "model.layers.1")
@@ -84,16 +115,29 @@ def test_the_search_learns_to_keep_the_planted_sensitive_block_denser(planted, t
 @pytest.mark.parametrize("allocator", ["uniform", "owl", "fisher", "msp"])
 @pytest.mark.parametrize("granularity", ["block", "module"])
 def test_every_allocator_keeps_the_budget_and_drives_prune(tiny_llama, tmp_path, allocator, granularity):
-    outcome = make_plan(plan_job(tiny_llama, tmp_path / "plan.json", allocator=allocator, target=0.7,
-                                 granularity=granularity, plot=str(tmp_path / "plan.png")))
+    outcome = make_plan(
+        plan_job(
+            tiny_llama,
+            tmp_path / "plan.json",
+            allocator=allocator,
+            target=0.7,
+            granularity=granularity,
+            plot=str(tmp_path / "plan.png"),
+        )
+    )
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.weight_sparsity() == pytest.approx(0.7, abs=1e-6)
     assert plan.info["allocator"] == allocator and plan.info["calibration"]["samples"] == 4
     assert (tmp_path / "plan.png").stat().st_size > 1000
-    summary = pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="sparsegpt",
-                                               plan=str(tmp_path / "plan.json"),
-                                               out=str(tmp_path / "art"),
-                                               calibration=data.CalibrationProtocol(samples=4, seqlen=32)))
+    summary = pipeline.prune(
+        pipeline.PruneJob(
+            model=str(tiny_llama),
+            metric="sparsegpt",
+            plan=str(tmp_path / "plan.json"),
+            out=str(tmp_path / "art"),
+            calibration=data.CalibrationProtocol(samples=4, seqlen=32),
+        )
+    )
     assert summary.sparsity == pytest.approx(0.7, abs=0.01)
     assert outcome.plan.modules == plan.modules
 
@@ -106,9 +150,15 @@ def test_deployment_plan_and_memory_target(tiny_llama, tmp_path):
     formats = {tuple(g["modules"]): g["format"] for g in info["groups"]}
     qkv = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
     assert qkv in formats  # decisions are per fused group
-    summary = pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="wanda", plan=str(tmp_path / "d.json"),
-                                               out=str(tmp_path / "art"),
-                                               calibration=data.CalibrationProtocol(samples=4, seqlen=32)))
+    summary = pipeline.prune(
+        pipeline.PruneJob(
+            model=str(tiny_llama),
+            metric="wanda",
+            plan=str(tmp_path / "d.json"),
+            out=str(tmp_path / "art"),
+            calibration=data.CalibrationProtocol(samples=4, seqlen=32),
+        )
+    )
     assert summary.weight_bytes["packed_dense_equivalent"] > 0
     memory = make_plan(plan_job(tiny_llama, tmp_path / "m.json", allocator="fisher", deploy=True, memory=0.9))
     assert memory.plan.info["weight_memory"] == pytest.approx(0.9, abs=0.05)
@@ -147,8 +197,9 @@ def test_deployment_fitness_scores_what_prune_with_the_plan_produces(tiny_llama,
 
 
 def test_pareto_front(tiny_llama, tmp_path, capsys):
-    outcome = make_plan(plan_job(tiny_llama, tmp_path / "front", allocator="msp", deploy=True, pareto=True,
-                                 budgets=(0.0, 0.5, 1.0)))
+    outcome = make_plan(
+        plan_job(tiny_llama, tmp_path / "front", allocator="msp", deploy=True, pareto=True, budgets=(0.0, 0.5, 1.0))
+    )
     assert [round(p["budget"], 2) for p in outcome.front] == [0.0, 0.5, 1.0]
     memories = [p["weight_memory"] for p in outcome.front]
     assert memories == sorted(memories, reverse=True) and memories[0] == pytest.approx(1.0)
@@ -156,19 +207,37 @@ def test_pareto_front(tiny_llama, tmp_path, capsys):
     assert {"front.json", "front.md", "front.png", "plan-b0.50.json"} <= written
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--allocator", "fisher", "--target", "0.995"], "target 0.995 is infeasible"),
-    (["--allocator", "owl", "--target", "0.3", "--min-ratio", "0.5"], "infeasible"),
-    (["--allocator", "uniform", "--target", "1.2"], "1.2 is out of range; expected a number in [0, 1)"),
-    (["--allocator", "uniform", "--deploy", "--budget", "0.5"], "allocator 'uniform' does not apply"),
-    (["--allocator", "msp", "--deploy"], "exactly one of --budget or --memory"),
-    (["--allocator", "msp", "--deploy", "--memory", "0.2"], "--memory 0.2 is infeasible"),
-    (["--allocator", "msp"], "--target is required"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--allocator", "fisher", "--target", "0.995"], "target 0.995 is infeasible"),
+        (["--allocator", "owl", "--target", "0.3", "--min-ratio", "0.5"], "infeasible"),
+        (["--allocator", "uniform", "--target", "1.2"], "1.2 is out of range; expected a number in [0, 1)"),
+        (["--allocator", "uniform", "--deploy", "--budget", "0.5"], "allocator 'uniform' does not apply"),
+        (["--allocator", "msp", "--deploy"], "exactly one of --budget or --memory"),
+        (["--allocator", "msp", "--deploy", "--memory", "0.2"], "--memory 0.2 is infeasible"),
+        (["--allocator", "msp"], "--target is required"),
+    ],
+)
 def test_plan_errors(tiny_llama, tmp_path, capsys, argv, message):
     try:
-        code = main(["plan", str(tiny_llama), "--out", str(tmp_path / "p.json"), "--samples", "4", "--seqlen", "32",
-                     "--fisher-samples", "2", "--generations", "1", *argv])
+        code = main(
+            [
+                "plan",
+                str(tiny_llama),
+                "--out",
+                str(tmp_path / "p.json"),
+                "--samples",
+                "4",
+                "--seqlen",
+                "32",
+                "--fisher-samples",
+                "2",
+                "--generations",
+                "1",
+                *argv,
+            ]
+        )
     except SystemExit as stop:  # a range the parser checks is argparse's usage error
         code = stop.code
     assert code == 2
@@ -178,17 +247,50 @@ def test_plan_errors(tiny_llama, tmp_path, capsys, argv, message):
 
 def test_plan_for_another_model_lists_what_does_not_match(tiny_llama, tiny_llama_odd, tmp_path, capsys):
     make_plan(plan_job(tiny_llama, tmp_path / "plan.json", allocator="uniform", target=0.5))
-    code = main(["prune", str(tiny_llama_odd), "--metric", "wanda", "--plan", str(tmp_path / "plan.json"),
-                 "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "prune",
+            str(tiny_llama_odd),
+            "--metric",
+            "wanda",
+            "--plan",
+            str(tmp_path / "plan.json"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "plan does not match this model" in err
     assert "model.layers.0.mlp.down_proj (plan [64, 96]" in err
 
 
 def test_resume_and_corrupt_state(tiny_llama, tmp_path, capsys):
-    args = ["plan", str(tiny_llama), "--allocator", "msp", "--target", "0.6", "--out", str(tmp_path / "p.json"),
-            "--samples", "4", "--seqlen", "32", "--fisher-samples", "2", "--fitness-seqlen", "32", "--steps", "1,2",
-            "--population", "3", "--offspring", "3", "--survivors", "1"]
+    args = [
+        "plan",
+        str(tiny_llama),
+        "--allocator",
+        "msp",
+        "--target",
+        "0.6",
+        "--out",
+        str(tmp_path / "p.json"),
+        "--samples",
+        "4",
+        "--seqlen",
+        "32",
+        "--fisher-samples",
+        "2",
+        "--fitness-seqlen",
+        "32",
+        "--steps",
+        "1,2",
+        "--population",
+        "3",
+        "--offspring",
+        "3",
+        "--survivors",
+        "1",
+    ]
     assert main([*args, "--generations", "2"]) == 0
     state = json.loads((tmp_path / "p.search.json").read_text())
     assert state["generation"] == 2
@@ -204,11 +306,28 @@ def test_resume_and_corrupt_state(tiny_llama, tmp_path, capsys):
 
 
 def test_sensitivity_command(tiny_llama, tmp_path, capsys):
-    assert main(["sensitivity", str(tiny_llama), "--samples", "2", "--seqlen", "32", "--out", str(tmp_path / "s.json"),
-                 "--plot", str(tmp_path / "s.png"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                str(tiny_llama),
+                "--samples",
+                "2",
+                "--seqlen",
+                "32",
+                "--out",
+                str(tmp_path / "s.json"),
+                "--plot",
+                str(tmp_path / "s.png"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     data_ = json.loads((tmp_path / "s.json").read_text())
     assert data_["samples"] == 2 and len(data_["blocks"]) == 2 and len(data_["modules"]) == 14
     assert (tmp_path / "s.png").stat().st_size > 1000
-    out = make_plan(plan_job(tiny_llama, tmp_path / "p.json", allocator="fisher", target=0.5,
-                             sensitivity=str(tmp_path / "s.json")))
+    out = make_plan(
+        plan_job(tiny_llama, tmp_path / "p.json", allocator="fisher", target=0.5, sensitivity=str(tmp_path / "s.json"))
+    )
     assert out.plan.info["fisher"]["samples"] == 2

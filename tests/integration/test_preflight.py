@@ -20,8 +20,15 @@ PACKED = "model.layers.1.mlp.down_proj"
 @pytest.fixture(scope="module")
 def artifact_24(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("preflight") / "tiny-24"
-    pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="magnitude", sparsity="2:4", out=str(out),
-                                     calibration=CalibrationProtocol(samples=2, seqlen=32)))
+    pipeline.prune(
+        pipeline.PruneJob(
+            model=str(tiny_llama),
+            metric="magnitude",
+            sparsity="2:4",
+            out=str(out),
+            calibration=CalibrationProtocol(samples=2, seqlen=32),
+        )
+    )
     return out
 
 
@@ -33,6 +40,7 @@ def edit_tensors(change):
         config = json.loads((path / "config.json").read_text())
         config["quantization_config"]["files"]["model.safetensors"] = (path / "model.safetensors").stat().st_size
         (path / "config.json").write_text(json.dumps(config))
+
     return edit
 
 
@@ -41,6 +49,7 @@ def edit_config(change):
         config = json.loads((path / "config.json").read_text())
         change(config)
         (path / "config.json").write_text(json.dumps(config))
+
     return edit
 
 
@@ -57,13 +66,19 @@ def remove_tokenizer(path):
 CASES = {
     "meta byte 0x00": (edit_tensors(zero_meta_byte), f"{PACKED}: meta holds invalid 2:4 indices"),
     "config not JSON": (lambda p: (p / "config.json").write_text("{not json"), "config.json is not readable JSON"),
-    "quantization_config null": (edit_config(lambda c: c.__setitem__("quantization_config", None)),
-                                 "holds packed 2:4 tensors"),
-    "module entry deleted": (edit_config(lambda c: c["quantization_config"]["modules"].pop(PACKED)),
-                             f"does not record its module {PACKED} as packed"),
+    "quantization_config null": (
+        edit_config(lambda c: c.__setitem__("quantization_config", None)),
+        "holds packed 2:4 tensors",
+    ),
+    "module entry deleted": (
+        edit_config(lambda c: c["quantization_config"]["modules"].pop(PACKED)),
+        f"does not record its module {PACKED} as packed",
+    ),
     "tokenizer deleted": (remove_tokenizer, "no usable tokenizer"),
-    "meta stored as I8": (edit_tensors(lambda t: t.__setitem__(f"{PACKED}.meta", t[f"{PACKED}.meta"].view(torch.int8))),
-                          f"{PACKED}.meta is stored as I8"),
+    "meta stored as I8": (
+        edit_tensors(lambda t: t.__setitem__(f"{PACKED}.meta", t[f"{PACKED}.meta"].view(torch.int8))),
+        f"{PACKED}.meta is stored as I8",
+    ),
 }
 
 
@@ -99,8 +114,15 @@ BITMASK = "model.layers.0.mlp.down_proj"
 @pytest.fixture(scope="module")
 def artifact_bitmask(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("preflight") / "tiny-60"
-    pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="magnitude", sparsity="0.6", out=str(out),
-                                     calibration=CalibrationProtocol(samples=2, seqlen=32)))
+    pipeline.prune(
+        pipeline.PruneJob(
+            model=str(tiny_llama),
+            metric="magnitude",
+            sparsity="0.6",
+            out=str(out),
+            calibration=CalibrationProtocol(samples=2, seqlen=32),
+        )
+    )
     return out
 
 
@@ -110,15 +132,26 @@ def flip_mask_bit(tensors):
 
 BITMASK_CASES = {
     "mask bit flipped": (edit_tensors(flip_mask_bit), f"{BITMASK}: bitmask offsets disagree with the mask"),
-    "offsets stored as I32": (edit_tensors(lambda t: t.__setitem__(f"{BITMASK}.offsets",
-                                                                    t[f"{BITMASK}.offsets"].int())),
-                              f"{BITMASK}.offsets is stored as I32, a bitmask offsets tensor must be I64"),
-    "nnz recorded wrong": (edit_config(lambda c: c["quantization_config"]["modules"][BITMASK].__setitem__(
-        "nnz", c["quantization_config"]["modules"][BITMASK]["nnz"] + 8)), f"{BITMASK}.values has shape"),
-    "module entry deleted": (edit_config(lambda c: c["quantization_config"]["modules"].pop(BITMASK)),
-                             f"does not record its module {BITMASK} as bitmask"),
-    "recorded as dense": (edit_config(lambda c: c["quantization_config"]["modules"][BITMASK].__setitem__(
-        "storage", "dense")), f"tensor {BITMASK}.weight of module {BITMASK} is missing"),
+    "offsets stored as I32": (
+        edit_tensors(lambda t: t.__setitem__(f"{BITMASK}.offsets", t[f"{BITMASK}.offsets"].int())),
+        f"{BITMASK}.offsets is stored as I32, a bitmask offsets tensor must be I64",
+    ),
+    "nnz recorded wrong": (
+        edit_config(
+            lambda c: c["quantization_config"]["modules"][BITMASK].__setitem__(
+                "nnz", c["quantization_config"]["modules"][BITMASK]["nnz"] + 8
+            )
+        ),
+        f"{BITMASK}.values has shape",
+    ),
+    "module entry deleted": (
+        edit_config(lambda c: c["quantization_config"]["modules"].pop(BITMASK)),
+        f"does not record its module {BITMASK} as bitmask",
+    ),
+    "recorded as dense": (
+        edit_config(lambda c: c["quantization_config"]["modules"][BITMASK].__setitem__("storage", "dense")),
+        f"tensor {BITMASK}.weight of module {BITMASK} is missing",
+    ),
 }
 
 

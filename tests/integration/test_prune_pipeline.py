@@ -15,14 +15,16 @@ from mixsparse.runtime.formats.hf import load_dense
 
 
 def job(model, out, calibration, **kw):
-    return pipeline.PruneJob(model=str(model), out=str(out), calibration=calibration,
-                             **{"metric": "wanda", "sparsity": "2:4", **kw})
+    return pipeline.PruneJob(
+        model=str(model), out=str(out), calibration=calibration, **{"metric": "wanda", "sparsity": "2:4", **kw}
+    )
 
 
 @pytest.mark.parametrize("metric", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("sparsity", ["2:4", "4:8", "0.5"])
-def test_every_metric_gives_exact_masks_and_a_loadable_artifact(tiny_llama, tmp_path, small_calibration, metric,
-                                                                 sparsity):
+def test_every_metric_gives_exact_masks_and_a_loadable_artifact(
+    tiny_llama, tmp_path, small_calibration, metric, sparsity
+):
     out = tmp_path / "art"
     summary = pipeline.prune(job(tiny_llama, out, small_calibration, metric=metric, sparsity=sparsity))
     spec = Spec.parse(sparsity)
@@ -65,8 +67,9 @@ def test_packed_bytes_and_exported_dense_copy(tiny_llama, tmp_path, small_calibr
     summary = pipeline.prune(job(tiny_llama, tmp_path / "art", small_calibration))
     bytes_ = summary.weight_bytes
     assert bytes_["packed_stored"] / bytes_["packed_dense_equivalent"] == pytest.approx(0.5625)
-    assert bytes_["stored"] == sum((tmp_path / "art" / f).stat().st_size for f in ["model.safetensors"]) - \
-        _header_bytes(tmp_path / "art" / "model.safetensors")
+    assert bytes_["stored"] == sum(
+        (tmp_path / "art" / f).stat().st_size for f in ["model.safetensors"]
+    ) - _header_bytes(tmp_path / "art" / "model.safetensors")
     export_dense(tmp_path / "art", tmp_path / "dense")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
     mine, _ = load_dense(tmp_path / "art", torch.float32)
@@ -107,8 +110,9 @@ def test_tied_lm_head_is_not_pruned(tiny_llama, tmp_path, small_calibration):
 
 
 def test_include_exclude_and_lm_head(tiny_llama_untied, tmp_path, small_calibration):
-    summary = pipeline.prune(job(tiny_llama_untied, tmp_path / "a", small_calibration, exclude=r"\.layers\.0\.",
-                                 prune_lm_head=True))
+    summary = pipeline.prune(
+        job(tiny_llama_untied, tmp_path / "a", small_calibration, exclude=r"\.layers\.0\.", prune_lm_head=True)
+    )
     assert "lm_head" in summary.plan.modules and "model.layers.0.mlp.up_proj" not in summary.plan.modules
     model, config = load_dense(tmp_path / "a", torch.float32)
     assert config.modules["lm_head"].sparsity == pytest.approx(0.5)
@@ -116,8 +120,9 @@ def test_include_exclude_and_lm_head(tiny_llama_untied, tmp_path, small_calibrat
 
 
 def test_prune_with_evaluation_records_perplexity(tiny_llama, tmp_path, small_calibration):
-    summary = pipeline.prune(job(tiny_llama, tmp_path / "a", small_calibration,
-                                 evaluation=data.EvaluationProtocol(seqlen=128, windows=2)))
+    summary = pipeline.prune(
+        job(tiny_llama, tmp_path / "a", small_calibration, evaluation=data.EvaluationProtocol(seqlen=128, windows=2))
+    )
     assert set(summary.perplexity) == {"dense", "pruned"}
     assert all(0 < p.perplexity < float("inf") and p.tokens == 2 * 127 for p in summary.perplexity.values())
     recorded = json.loads((tmp_path / "a" / "plan.json").read_text())["measurements"]["perplexity"]
@@ -156,10 +161,16 @@ def test_overwrite_is_explicit(tiny_llama, tmp_path, small_calibration):
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
 
 
-MIXED = {"model.layers.0.self_attn.q_proj": "0.1", "model.layers.0.self_attn.k_proj": "0.5",
-         "model.layers.0.self_attn.v_proj": "0.9", "model.layers.0.self_attn.o_proj": "4:8",
-         "model.layers.0.mlp.gate_proj": "2:4", "model.layers.0.mlp.up_proj": "2:4",
-         "model.layers.0.mlp.down_proj": "0.7", "model.layers.1.mlp.down_proj": "2:4"}
+MIXED = {
+    "model.layers.0.self_attn.q_proj": "0.1",
+    "model.layers.0.self_attn.k_proj": "0.5",
+    "model.layers.0.self_attn.v_proj": "0.9",
+    "model.layers.0.self_attn.o_proj": "4:8",
+    "model.layers.0.mlp.gate_proj": "2:4",
+    "model.layers.0.mlp.up_proj": "2:4",
+    "model.layers.0.mlp.down_proj": "0.7",
+    "model.layers.1.mlp.down_proj": "2:4",
+}
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +182,18 @@ def mixed_artifact(tiny_llama, tmp_path_factory):
     directory = tmp_path_factory.mktemp("mixed")
     shapes = adapt(models.load(str(tiny_llama)).model).shapes()
     Plan({name: Spec.parse(spec) for name, spec in MIXED.items()}, shapes, {"allocator": "test"}).save(
-        directory / "plan.json")
-    pipeline.prune(job(tiny_llama, directory / "art", data.CalibrationProtocol(samples=2, seqlen=32),
-                       metric="magnitude", sparsity=None, plan=str(directory / "plan.json")))
+        directory / "plan.json"
+    )
+    pipeline.prune(
+        job(
+            tiny_llama,
+            directory / "art",
+            data.CalibrationProtocol(samples=2, seqlen=32),
+            metric="magnitude",
+            sparsity=None,
+            plan=str(directory / "plan.json"),
+        )
+    )
     return directory / "art"
 
 
@@ -182,9 +202,12 @@ def test_storage_is_chosen_per_module_by_its_bytes(mixed_artifact):
     storage = {name: entry.storage for name, entry in config.modules.items()}
     assert storage == {
         "model.layers.0.self_attn.q_proj": artifact.DENSE,  # 10%: 0.9 * 2 + 1/8 + 8/64 > 2 bytes per weight
-        "model.layers.0.self_attn.k_proj": artifact.BITMASK, "model.layers.0.self_attn.v_proj": artifact.BITMASK,
-        "model.layers.0.self_attn.o_proj": artifact.BITMASK, "model.layers.0.mlp.down_proj": artifact.BITMASK,
-        "model.layers.0.mlp.gate_proj": artifact.PACKED24, "model.layers.0.mlp.up_proj": artifact.PACKED24,
+        "model.layers.0.self_attn.k_proj": artifact.BITMASK,
+        "model.layers.0.self_attn.v_proj": artifact.BITMASK,
+        "model.layers.0.self_attn.o_proj": artifact.BITMASK,
+        "model.layers.0.mlp.down_proj": artifact.BITMASK,
+        "model.layers.0.mlp.gate_proj": artifact.PACKED24,
+        "model.layers.0.mlp.up_proj": artifact.PACKED24,
         "model.layers.1.mlp.down_proj": artifact.PACKED24,  # alone in its GEMM: the whole group is 2:4
     }
     quant = json.loads((mixed_artifact / "config.json").read_text())["quantization_config"]
@@ -195,8 +218,10 @@ def test_storage_is_chosen_per_module_by_its_bytes(mixed_artifact):
         weight = model.get_submodule(name).weight
         assert entry.nnz == int((weight != 0).sum()) and entry.sparsity == pytest.approx(1 - entry.nnz / weight.numel())
     headers = artifact.tensor_headers(config)
-    assert headers["model.layers.0.self_attn.v_proj.values"] == ((config.bitmask["model.layers.0.self_attn.v_proj"]
-                                                                  .nnz,), "BF16")
+    assert headers["model.layers.0.self_attn.v_proj.values"] == (
+        (config.bitmask["model.layers.0.self_attn.v_proj"].nnz,),
+        "BF16",
+    )
     assert headers["model.layers.0.self_attn.v_proj.mask"] == ((32, 8), "U8")
     assert headers["model.layers.0.self_attn.v_proj.offsets"] == ((33,), "I64")
     assert "model.layers.0.self_attn.v_proj.weight" not in headers
@@ -206,13 +231,17 @@ def test_bitmask_bytes_are_recorded_and_counted(mixed_artifact):
     config = artifact.read_config(mixed_artifact)
     sizes = artifact.weight_bytes(config)
     headers = artifact.tensor_headers(config)
-    on_disk = sum(shape[0] * (2 if dtype == "BF16" else 8 if dtype == "I64" else 1) * (shape[1] if len(shape) > 1
-                  else 1) for key, (shape, dtype) in headers.items() if key.rpartition(".")[0] in config.bitmask)
+    on_disk = sum(
+        shape[0] * (2 if dtype == "BF16" else 8 if dtype == "I64" else 1) * (shape[1] if len(shape) > 1 else 1)
+        for key, (shape, dtype) in headers.items()
+        if key.rpartition(".")[0] in config.bitmask
+    )
     assert sizes["bitmask_stored"] == on_disk
     assert sizes["bitmask_dense_equivalent"] == sum(e.shape[0] * e.shape[1] * 2 for e in config.bitmask.values())
     assert sizes["bitmask_stored"] < 0.7 * sizes["bitmask_dense_equivalent"]
-    dense_params = sum(t.numel() * 2 for t in load_dense(mixed_artifact)[0].state_dict().values()) \
-        - 384 * 64 * 2  # lm_head is tied to the embeddings: stored once
+    dense_params = (
+        sum(t.numel() * 2 for t in load_dense(mixed_artifact)[0].state_dict().values()) - 384 * 64 * 2
+    )  # lm_head is tied to the embeddings: stored once
     assert sizes["dense_equivalent"] == dense_params
     card = (mixed_artifact / "README.md").read_text()
     assert "| bitmask modules |" in card and "bitmask-compressed" in card
@@ -284,15 +313,22 @@ def _bump_offset(tensors):
     tensors[f"{V_PROJ}.offsets"][5] += 1
 
 
-@pytest.mark.parametrize("change_tensors, change_quant, message", [
-    (_bump_offset, None, f"{V_PROJ}: bitmask offsets disagree with the mask at entry 5"),
-    (lambda t: t.pop(f"{V_PROJ}.mask"), None, f"tensor {V_PROJ}.mask of bitmask module {V_PROJ} is missing"),
-    (None, lambda q: q["modules"][V_PROJ].__setitem__("nnz", q["modules"][V_PROJ]["nnz"] - 1),
-     "the artifact records nnz"),
-    (None, lambda q: q["modules"][V_PROJ].pop("nnz"), f"module {V_PROJ}: a bitmask entry needs nnz"),
-])
-def test_a_corrupt_bitmask_module_is_refused_when_loaded(mixed_artifact, tmp_path, change_tensors, change_quant,
-                                                         message):
+@pytest.mark.parametrize(
+    "change_tensors, change_quant, message",
+    [
+        (_bump_offset, None, f"{V_PROJ}: bitmask offsets disagree with the mask at entry 5"),
+        (lambda t: t.pop(f"{V_PROJ}.mask"), None, f"tensor {V_PROJ}.mask of bitmask module {V_PROJ} is missing"),
+        (
+            None,
+            lambda q: q["modules"][V_PROJ].__setitem__("nnz", q["modules"][V_PROJ]["nnz"] - 1),
+            "the artifact records nnz",
+        ),
+        (None, lambda q: q["modules"][V_PROJ].pop("nnz"), f"module {V_PROJ}: a bitmask entry needs nnz"),
+    ],
+)
+def test_a_corrupt_bitmask_module_is_refused_when_loaded(
+    mixed_artifact, tmp_path, change_tensors, change_quant, message
+):
     broken = _rewrite(mixed_artifact, tmp_path / "broken", change_tensors, change_quant)
     with pytest.raises(MixsparseError, match=message):
         load_dense(broken)
@@ -306,8 +342,10 @@ def test_the_vllm_plugin_refuses_bitmask_where_vllm_builds_no_linear_layer(mixed
     quant = json.loads((mixed_artifact / "config.json").read_text())["quantization_config"]
     config = MixsparseConfig.from_config(quant)
     config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
-    with pytest.raises(ValueError, match="model.layers.0.self_attn.qkv_proj is stored bitmask-compressed, which "
-                                         "vLLM's lm_head cannot take"):
+    with pytest.raises(
+        ValueError,
+        match="model.layers.0.self_attn.qkv_proj is stored bitmask-compressed, which vLLM's lm_head cannot take",
+    ):
         config.get_quant_method(torch.nn.Linear(2, 2), "model.layers.0.self_attn.qkv_proj")
     with pytest.raises(ValueError, match="format_version 3 is not supported by this plugin .*versions 1, 2"):
         MixsparseConfig.from_config({**quant, "format_version": 3})
@@ -318,8 +356,11 @@ def test_model_card_quotes_the_bytes_read_back_from_the_artifact(mixed_artifact)
     # the card is written before the weights land: its byte counts come from the module entries
     sizes = artifact.weight_bytes(artifact.read_config(mixed_artifact))
     card = (mixed_artifact / "README.md").read_text()
-    for stored, dense in (("stored", "dense_equivalent"), ("packed_stored", "packed_dense_equivalent"),
-                          ("bitmask_stored", "bitmask_dense_equivalent")):
+    for stored, dense in (
+        ("stored", "dense_equivalent"),
+        ("packed_stored", "packed_dense_equivalent"),
+        ("bitmask_stored", "bitmask_dense_equivalent"),
+    ):
         assert f"| {human_bytes(sizes[stored])} of {human_bytes(sizes[dense])} dense" in card, stored
 
 
@@ -332,8 +373,13 @@ def test_metrics_gauges_count_bitmask_modules(mixed_artifact, tmp_path):
     Metrics(mixed_artifact, tmp_path, "bfloat16", registry=registry)
     sizes = artifact.weight_bytes(artifact.read_config(mixed_artifact))
     assert registry.get_sample_value("mixsparse_weight_bytes", {"kind": "stored"}) == sizes["stored"]
-    assert registry.get_sample_value("mixsparse_weight_bytes", {"kind": "dense_equivalent"}) == \
-        sizes["dense_equivalent"] > sizes["stored"]
-    counts = {fmt: registry.get_sample_value("mixsparse_sparse_modules", {"format": fmt})
-              for fmt in ("2:4", "4:8", "unstructured", "dense")}
+    assert (
+        registry.get_sample_value("mixsparse_weight_bytes", {"kind": "dense_equivalent"})
+        == sizes["dense_equivalent"]
+        > sizes["stored"]
+    )
+    counts = {
+        fmt: registry.get_sample_value("mixsparse_sparse_modules", {"format": fmt})
+        for fmt in ("2:4", "4:8", "unstructured", "dense")
+    }
     assert counts == {"2:4": 3, "4:8": 1, "unstructured": 4, "dense": 14 - 8}

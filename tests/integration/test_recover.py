@@ -59,15 +59,21 @@ def test_norm_lr_zero_leaves_norms_alone(tiny_llama, small_calibration):
 def test_both_targets_lower_the_final_error(tiny_llama, small_calibration):
     for target in ("dense", "same"):
         adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration)
-        result = recover_model(adapter, dense, plan, calibration, RecoverOptions(epochs=2, batch=2, lr=1e-3,
-                                                                                 target=target))
+        result = recover_model(
+            adapter, dense, plan, calibration, RecoverOptions(epochs=2, batch=2, lr=1e-3, target=target)
+        )
         assert result.blocks[-1].mse_after < result.blocks[-1].mse_before, target
 
 
 @pytest.mark.parametrize("metric", ["magnitude", "wanda", "sparsegpt"])
 def test_recovered_artifact_keeps_the_one_shot_masks(tiny_llama, tmp_path, small_calibration, metric):
-    common = dict(model=str(tiny_llama), metric=metric, sparsity="2:4", calibration=small_calibration,
-                  evaluation=data.EvaluationProtocol(seqlen=128, windows=2))
+    common = dict(
+        model=str(tiny_llama),
+        metric=metric,
+        sparsity="2:4",
+        calibration=small_calibration,
+        evaluation=data.EvaluationProtocol(seqlen=128, windows=2),
+    )
     plain = pipeline.prune(pipeline.PruneJob(out=str(tmp_path / "plain"), **common))
     summary = pipeline.prune(pipeline.PruneJob(out=str(tmp_path / "rec"), recover=FAST, **common))
     one_shot, _ = load_dense(tmp_path / "plain", torch.float32)
@@ -96,8 +102,16 @@ def test_recovery_under_a_mixed_plan(tiny_llama, tmp_path, small_calibration):
     specs["model.layers.1.mlp.down_proj"] = Spec.parse("4:8")
     del specs["model.layers.1.self_attn.o_proj"]
     Plan(specs, shapes, {"allocator": "test"}).save(tmp_path / "plan.json")
-    pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="sparsegpt", plan=str(tmp_path / "plan.json"),
-                                     out=str(tmp_path / "art"), calibration=small_calibration, recover=FAST))
+    pipeline.prune(
+        pipeline.PruneJob(
+            model=str(tiny_llama),
+            metric="sparsegpt",
+            plan=str(tmp_path / "plan.json"),
+            out=str(tmp_path / "art"),
+            calibration=small_calibration,
+            recover=FAST,
+        )
+    )
     model, config = load_dense(tmp_path / "art", torch.float32)
     k = model.get_submodule("model.layers.0.self_attn.k_proj").weight
     assert int((k == 0).sum()) == round(0.7 * k.numel())
@@ -126,8 +140,9 @@ def test_an_interrupted_recovery_resumes_at_the_next_block(tiny_llama, tmp_path,
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        recover_model(adapter, dense, plan, calibration, FAST, state=RecoveryState(state_dir, request),
-                      after_step=stop_in_block_1)
+        recover_model(
+            adapter, dense, plan, calibration, FAST, state=RecoveryState(state_dir, request), after_step=stop_in_block_1
+        )
     assert sorted(p.name for p in state_dir.iterdir()) == ["block-0.pt", "state.json"]
 
     fresh, dense, plan, calibration = pruned(tiny_llama, small_calibration)
@@ -146,8 +161,9 @@ def test_interrupted_prune_writes_no_artifact_and_resumes(tiny_llama, tmp_path, 
     from mixsparse.pruner import recover
 
     out = tmp_path / "art"
-    job = pipeline.PruneJob(model=str(tiny_llama), metric="wanda", sparsity="2:4", out=str(out),
-                            calibration=small_calibration, recover=FAST)
+    job = pipeline.PruneJob(
+        model=str(tiny_llama), metric="wanda", sparsity="2:4", out=str(out), calibration=small_calibration, recover=FAST
+    )
     original = recover.tune_block
     tuned = []
 
@@ -178,14 +194,51 @@ def test_bad_recovery_settings_are_refused():
 
 
 def test_cli_prune_recover(tiny_llama, tmp_path, capsys):
-    assert main(["prune", str(tiny_llama), "--metric", "wanda", "--sparsity", "2:4", "--out", str(tmp_path / "a"),
-                 "--samples", "4", "--seqlen", "64", "--recover", "--recover-epochs", "1", "--recover-batch", "2",
-                 "--recover-lr", "1e-3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_llama),
+                "--metric",
+                "wanda",
+                "--sparsity",
+                "2:4",
+                "--out",
+                str(tmp_path / "a"),
+                "--samples",
+                "4",
+                "--seqlen",
+                "64",
+                "--recover",
+                "--recover-epochs",
+                "1",
+                "--recover-batch",
+                "2",
+                "--recover-lr",
+                "1e-3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["recovery"]["options"]["epochs"] == 1 and summary["recovery"]["options"]["lr"] == 1e-3
     assert len(summary["recovery"]["blocks"]) == 2
     with pytest.raises(SystemExit):  # the parser's range check: a usage error before any model is loaded
-        main(["prune", str(tiny_llama), "--metric", "wanda", "--sparsity", "2:4", "--out", str(tmp_path / "b"),
-              "--recover", "--recover-epochs", "0"])
+        main(
+            [
+                "prune",
+                str(tiny_llama),
+                "--metric",
+                "wanda",
+                "--sparsity",
+                "2:4",
+                "--out",
+                str(tmp_path / "b"),
+                "--recover",
+                "--recover-epochs",
+                "0",
+            ]
+        )
     assert "--recover-epochs" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

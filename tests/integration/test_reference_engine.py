@@ -15,8 +15,15 @@ def artifact_24(tiny_llama, tmp_path_factory):
     from mixsparse.pruner.data import CalibrationProtocol
 
     out = tmp_path_factory.mktemp("ref") / "art"
-    pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="sparsegpt", sparsity="2:4", out=str(out),
-                                     calibration=CalibrationProtocol(samples=4, seqlen=32)))
+    pipeline.prune(
+        pipeline.PruneJob(
+            model=str(tiny_llama),
+            metric="sparsegpt",
+            sparsity="2:4",
+            out=str(out),
+            calibration=CalibrationProtocol(samples=4, seqlen=32),
+        )
+    )
     return out
 
 

@@ -14,13 +14,21 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'mixsparse[cpu]')")
 
-from serving_helpers import (CHAT_TEMPLATE, PROMPTS, call, free_port, reference_answers,  # noqa: E402
-                             running_server, served_answers)
+from serving_helpers import (
+    CHAT_TEMPLATE,
+    PROMPTS,
+    call,
+    free_port,
+    reference_answers,  # noqa: E402
+    running_server,
+    served_answers,
+)
 
 from mixsparse.pruner import pipeline  # noqa: E402
 from mixsparse.pruner.data import CalibrationProtocol  # noqa: E402
 from mixsparse.runtime.formats import artifact  # noqa: E402
 from mixsparse.serve.cli import main  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def servable_llama(tmp_path_factory, tiny_llama):
@@ -29,9 +37,19 @@ def servable_llama(tmp_path_factory, tiny_llama):
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("servable")
-    config = LlamaConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=384,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -42,8 +60,15 @@ def servable_llama(tmp_path_factory, tiny_llama):
 @pytest.fixture(scope="session")
 def servable_24(servable_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("servable-art") / "tiny-24"
-    pipeline.prune(pipeline.PruneJob(model=str(servable_llama), metric="wanda", sparsity="2:4", out=str(out),
-                                     calibration=CalibrationProtocol(samples=4, seqlen=64)))
+    pipeline.prune(
+        pipeline.PruneJob(
+            model=str(servable_llama),
+            metric="wanda",
+            sparsity="2:4",
+            out=str(out),
+            calibration=CalibrationProtocol(samples=4, seqlen=64),
+        )
+    )
     return out
 
 
@@ -56,11 +81,18 @@ def test_served_greedy_output_equals_the_reference_engine(kind, servable_llama, 
 
 
 MIXED_PLAN = {  # every way a fused GEMM can mix storages: dense + bitmask, bitmask + packed-2:4 rows, all bitmask
-    "model.layers.0.self_attn.q_proj": "0.05", "model.layers.0.self_attn.k_proj": "0.7",
-    "model.layers.0.self_attn.v_proj": "2:4", "model.layers.0.self_attn.o_proj": "0.6",
-    "model.layers.0.mlp.gate_proj": "0.5", "model.layers.0.mlp.up_proj": "0.8", "model.layers.0.mlp.down_proj": "2:4",
-    "model.layers.1.self_attn.q_proj": "0.5", "model.layers.1.self_attn.k_proj": "0.5",
-    "model.layers.1.self_attn.v_proj": "0.5", "model.layers.1.mlp.down_proj": "0.9"}
+    "model.layers.0.self_attn.q_proj": "0.05",
+    "model.layers.0.self_attn.k_proj": "0.7",
+    "model.layers.0.self_attn.v_proj": "2:4",
+    "model.layers.0.self_attn.o_proj": "0.6",
+    "model.layers.0.mlp.gate_proj": "0.5",
+    "model.layers.0.mlp.up_proj": "0.8",
+    "model.layers.0.mlp.down_proj": "2:4",
+    "model.layers.1.self_attn.q_proj": "0.5",
+    "model.layers.1.self_attn.k_proj": "0.5",
+    "model.layers.1.self_attn.v_proj": "0.5",
+    "model.layers.1.mlp.down_proj": "0.9",
+}
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +106,16 @@ def servable_mixed(servable_llama, tmp_path_factory):
     shapes = adapt(models.load(str(servable_llama)).model).shapes()
     Plan({n: Spec.parse(s) for n, s in MIXED_PLAN.items()}, shapes, {"allocator": "test"}).save(directory / "plan.json")
     out = directory / "tiny-mixed"
-    pipeline.prune(pipeline.PruneJob(model=str(servable_llama), metric="wanda", sparsity=None, out=str(out),
-                                     plan=str(directory / "plan.json"),
-                                     calibration=CalibrationProtocol(samples=4, seqlen=64)))
+    pipeline.prune(
+        pipeline.PruneJob(
+            model=str(servable_llama),
+            metric="wanda",
+            sparsity=None,
+            out=str(out),
+            plan=str(directory / "plan.json"),
+            calibration=CalibrationProtocol(samples=4, seqlen=64),
+        )
+    )
     return out
 
 
@@ -109,9 +148,18 @@ def test_sixteen_concurrent_streams_then_bad_requests(server_24, servable_24):
 
     def stream(index):
         request = urllib.request.Request(
-            f"{server_24}/v1/chat/completions", headers={"Content-Type": "application/json"},
-            data=json.dumps({"model": servable_24.name, "stream": True, "max_tokens": 16, "temperature": 0,
-                             "messages": [{"role": "user", "content": f"Count to {index}."}]}).encode())
+            f"{server_24}/v1/chat/completions",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps(
+                {
+                    "model": servable_24.name,
+                    "stream": True,
+                    "max_tokens": 16,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": f"Count to {index}."}],
+                }
+            ).encode(),
+        )
         with urllib.request.urlopen(request, timeout=600) as reply:
             assert reply.headers["Content-Type"].startswith("text/event-stream")
             results[index] = [line.decode().rstrip("\n") for line in reply]
@@ -130,16 +178,22 @@ def test_sixteen_concurrent_streams_then_bad_requests(server_24, servable_24):
         assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
         assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
 
-    bad = [({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404),
-           ({"model": servable_24.name, "messages": "not a list"}, 400),
-           ({"model": servable_24.name, "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}, 400)]
+    bad = [
+        ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404),
+        ({"model": servable_24.name, "messages": "not a list"}, 400),
+        ({"model": servable_24.name, "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ]
     for payload, status in bad:
         with pytest.raises(urllib.error.HTTPError) as error:
             call(f"{server_24}/v1/chat/completions", payload)
         assert error.value.code == status
     with pytest.raises(urllib.error.HTTPError) as error:
-        urllib.request.urlopen(urllib.request.Request(f"{server_24}/v1/chat/completions", data=b"{not json",
-                                                      headers={"Content-Type": "application/json"}), timeout=60)
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{server_24}/v1/chat/completions", data=b"{not json", headers={"Content-Type": "application/json"}
+            ),
+            timeout=60,
+        )
     assert 400 <= error.value.code < 500
     assert served_answers(server_24, servable_24.name, ["still there?"], 4)  # keeps serving
     models = call(f"{server_24}/v1/models", timeout=60)
@@ -199,16 +253,25 @@ def edit_config(change):
         config = json.loads((path / "config.json").read_text())
         change(config["quantization_config"])
         (path / "config.json").write_text(json.dumps(config))
+
     return edit
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: open(p / "model.safetensors", "r+b").truncate(1000), "is 1000 bytes but the artifact records"),
-    (edit_config(lambda q: q.__setitem__("format_version", 7)), "format_version 7 is not supported"),
-    (edit_config(lambda q: q["modules"].__setitem__("model.layers.5.mlp.down_proj",
-                                                    q["modules"]["model.layers.1.mlp.down_proj"])),
-     "tensor model.layers.5.mlp.down_proj.values of module model.layers.5.mlp.down_proj is missing"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: open(p / "model.safetensors", "r+b").truncate(1000), "is 1000 bytes but the artifact records"),
+        (edit_config(lambda q: q.__setitem__("format_version", 7)), "format_version 7 is not supported"),
+        (
+            edit_config(
+                lambda q: q["modules"].__setitem__(
+                    "model.layers.5.mlp.down_proj", q["modules"]["model.layers.1.mlp.down_proj"]
+                )
+            ),
+            "tensor model.layers.5.mlp.down_proj.values of module model.layers.5.mlp.down_proj is missing",
+        ),
+    ],
+)
 def test_bad_artifacts_fail_before_vllm_starts(servable_24, tmp_path, capsys, edit, message):
     broken = corrupt_copy(servable_24, tmp_path, edit)
     started = time.monotonic()
@@ -249,8 +312,14 @@ def test_port_in_use(servable_24, capsys):
 
 # What a served run printed before issue 15 although nothing failed: Triton's bindings at exit, vLLM disabling
 # Triton, the engine force-killed before releasing its semaphores, and vLLM asking for its CPU runtime.
-SPAM = ("nanobind: leaked", "Triton is installed, but doesn't include CPU backend", "resource_tracker",
-        "leaked semaphore", "leaked shared_memory", "libiomp is not found in LD_PRELOAD")
+SPAM = (
+    "nanobind: leaked",
+    "Triton is installed, but doesn't include CPU backend",
+    "resource_tracker",
+    "leaked semaphore",
+    "leaked shared_memory",
+    "libiomp is not found in LD_PRELOAD",
+)
 
 
 def test_a_served_run_prints_only_its_own_lines_and_logs_no_spam(servable_24, tmp_path):
@@ -258,9 +327,22 @@ def test_a_served_run_prints_only_its_own_lines_and_logs_no_spam(servable_24, tm
 
     log = tmp_path / "vllm.log"
     port = free_port()
-    child = subprocess.Popen([sys.executable, "-m", "mixsparse.serve.cli", "serve", str(servable_24), "--port",
-                              str(port), "--log-file", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mixsparse.serve.cli",
+            "serve",
+            str(servable_24),
+            "--port",
+            str(port),
+            "--log-file",
+            str(log),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 600
         while child.poll() is None and time.monotonic() < deadline:
@@ -287,9 +369,24 @@ def test_a_served_run_prints_only_its_own_lines_and_logs_no_spam(servable_24, tm
 
 def test_a_failing_engine_is_one_line_with_the_log_path(servable_24, tmp_path):
     log = tmp_path / "vllm.log"
-    failed = subprocess.run([sys.executable, "-m", "mixsparse.serve.cli", "serve", str(servable_24), "--port",
-                             str(free_port()), "--log-file", str(log), "--max-model-len", "100000"],
-                            capture_output=True, text=True, timeout=600)
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixsparse.serve.cli",
+            "serve",
+            str(servable_24),
+            "--port",
+            str(free_port()),
+            "--log-file",
+            str(log),
+            "--max-model-len",
+            "100000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert failed.returncode == 2
     lines = failed.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("mixsparse: error: the vLLM server stopped: ")
@@ -299,9 +396,30 @@ def test_a_failing_engine_is_one_line_with_the_log_path(servable_24, tmp_path):
 
 def test_deploy_once_then_reuse(servable_llama, tmp_path):
     out = tmp_path / "deployed"
-    command = [sys.executable, "-m", "mixsparse.serve.cli", "deploy", str(servable_llama), "--metric", "wanda",
-               "--sparsity", "2:4", "--out", str(out), "--samples", "4", "--seqlen", "64", "--port",
-               str(free_port()), "--chat", "Hello there", "--max-tokens", "8", "--once"]
+    command = [
+        sys.executable,
+        "-m",
+        "mixsparse.serve.cli",
+        "deploy",
+        str(servable_llama),
+        "--metric",
+        "wanda",
+        "--sparsity",
+        "2:4",
+        "--out",
+        str(out),
+        "--samples",
+        "4",
+        "--seqlen",
+        "64",
+        "--port",
+        str(free_port()),
+        "--chat",
+        "Hello there",
+        "--max-tokens",
+        "8",
+        "--once",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "mixsparse deploy" in first.stdout and "(new)" in first.stdout and "first answer" in first.stdout
@@ -309,8 +427,12 @@ def test_deploy_once_then_reuse(servable_llama, tmp_path):
     command[command.index("--port") + 1] = str(free_port())
     second = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0 and "(reused)" in second.stdout
-    other = subprocess.run([*command[:command.index("--sparsity")], "--sparsity", "4:8",
-                            *command[command.index("--sparsity") + 2:]], capture_output=True, text=True, timeout=300)
+    other = subprocess.run(
+        [*command[: command.index("--sparsity")], "--sparsity", "4:8", *command[command.index("--sparsity") + 2 :]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert other.returncode == 2 and "made with other settings" in other.stderr
 
 
@@ -320,9 +442,16 @@ def test_bench_runs_both_real_engines(servable_llama, servable_24, tmp_path):
 
     sparse = tmp_path / "tiny-24"
     shutil.copytree(servable_24, sparse)
-    job = BenchJob(dense=str(servable_llama), sparse=str(sparse), out=str(tmp_path / "report"),
-                   workload=make_workload("chat", prompt_tokens=40, output_tokens=6), concurrency=(1, 2),
-                   requests=3, warmup=1, port=free_port())
+    job = BenchJob(
+        dense=str(servable_llama),
+        sparse=str(sparse),
+        out=str(tmp_path / "report"),
+        workload=make_workload("chat", prompt_tokens=40, output_tokens=6),
+        concurrency=(1, 2),
+        requests=3,
+        warmup=1,
+        port=free_port(),
+    )
     data = bench(job)
     assert data["complete"] and (sparse / "bench.json").exists()
     for kind in ("dense", "sparse"):
@@ -336,9 +465,30 @@ def test_bench_runs_both_real_engines(servable_llama, servable_24, tmp_path):
 
 def test_deploy_with_a_budget_plans_prunes_and_serves(servable_llama, tmp_path):
     out = tmp_path / "half"
-    command = [sys.executable, "-m", "mixsparse.serve.cli", "deploy", str(servable_llama), "--budget", "0.5",
-               "--metric", "wanda", "--out", str(out), "--samples", "4", "--seqlen", "64", "--port",
-               str(free_port()), "--chat", "Hello there", "--max-tokens", "8", "--once"]
+    command = [
+        sys.executable,
+        "-m",
+        "mixsparse.serve.cli",
+        "deploy",
+        str(servable_llama),
+        "--budget",
+        "0.5",
+        "--metric",
+        "wanda",
+        "--out",
+        str(out),
+        "--samples",
+        "4",
+        "--seqlen",
+        "64",
+        "--port",
+        str(free_port()),
+        "--chat",
+        "Hello there",
+        "--max-tokens",
+        "8",
+        "--once",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     plan = json.loads((tmp_path / "half.plan.json").read_text())
@@ -357,19 +507,26 @@ def test_api_key_guards_every_route_the_real_server_lists(servable_24):
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         data = json.dumps(payload or {}).encode() if method == "POST" else None
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers, method=method),
-                                        timeout=120) as reply:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, data=data, headers=headers, method=method), timeout=120
+            ) as reply:
                 return reply.status, reply.read()
         except urllib.error.HTTPError as error:
             return error.code, error.read()
 
     with running_server(servable_24, "--api-key", "s3cret", "--max-n", "4") as url:
         code, body = status(f"{url}/openapi.json", "GET", "s3cret")
-        listed = [(path.replace("{response_id}", "x"), method.upper())
-                  for path, methods in json.loads(body)["paths"].items() for method in methods]
+        listed = [
+            (path.replace("{response_id}", "x"), method.upper())
+            for path, methods in json.loads(body)["paths"].items()
+            for method in methods
+        ]
         assert ("/invocations", "POST") in listed and ("/v1/chat/completions", "POST") in listed
-        opened = [(p, m) for p, m in listed + [("/metrics", "GET"), ("/openapi.json", "GET")]
-                  if p != "/health" and status(url + p, m)[0] != 401]
+        opened = [
+            (p, m)
+            for p, m in listed + [("/metrics", "GET"), ("/openapi.json", "GET")]
+            if p != "/health" and status(url + p, m)[0] != 401
+        ]
         assert opened == []
         assert status(f"{url}/health", "GET")[0] == 200
         chat = {"model": servable_24.name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}

@@ -46,8 +46,15 @@ def test_layout_is_the_kernels_and_round_trip_is_exact(dtype, shape):
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 9), cols=st.integers(1, 40), sparsity=st.sampled_from([0.0, 0.1, 0.5, 0.7, 0.9, 1.0]),
-       seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES), empty_row=st.booleans(), full_row=st.booleans())
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 40),
+    sparsity=st.sampled_from([0.0, 0.1, 0.5, 0.7, 0.9, 1.0]),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(DTYPES),
+    empty_row=st.booleans(),
+    full_row=st.booleans(),
+)
 def test_round_trip_property(rows, cols, sparsity, seed, dtype, empty_row, full_row):
     dense = random_sparse(rows, cols, sparsity, dtype, seed)
     if empty_row:

@@ -21,8 +21,12 @@ def numeric_flags():
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     walk(sub, [*path, name])
-            elif action.option_strings and action.type is not None and action.type not in (str,) \
-                    and getattr(action.type, "__name__", "") in ("int", "float", "list"):
+            elif (
+                action.option_strings
+                and action.type is not None
+                and action.type not in (str,)
+                and getattr(action.type, "__name__", "") in ("int", "float", "list")
+            ):
                 found.append((tuple(path), action.option_strings[-1]))
 
     walk(build_parser(), [])
@@ -49,22 +53,25 @@ def _subparser(parser, path):
     return parser
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["prune", "m", "--metric", "sparsegpt", "--sparsity", "2:4", "--out", "o", "--blocksize", "0"], "--blocksize"),
-    (["prune", "m", "--metric", "wanda", "--sparsity", "2:4", "--out", "o", "--samples", "0"], "--samples"),
-    (["prune", "m", "--metric", "wanda", "--sparsity", "2:4", "--out", "o", "--seqlen", "0"], "--seqlen"),
-    (["prune", "m", "--metric", "sparsegpt", "--sparsity", "2:4", "--out", "o", "--damp", "nan"], "--damp"),
-    (["eval", "ppl", "m", "--seqlen", "0"], "--seqlen"),
-    (["serve", "m", "--port", "99999"], "--port"),
-    (["serve", "m", "--metrics-window", "0"], "--metrics-window"),
-    (["plan", "m", "--deploy", "--budget", "-1", "--out", "p.json"], "--budget"),
-    (["plan", "m", "--deploy", "--memory", "0", "--out", "p.json"], "--memory"),
-    (["plan", "m", "--target", "1.5", "--out", "p.json"], "--target"),
-    (["plan", "m", "--deploy", "--pareto", "--budgets", "0,2", "--out", "front"], "--budgets"),
-    (["plan", "m", "--target", "0.5", "--steps", "4,x", "--out", "p.json"], "--steps"),
-    (["deploy", "m", "--port", "0"], "--port"),
-    (["bench", "--dense", "d", "--sparse", "s", "--concurrency", "1,0"], "--concurrency"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["prune", "m", "--metric", "sparsegpt", "--sparsity", "2:4", "--out", "o", "--blocksize", "0"], "--blocksize"),
+        (["prune", "m", "--metric", "wanda", "--sparsity", "2:4", "--out", "o", "--samples", "0"], "--samples"),
+        (["prune", "m", "--metric", "wanda", "--sparsity", "2:4", "--out", "o", "--seqlen", "0"], "--seqlen"),
+        (["prune", "m", "--metric", "sparsegpt", "--sparsity", "2:4", "--out", "o", "--damp", "nan"], "--damp"),
+        (["eval", "ppl", "m", "--seqlen", "0"], "--seqlen"),
+        (["serve", "m", "--port", "99999"], "--port"),
+        (["serve", "m", "--metrics-window", "0"], "--metrics-window"),
+        (["plan", "m", "--deploy", "--budget", "-1", "--out", "p.json"], "--budget"),
+        (["plan", "m", "--deploy", "--memory", "0", "--out", "p.json"], "--memory"),
+        (["plan", "m", "--target", "1.5", "--out", "p.json"], "--target"),
+        (["plan", "m", "--deploy", "--pareto", "--budgets", "0,2", "--out", "front"], "--budgets"),
+        (["plan", "m", "--target", "0.5", "--steps", "4,x", "--out", "p.json"], "--steps"),
+        (["deploy", "m", "--port", "0"], "--port"),
+        (["bench", "--dense", "d", "--sparse", "s", "--concurrency", "1,0"], "--concurrency"),
+    ],
+)
 def test_out_of_range_numbers_are_usage_errors(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -74,8 +81,9 @@ def test_out_of_range_numbers_are_usage_errors(argv, flag, capsys):
 
 
 def test_lists_and_ranges_reach_the_commands_converted():
-    args = build_parser().parse_args(["plan", "m", "--deploy", "--pareto", "--budgets", "0,0.5,1", "--out", "f",
-                                      "--steps", "2,4"])
+    args = build_parser().parse_args(
+        ["plan", "m", "--deploy", "--pareto", "--budgets", "0,0.5,1", "--out", "f", "--steps", "2,4"]
+    )
     assert args.budgets == (0.0, 0.5, 1.0) and args.steps == (2, 4)
     assert build_parser().parse_args(["bench", "--dense", "d", "--sparse", "s"]).concurrency == (1, 4, 16, 64)
 
@@ -104,13 +112,46 @@ def test_deploy_over_an_artifact_whose_plan_json_is_random_bytes(tiny_llama, tmp
     assert f"{out} holds an artifact made with other settings" in message
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["prune", "{model}", "--metric", "wanda", "--plan", "{bad}", "--out", "{tmp}/o"], "plan file"),
-    (["prune", "{model}", "--metric", "wanda", "--sparsity", "2:4", "--calib", "{bad}", "--out", "{tmp}/o",
-      "--samples", "2", "--seqlen", "16"], "is not UTF-8 text"),
-    (["plan", "{model}", "--allocator", "fisher", "--target", "0.5", "--sensitivity", "{bad}",
-      "--out", "{tmp}/p.json"], "sensitivity file"),
-])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["prune", "{model}", "--metric", "wanda", "--plan", "{bad}", "--out", "{tmp}/o"], "plan file"),
+        (
+            [
+                "prune",
+                "{model}",
+                "--metric",
+                "wanda",
+                "--sparsity",
+                "2:4",
+                "--calib",
+                "{bad}",
+                "--out",
+                "{tmp}/o",
+                "--samples",
+                "2",
+                "--seqlen",
+                "16",
+            ],
+            "is not UTF-8 text",
+        ),
+        (
+            [
+                "plan",
+                "{model}",
+                "--allocator",
+                "fisher",
+                "--target",
+                "0.5",
+                "--sensitivity",
+                "{bad}",
+                "--out",
+                "{tmp}/p.json",
+            ],
+            "sensitivity file",
+        ),
+    ],
+)
 def test_unreadable_input_files_are_one_line_errors(argv, named, tiny_llama, tmp_path, capsys):
     bad = random_bytes(tmp_path / "bad.json")
     argv = [a.format(model=tiny_llama, bad=bad, tmp=tmp_path) for a in argv]
@@ -129,8 +170,19 @@ def refuse_loading(monkeypatch):
 def test_prune_out_under_a_file_fails_before_loading(tiny_llama, tmp_path, monkeypatch, capsys):
     refuse_loading(monkeypatch)
     (tmp_path / "a-file").write_text("")
-    message = error_line(["prune", str(tiny_llama), "--metric", "magnitude", "--sparsity", "0.5", "--out",
-                          str(tmp_path / "a-file" / "out")], capsys)
+    message = error_line(
+        [
+            "prune",
+            str(tiny_llama),
+            "--metric",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--out",
+            str(tmp_path / "a-file" / "out"),
+        ],
+        capsys,
+    )
     assert "a-file is not a directory" in message
 
 
@@ -140,8 +192,19 @@ def test_prune_out_under_a_read_only_directory_fails_before_loading(tiny_llama, 
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     try:
-        message = error_line(["prune", str(tiny_llama), "--metric", "magnitude", "--sparsity", "0.5", "--out",
-                              str(locked / "new" / "out")], capsys)
+        message = error_line(
+            [
+                "prune",
+                str(tiny_llama),
+                "--metric",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(locked / "new" / "out"),
+            ],
+            capsys,
+        )
     finally:
         locked.chmod(0o755)
     assert f"no permission to create entries in {locked}" in message
@@ -154,20 +217,30 @@ def test_an_infeasible_budget_fails_before_loading(tiny_llama, tmp_path, monkeyp
 
     refuse_loading(monkeypatch)
     with pytest.raises(MixsparseError, match="--budget -1 is infeasible"):
-        make_plan(PlanRequest(model=str(tiny_llama), out=str(tmp_path / "p.json"), goal=Deployment(budget=-1.0),
-                              allocator="fisher"))
+        make_plan(
+            PlanRequest(
+                model=str(tiny_llama), out=str(tmp_path / "p.json"), goal=Deployment(budget=-1.0), allocator="fisher"
+            )
+        )
 
 
 def test_a_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
     from mixsparse.runtime.atomic import atomic_dir
 
     out = tmp_path / "artifact"
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal\n"
-        "from mixsparse.runtime.atomic import atomic_dir\n"
-        f"with atomic_dir({str(out)!r}) as tmp:\n"
-        "    (tmp / 'weights').write_bytes(bytes(1000))\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n")])
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, signal\n"
+                "from mixsparse.runtime.atomic import atomic_dir\n"
+                f"with atomic_dir({str(out)!r}) as tmp:\n"
+                "    (tmp / 'weights').write_bytes(bytes(1000))\n"
+                "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            ),
+        ]
+    )
     assert killed.returncode == -signal.SIGKILL
     left = list(tmp_path.glob(".artifact.tmp-*"))
     assert len(left) == 1 and (left[0] / "weights").exists()
@@ -183,12 +256,14 @@ def test_an_encoder_is_refused_not_pruned(tiny_llama, tmp_path, capsys):
     from transformers import BertConfig, BertLMHeadModel
 
     bert = tmp_path / "bert"
-    BertLMHeadModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(bert)
+    BertLMHeadModel(
+        BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(bert)
     for file in tiny_llama.glob("tokenizer*"):
         (bert / file.name).write_bytes(file.read_bytes())
-    message = error_line(["prune", str(bert), "--metric", "magnitude", "--sparsity", "0.5", "--out",
-                          str(tmp_path / "out")], capsys)
+    message = error_line(
+        ["prune", str(bert), "--metric", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "out")], capsys
+    )
     assert "(BertLMHeadModel) is not a causal decoder" in message
     assert not (tmp_path / "out").exists()
 

@@ -47,12 +47,20 @@ def assert_matches_dense(y, x, weight, bias):
 
 @needs_kernels
 @settings(max_examples=80, deadline=None)
-@given(tokens=st.one_of(st.integers(1, 40), st.integers(41, 2048)), rows=st.integers(1, 70),
-       cols=st.integers(1, 200), sparsity=st.sampled_from([0.0, 0.5, 0.7, 0.9, 1.0]),
-       dtype=st.sampled_from(DTYPES), with_bias=st.booleans(), variant=st.sampled_from(VARIANTS or ["portable"]),
-       path=st.sampled_from(["auto", "rows", "tiles"]), seed=st.integers(0, 2**16))
-def test_kernel_matches_f_linear_on_the_unpacked_weight(tokens, rows, cols, sparsity, dtype, with_bias, variant,
-                                                         path, seed):
+@given(
+    tokens=st.one_of(st.integers(1, 40), st.integers(41, 2048)),
+    rows=st.integers(1, 70),
+    cols=st.integers(1, 200),
+    sparsity=st.sampled_from([0.0, 0.5, 0.7, 0.9, 1.0]),
+    dtype=st.sampled_from(DTYPES),
+    with_bias=st.booleans(),
+    variant=st.sampled_from(VARIANTS or ["portable"]),
+    path=st.sampled_from(["auto", "rows", "tiles"]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_f_linear_on_the_unpacked_weight(
+    tokens, rows, cols, sparsity, dtype, with_bias, variant, path, seed
+):
     generator = torch.Generator().manual_seed(seed)
     if tokens > 256:  # keep the example cheap: long token counts on small layers
         rows, cols = min(rows, 24), min(cols, 96)
@@ -61,8 +69,9 @@ def test_kernel_matches_f_linear_on_the_unpacked_weight(tokens, rows, cols, spar
     bias = torch.randn(rows, generator=generator).to(dtype) if with_bias else None
     compressed = cpu_sparse.from_dense(weight)
     tile_from = {"auto": -1, "rows": 1 << 30, "tiles": 0}[path]
-    y = ext.sparse_linear_with(variant, x, compressed.values, compressed.offsets, compressed.mask, bias, rows,
-                               tile_min_tokens=tile_from)
+    y = ext.sparse_linear_with(
+        variant, x, compressed.values, compressed.offsets, compressed.mask, bias, rows, tile_min_tokens=tile_from
+    )
     assert y.dtype == dtype and y.shape == (tokens, rows)
     assert_matches_dense(y, x, weight, bias)
 
@@ -78,8 +87,9 @@ def test_streaming_path_at_panel_token_counts(variant, tokens, rows, cols):
     x = torch.randn(tokens, cols, generator=generator).to(torch.bfloat16)
     bias = torch.randn(rows, generator=generator).to(torch.bfloat16)
     compressed = cpu_sparse.from_dense(weight)
-    y = ext.sparse_linear_with(variant, x, compressed.values, compressed.offsets, compressed.mask, bias, rows,
-                               tile_min_tokens=1 << 30)
+    y = ext.sparse_linear_with(
+        variant, x, compressed.values, compressed.offsets, compressed.mask, bias, rows, tile_min_tokens=1 << 30
+    )
     assert_matches_dense(y, x, weight, bias)
 
 
@@ -161,9 +171,10 @@ def test_op_has_a_fake_implementation_and_passes_opcheck():
     with FakeTensorMode(allow_non_fake_inputs=True):
         y = cpu_sparse.linear(torch.empty(7, 3, 128), compressed)
     assert y.shape == (7, 3, 64)
-    torch.library.opcheck(torch.ops.mixsparse_cpu.sparse_linear.default,
-                          (torch.randn(4, 128), compressed.values, compressed.offsets, compressed.mask,
-                           torch.randn(64), 64))
+    torch.library.opcheck(
+        torch.ops.mixsparse_cpu.sparse_linear.default,
+        (torch.randn(4, 128), compressed.values, compressed.offsets, compressed.mask, torch.randn(64), 64),
+    )
 
 
 @needs_kernels
@@ -199,13 +210,17 @@ print("FALLBACK OK")
 """
 
 
-@pytest.mark.parametrize("setup, reason", [
-    ("import os; os.environ['MIXSPARSE_CPU_KERNELS'] = '0'", "MIXSPARSE_CPU_KERNELS=0"),
-    ("import sys; sys.modules['mixsparse.runtime._cpu_sparse'] = None", "the native CPU kernels are not built"),
-])
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        ("import os; os.environ['MIXSPARSE_CPU_KERNELS'] = '0'", "MIXSPARSE_CPU_KERNELS=0"),
+        ("import sys; sys.modules['mixsparse.runtime._cpu_sparse'] = None", "the native CPU kernels are not built"),
+    ],
+)
 def test_without_the_kernels_the_exact_dense_fallback_runs_with_one_warning(setup, reason):
-    run = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT.format(setup=setup)], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT.format(setup=setup)], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     assert "FALLBACK OK" in run.stdout
     warnings = [line for line in run.stderr.splitlines() if line.startswith("WARN")]
@@ -215,8 +230,10 @@ def test_without_the_kernels_the_exact_dense_fallback_runs_with_one_warning(setu
 def test_joined_members_are_one_weight_with_the_members_rows():
     """vLLM's fused GEMMs: members of different sparsities joined into one compressed weight, exactly."""
     generator = torch.Generator().manual_seed(3)
-    members = [sparse_weight(rows, 40, sparsity, torch.bfloat16, generator)
-               for rows, sparsity in ((8, 0.7), (4, 0.0), (6, 0.5))]
+    members = [
+        sparse_weight(rows, 40, sparsity, torch.bfloat16, generator)
+        for rows, sparsity in ((8, 0.7), (4, 0.0), (6, 0.5))
+    ]
     joined = cpu_sparse.join([cpu_sparse.from_dense(w) for w in members])
     assert joined.shape == (18, 40)
     assert torch.equal(cpu_sparse.unpack(joined), torch.cat(members))

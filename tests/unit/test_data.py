@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from mixsparse.pruner.data import (CalibrationProtocol, EvaluationProtocol, calibration_windows,
-                                   evaluation_windows, load_text)
+from mixsparse.pruner.data import (
+    CalibrationProtocol,
+    EvaluationProtocol,
+    calibration_windows,
+    evaluation_windows,
+    load_text,
+)
 from mixsparse.runtime.errors import MixsparseError
 
 

@@ -12,8 +12,13 @@ sizes_strategy = st.lists(st.integers(100, 5000), min_size=2, max_size=12)
 
 
 @settings(max_examples=80, deadline=None)
-@given(sizes=sizes_strategy, target=st.floats(0.05, 0.9), seed=st.integers(0, 10_000), moves=st.integers(1, 8),
-       delta=st.sampled_from([0.01, 0.05, 0.2]))
+@given(
+    sizes=sizes_strategy,
+    target=st.floats(0.05, 0.9),
+    seed=st.integers(0, 10_000),
+    moves=st.integers(1, 8),
+    delta=st.sampled_from([0.01, 0.05, 0.2]),
+)
 def test_mutation_keeps_the_budget_exactly_and_the_bounds(sizes, target, seed, moves, delta):
     budget = Budget.for_target(sizes, target, 0.0, 0.95)
     rng = random.Random(seed)
@@ -58,8 +63,9 @@ def test_genes_by_block_and_by_module():
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(10, 400), min_size=3, max_size=16), fraction=st.floats(0, 1),
-       seed=st.integers(0, 1000))
+@given(
+    sizes=st.lists(st.integers(10, 400), min_size=3, max_size=16), fraction=st.floats(0, 1), seed=st.integers(0, 1000)
+)
 def test_deploy_mutation_and_crossover_stay_within_budget(sizes, fraction, seed):
     groups = [[f"g{i}"] for i in range(len(sizes))]
     budget = DeployBudget.for_fraction(groups, sizes, fraction)

@@ -70,8 +70,12 @@ def status(client, kind, path, method, headers=None):
 
 def test_with_a_key_every_route_but_health_needs_it(client):
     table = routes(client.app)
-    assert {("http", "/invocations", "POST"), ("http", "/scale_elastic_ep", "POST"),
-            ("http", "/generative_scoring", "POST"), ("http", "/metrics", "GET")} <= set(table)
+    assert {
+        ("http", "/invocations", "POST"),
+        ("http", "/scale_elastic_ep", "POST"),
+        ("http", "/generative_scoring", "POST"),
+        ("http", "/metrics", "GET"),
+    } <= set(table)
     open_routes = [(k, p, m) for k, p, m in table if status(client, k, p, m) != 401]
     assert open_routes == [("http", "/health", "GET")]
     wrong = {"Authorization": "Bearer not-the-key"}
@@ -87,8 +91,9 @@ def test_the_key_opens_the_routes(client):
 def test_public_metrics_is_a_flag(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
-    public = TestClient(vllm_app(tmp_path, monkeypatch, GuardSettings(public_metrics=True)),
-                        raise_server_exceptions=False)
+    public = TestClient(
+        vllm_app(tmp_path, monkeypatch, GuardSettings(public_metrics=True)), raise_server_exceptions=False
+    )
     assert public.get("/metrics").status_code == 200
     assert public.post("/invocations", json={}).status_code == 401
 
@@ -100,14 +105,17 @@ def test_without_a_key_nothing_is_refused_for_want_of_one(tmp_path, monkeypatch)
     assert plain.get("/version").status_code == 200 and plain.get("/metrics").status_code == 200
 
 
-@pytest.mark.parametrize("payload, flag", [
-    ({"n": 1000, "messages": []}, "--max-n"),
-    ({"best_of": 17, "prompt": "x"}, "--max-n"),
-    ({"max_tokens": 100000, "messages": []}, "--max-output-tokens"),
-    ({"max_completion_tokens": 5000, "messages": []}, "--max-output-tokens"),
-    ({"max_output_tokens": 5000, "input": "x"}, "--max-output-tokens"),
-    ({"sampling_params": {"n": 64}, "token_ids": [1]}, "--max-n"),
-])
+@pytest.mark.parametrize(
+    "payload, flag",
+    [
+        ({"n": 1000, "messages": []}, "--max-n"),
+        ({"best_of": 17, "prompt": "x"}, "--max-n"),
+        ({"max_tokens": 100000, "messages": []}, "--max-output-tokens"),
+        ({"max_completion_tokens": 5000, "messages": []}, "--max-output-tokens"),
+        ({"max_output_tokens": 5000, "input": "x"}, "--max-output-tokens"),
+        ({"sampling_params": {"n": 64}, "token_ids": [1]}, "--max-n"),
+    ],
+)
 def test_requests_above_the_caps_are_refused(client, payload, flag):
     right = {"Authorization": f"Bearer {KEY}"}
     for path in ("/v1/chat/completions", "/invocations", "/inference/v1/generate"):
@@ -148,8 +156,15 @@ def test_a_checked_body_reaches_the_route_unchanged():
 def test_requests_without_max_tokens_are_bounded_through_vllms_own_option(tmp_path):
     argv = vllm_argv(ServeOptions("m", guard=GuardSettings(max_tokens=512)), tmp_path, cuda=False)
     assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"max_new_tokens": 512}
-    mine = vllm_argv(ServeOptions("m", guard=GuardSettings(max_tokens=512),
-                                  vllm_args=['--override-generation-config={"temperature": 0.5}']), tmp_path, False)
+    mine = vllm_argv(
+        ServeOptions(
+            "m", guard=GuardSettings(max_tokens=512), vllm_args=['--override-generation-config={"temperature": 0.5}']
+        ),
+        tmp_path,
+        False,
+    )
     assert argv.count("--override-generation-config") == 1
-    assert json.loads(mine[mine.index("--override-generation-config") + 1]) == {"temperature": 0.5,
-                                                                                  "max_new_tokens": 512}
+    assert json.loads(mine[mine.index("--override-generation-config") + 1]) == {
+        "temperature": 0.5,
+        "max_new_tokens": 512,
+    }

@@ -57,8 +57,13 @@ def test_mask_for_dispatches_on_the_spec():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 6), cols=st.integers(1, 30), sparsity=st.floats(0, 0.99), per_row=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 30),
+    sparsity=st.floats(0, 0.99),
+    per_row=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_rank_thresholds_give_the_same_masks_as_mask_ratio(rows, cols, sparsity, per_row, seed):
     from mixsparse.pruner.fitness import ranks
 

@@ -25,8 +25,10 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda_on_correlated_in
     weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
     stats = accumulate(x, empty_stats(64, hessian=True))
     spec = Spec.parse(sparsity)
-    errors = {metric: reconstruction_error(x, weight, prune_weight(metric, weight, spec, stats))
-              for metric in ("magnitude", "wanda", "sparsegpt")}
+    errors = {
+        metric: reconstruction_error(x, weight, prune_weight(metric, weight, spec, stats))
+        for metric in ("magnitude", "wanda", "sparsegpt")
+    }
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"]
 
 
@@ -48,8 +50,9 @@ def test_wanda_by_hand():
     torch.testing.assert_close(wanda_score(weight, stats), torch.tensor([[3.0, 2.0], [9.0, 4.0]]))
     assert torch.equal(prune_weight("wanda", weight, Spec.parse("0.5"), stats), torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
     # magnitude compares over the whole layer: the two smallest |W| are in the first row
-    assert torch.equal(prune_weight("magnitude", weight, Spec.parse("0.5"), None),
-                       torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+    assert torch.equal(
+        prune_weight("magnitude", weight, Spec.parse("0.5"), None), torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    )
 
 
 def test_sparsegpt_obs_update_by_hand():

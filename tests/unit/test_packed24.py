@@ -31,8 +31,12 @@ def test_round_trip_is_bit_exact(dtype, shape):
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 6), groups=st.integers(1, 9), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+@given(
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+)
 def test_round_trip_property(rows, groups, seed, dtype):
     dense = random_24(rows, 4 * groups, dtype, seed, extra_zeros=0.3)
     assert torch.equal(Packed24.pack(dense).unpack(), dense)

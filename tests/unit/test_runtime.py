@@ -37,8 +37,18 @@ def test_op_has_a_fake_implementation_for_compile():
         x, w = torch.empty(7, 3, 128), torch.empty(64, 128)
         y = ops.sparse_linear(x, w, None, None, None, kernels.BACKEND_IDS[kernels.DENSE], 64)
     assert y.shape == (7, 3, 64)
-    torch.library.opcheck(ops.sparse_linear, (torch.randn(4, 128), torch.randn(64, 128), None, None, torch.randn(64),
-                                              kernels.BACKEND_IDS[kernels.DENSE], 64))
+    torch.library.opcheck(
+        ops.sparse_linear,
+        (
+            torch.randn(4, 128),
+            torch.randn(64, 128),
+            None,
+            None,
+            torch.randn(64),
+            kernels.BACKEND_IDS[kernels.DENSE],
+            64,
+        ),
+    )
 
 
 def test_module_compiles_without_graph_breaks():

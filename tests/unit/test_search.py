@@ -21,8 +21,9 @@ class Interrupted(Exception):
 
 def run(state=None, generations=25, path=None, stop_after=None):
     budget = Budget.for_target(SIZES, 0.5)
-    settings = SearchSettings(generations=generations, population=6, offspring=8, survivors=3, steps=(1, 2),
-                              patience=100, seed=3)
+    settings = SearchSettings(
+        generations=generations, population=6, offspring=8, survivors=3, steps=(1, 2), patience=100, seed=3
+    )
     state = state or SearchState(settings={}, fingerprint={"test": 1})
     seed = tuple(from_ratios([0.5] * 6, budget))
 
@@ -55,9 +56,17 @@ def test_resume_continues_exactly(tmp_path):
     assert [h["best"] for h in resumed.history] == [h["best"] for h in whole.history]
 
 
-@pytest.mark.parametrize("content, message", [("{", "corrupt"), ('{"format": "x"}', "corrupt"),
-                                              ('{"format": "mixsparse-search-state", "settings": {}, '
-                                               '"fingerprint": {"test": 1}, "population": []}', "empty population")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{", "corrupt"),
+        ('{"format": "x"}', "corrupt"),
+        (
+            '{"format": "mixsparse-search-state", "settings": {}, "fingerprint": {"test": 1}, "population": []}',
+            "empty population",
+        ),
+    ],
+)
 def test_corrupt_state(tmp_path, content, message):
     path = tmp_path / "state.json"
     path.write_text(content)

@@ -16,17 +16,31 @@ def test_cpu_defaults_are_added_unless_overridden(tmp_path):
     argv = vllm_argv(ServeOptions("m", port=9000), tmp_path, cuda=False)
     assert "--enforce-eager" in argv and "--no-enable-prefix-caching" in argv
     assert argv[argv.index("--dtype") + 1] == cpu_serving_dtype() and argv[argv.index("--port") + 1] == "9000"
-    mine = vllm_argv(ServeOptions("m", vllm_args=["--dtype", "bfloat16", "--enable-prefix-caching"]), tmp_path,
-                     cuda=False)
+    mine = vllm_argv(
+        ServeOptions("m", vllm_args=["--dtype", "bfloat16", "--enable-prefix-caching"]), tmp_path, cuda=False
+    )
     assert mine.count("--dtype") == 1 and "--no-enable-prefix-caching" not in mine
     assert "--enforce-eager" not in vllm_argv(ServeOptions("m"), tmp_path, cuda=True)
 
 
-@pytest.mark.parametrize("options", [
-    ServeOptions("art"),
-    ServeOptions("/a/art", "0.0.0.0", 9001, "s3cret", "mine", 2.5, ["--max-num-seqs", "4", "--dtype=float32"],
-                 GuardSettings(3, 100, True), verbose=True, log_file="/tmp/x.log"),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ServeOptions("art"),
+        ServeOptions(
+            "/a/art",
+            "0.0.0.0",
+            9001,
+            "s3cret",
+            "mine",
+            2.5,
+            ["--max-num-seqs", "4", "--dtype=float32"],
+            GuardSettings(3, 100, True),
+            verbose=True,
+            log_file="/tmp/x.log",
+        ),
+    ],
+)
 def test_the_serve_command_line_parses_back_to_its_options(options):
     from mixsparse.serve import cli
 

@@ -87,15 +87,22 @@ RuntimeError: Engine core initialization failed. See root cause above. Failed co
 
 
 def test_the_error_line_is_the_root_cause_not_the_wrapper():
-    assert engine_log.error_line(ENGINE_FAILURE) == ("ValueError: Available memory on node 0 (0.5/2.0 GiB) on kv "
-                                                    "cache allocation is less than requested")
-    assert engine_log.error_line("Traceback\nRuntimeError: Engine core initialization failed. x\n") == \
-        "RuntimeError: Engine core initialization failed. x"
+    assert engine_log.error_line(ENGINE_FAILURE) == (
+        "ValueError: Available memory on node 0 (0.5/2.0 GiB) on kv cache allocation is less than requested"
+    )
+    assert (
+        engine_log.error_line("Traceback\nRuntimeError: Engine core initialization failed. x\n")
+        == "RuntimeError: Engine core initialization failed. x"
+    )
     assert engine_log.error_line("INFO all good\n") is None
-    pydantic = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n  Value error, "
-                "max_model_len (100000) is too long [type=value_error, input_value=1, input_type=int]\n")
-    assert engine_log.error_line(pydantic) == \
-        "pydantic_core._pydantic_core.ValidationError: max_model_len (100000) is too long"
+    pydantic = (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n  Value error, "
+        "max_model_len (100000) is too long [type=value_error, input_value=1, input_type=int]\n"
+    )
+    assert (
+        engine_log.error_line(pydantic)
+        == "pydantic_core._pydantic_core.ValidationError: max_model_len (100000) is too long"
+    )
 
 
 def test_child_processes_write_into_the_log_and_the_terminal_stays_clean(tmp_path, capfd):
@@ -105,8 +112,9 @@ def test_child_processes_write_into_the_log_and_the_terminal_stays_clean(tmp_pat
     with engine_log.redirected(log) as terminal:
         os.write(1, b"from fd 1\n")  # where vLLM's handlers and C++ libraries write (pytest swaps sys.stdout)
         os.write(2, b"from fd 2\n")
-        subprocess.run([sys.executable, "-c", "import sys; print('from a child'); print('spam', file=sys.stderr)"],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-c", "import sys; print('from a child'); print('spam', file=sys.stderr)"], check=True
+        )
         print("mixsparse serve: ready", file=terminal, flush=True)
     print("after")
     out, err = capfd.readouterr()

@@ -7,18 +7,35 @@ from mixsparse.pruner.spec import Spec
 from mixsparse.runtime.errors import MixsparseError
 
 
-@pytest.mark.parametrize("text, kind, sparsity", [("0.5", "unstructured", 0.5), ("2:4", "nm", 0.5),
-                                                  ("4:8", "nm", 0.5), ("1:4", "nm", 0.75), ("0", "dense", 0.0),
-                                                  ("dense", "dense", 0.0), (0.7, "unstructured", 0.7)])
+@pytest.mark.parametrize(
+    "text, kind, sparsity",
+    [
+        ("0.5", "unstructured", 0.5),
+        ("2:4", "nm", 0.5),
+        ("4:8", "nm", 0.5),
+        ("1:4", "nm", 0.75),
+        ("0", "dense", 0.0),
+        ("dense", "dense", 0.0),
+        (0.7, "unstructured", 0.7),
+    ],
+)
 def test_parse(text, kind, sparsity):
     spec = Spec.parse(text)
     assert spec.kind == kind and spec.sparsity == pytest.approx(sparsity)
     assert Spec.parse(str(spec)) == spec
 
 
-@pytest.mark.parametrize("text, message", [("1.0", r"outside \[0, 1\)"), ("-0.1", r"outside \[0, 1\)"),
-                                           ("4:4", "0 < N < M"), ("5:4", "0 < N < M"), ("0:4", "0 < N < M"),
-                                           ("half", "cannot read sparsity")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("1.0", r"outside \[0, 1\)"),
+        ("-0.1", r"outside \[0, 1\)"),
+        ("4:4", "0 < N < M"),
+        ("5:4", "0 < N < M"),
+        ("0:4", "0 < N < M"),
+        ("half", "cannot read sparsity"),
+    ],
+)
 def test_parse_rejects(text, message):
     with pytest.raises(MixsparseError, match=message):
         Spec.parse(text)
@@ -33,8 +50,11 @@ SHAPES = {"a.q": (8, 16), "a.k": (4, 16), "a.down": (16, 32)}
 
 
 def test_plan_round_trip(tmp_path):
-    plan = Plan({"a.q": Spec.parse("2:4"), "a.k": Spec.parse("0.7"), "a.down": Spec.dense()}, SHAPES,
-                {"allocator": "msp", "seed": 3})
+    plan = Plan(
+        {"a.q": Spec.parse("2:4"), "a.k": Spec.parse("0.7"), "a.down": Spec.dense()},
+        SHAPES,
+        {"allocator": "msp", "seed": 3},
+    )
     plan.save(tmp_path / "plan.json")
     again = Plan.load(tmp_path / "plan.json")
     assert again.modules == plan.modules and again.shapes == plan.shapes and again.info == plan.info
@@ -56,12 +76,19 @@ def test_plan_validation_lists_unknown_modules_and_shape_mismatches():
         plan.validate(model)
 
 
-@pytest.mark.parametrize("content, message", [("{", "not valid JSON"), ('{"x": 1}', "not a mixsparse plan"),
-                                              ('{"format": "mixsparse-plan", "version": 9}', "version 9"),
-                                              ('{"format": "mixsparse-plan", "version": 1, "modules": {"a": "3:2"},'
-                                               ' "shapes": {"a": [1, 4]}}', "0 < N < M"),
-                                              ('{"format": "mixsparse-plan", "version": 1, "modules": {"a": "2:4"},'
-                                               ' "shapes": {}}', "no shape recorded for a")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{", "not valid JSON"),
+        ('{"x": 1}', "not a mixsparse plan"),
+        ('{"format": "mixsparse-plan", "version": 9}', "version 9"),
+        ('{"format": "mixsparse-plan", "version": 1, "modules": {"a": "3:2"}, "shapes": {"a": [1, 4]}}', "0 < N < M"),
+        (
+            '{"format": "mixsparse-plan", "version": 1, "modules": {"a": "2:4"}, "shapes": {}}',
+            "no shape recorded for a",
+        ),
+    ],
+)
 def test_plan_load_errors(tmp_path, content, message):
     path = tmp_path / "plan.json"
     path.write_text(content)
