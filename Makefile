@@ -53,7 +53,6 @@ bench: install
 	$(BIN)/python benchmarks/prune_table.py
 	$(BIN)/python benchmarks/allocators.py
 	$(BIN)/python benchmarks/quality.py
-	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/cpu_gemm.py --name cpu-gemm-24
 	$(BIN)/python benchmarks/cpu_gemm.py --sparsity 0.5,0.7,0.8,0.9 --shapes 7b --tokens 1,16,256,2048 --name cpu-gemm-bitmask
 	$(BIN)/python benchmarks/e2e_cpu.py
