@@ -125,8 +125,11 @@ Dtype dtype_index(at::ScalarType type) {
   }
 }
 
-// Where the streaming kernel hands over to tiles + a dense GEMM, and how large a tile is: measured by
-// `benchmarks/cpu_gemm.py --sweep` (BENCHMARKS.md). The dense GEMM is torch's (oneDNN for bf16).
+// Where the streaming kernel hands over to tiles + a dense GEMM, and how large a tile is. Chosen from
+// stand-alone timings on the AMD EPYC (1 thread, 4096x4096 bf16): the panel path kept up with oneDNN up to
+// ~64 tokens, and at 256 tokens tiles of 256-512 rows (2 MiB at K=4096) ran faster than 48-128 rows.
+// `benchmarks/cpu_gemm.py --sweep` times both paths per shape to revisit these on another CPU (no
+// published sweep yet). The dense GEMM is torch's (oneDNN for bf16).
 struct Tuning {
   int64_t tile_min_tokens;  // from this many tokens on, tiles
   int64_t tile_bytes;       // one thread's dense tile
