@@ -72,6 +72,7 @@ class PlanEvaluator:
         device: str | torch.device = "cpu",
         fitness: str = "loss",
         weights_24: dict[str, torch.Tensor] | None = None,
+        levels=None,
     ):
         if fitness not in FITNESS:
             raise ValueError(f"fitness must be one of {FITNESS}")
@@ -84,6 +85,7 @@ class PlanEvaluator:
         # (Wanda's), and the plan is then applied with SparseGPT
         self.metric = get_metric(metric)
         self.weights_24 = weights_24 or {}  # the base metric's own 2:4 weights, used for 2:4 specs
+        self.levels = levels  # levels.LevelStore: every module pruned by the base metric itself, per level
         self.per_row = self.metric.per_row
         self.stats = stats or {}
         self._ranks: dict[str, torch.Tensor] = {}
@@ -111,6 +113,8 @@ class PlanEvaluator:
                         f"(deployment_plans.deploy_evaluator)"
                     )
                 weight.copy_(self.weights_24[name])
+            elif self.levels is not None:
+                weight.copy_(self.levels.weight(name, dense, spec.sparsity))
             else:
                 count = dense.shape[1] if self.per_row else dense.numel()
                 keep = self.ranks(name) >= pruned_count(count, spec.sparsity)

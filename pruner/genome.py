@@ -156,3 +156,49 @@ class RatioOps:
 
     def crossover(self, a, b, rng: random.Random):
         return tuple(crossover(list(a), list(b), self.budget, rng))
+
+
+@dataclass(frozen=True)
+class LevelOps:
+    """A genome of level indices, one per gene, for searches over a grid of stored levels (levels.py).
+
+    The genes must be of one size (decoder blocks of a uniform model), so Σ indices = genes x the anchor's
+    index keeps the budget in weights exactly: a mutation moves one gene a level up and another one down; a
+    crossover child is repaired by stepping genes on the side in excess back toward the anchor."""
+
+    count: int  # levels in the grid
+    anchor: int  # index of the target level
+
+    def total(self, genes: int) -> int:
+        return genes * self.anchor
+
+    def mutate(self, genome, rng: random.Random, moves: int):
+        child = list(genome)
+        if len(child) < 2:
+            return tuple(child)
+        done = attempts = 0
+        while done < moves and attempts < 50 * moves:
+            attempts += 1
+            i, j = rng.sample(range(len(child)), 2)  # i gets sparser, j denser
+            if child[i] + 1 < self.count and child[j] >= 1:
+                child[i] += 1
+                child[j] -= 1
+                done += 1
+        return tuple(child)
+
+    def crossover(self, a, b, rng: random.Random):
+        child = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
+        return tuple(self.repair(child, rng))
+
+    def repair(self, child: list[int], rng: random.Random) -> list[int]:
+        total = self.total(len(child))
+        while sum(child) != total:
+            above = sum(child) > total
+            side = [i for i, c in enumerate(child) if (c > self.anchor if above else c < self.anchor)]
+            child[rng.choice(side)] += -1 if above else 1
+        return child
+
+    def snap(self, ratios: list[float], levels: tuple[float, ...], seed: int = 0) -> tuple[int, ...]:
+        """The nearest level of each ratio, repaired to the exact budget (seeds from other allocators)."""
+        nearest = [min(range(len(levels)), key=lambda i: abs(levels[i] - r)) for r in ratios]
+        return tuple(self.repair(nearest, random.Random(seed)))

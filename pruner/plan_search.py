@@ -31,7 +31,7 @@ def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
 
 
 def evaluator_for(
-    request: PlanRequest, evidence: Evidence, weights_24: dict[str, torch.Tensor] | None = None
+    request: PlanRequest, evidence: Evidence, weights_24: dict[str, torch.Tensor] | None = None, levels=None
 ) -> PlanEvaluator:
     return PlanEvaluator(
         evidence.adapter,
@@ -42,6 +42,7 @@ def evaluator_for(
         request.device,
         request.search.fitness,
         weights_24,
+        levels,
     )
 
 

@@ -38,7 +38,7 @@ class SearchSettings:
     population: int = 8
     offspring: int = 12
     survivors: int = 3
-    steps: tuple[int, ...] = (1, 4)  # held-out sequences per selection step, growing
+    steps: tuple[int, ...] = (4, 16)  # held-out sequences per selection step, growing (of fitness_seqlen tokens)
     moves: int = 4  # mutation moves in the first generation, decaying to 1
     patience: int = 10  # stop when the best has not improved for this many generations
     seed: int = 0

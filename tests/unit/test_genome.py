@@ -81,3 +81,28 @@ def test_least_sensitive_first_takes_groups_in_order():
     sizes = [100, 100, 100, 100]
     budget = DeployBudget.for_fraction([[str(i)] for i in range(4)], sizes, 0.5)
     assert greedy([3, 1, 0, 2], budget) == (0, 1, 0, 1)
+
+
+def test_level_genomes_keep_the_budget_and_the_grid():
+    import random
+
+    from mixsparse.pruner.genome import LevelOps
+    from mixsparse.pruner.levels import LevelGrid
+
+    grid = LevelGrid.around(0.7, 0.05, 0.2, 0.0, 0.99)
+    assert grid.levels == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+    assert LevelGrid.around(0.7, 0.05, 0.2, 0.6, 0.8).levels == (0.6, 0.65, 0.7, 0.75, 0.8)
+    assert LevelGrid.around(0.9, 0.05, 0.2, 0.0, 0.99).levels[-1] == 0.95  # clipped at 0.99
+    ops = LevelOps(len(grid.levels), grid.index(0.7))
+    rng = random.Random(0)
+    population = [tuple([ops.anchor] * 12)]
+    for _ in range(200):
+        a, b = rng.choice(population), rng.choice(population)
+        child = ops.mutate(ops.crossover(a, b, rng), rng, rng.randint(1, 4))
+        assert sum(child) == ops.total(12) and all(0 <= i < ops.count for i in child)
+        population.append(child)
+    assert len(set(population)) > 50
+    seeded = ops.snap([0.52, 0.91, 0.7, 0.66, 0.74, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], grid.levels)
+    assert sum(seeded) == ops.total(12) and seeded[0] <= grid.index(0.55)
+    with pytest.raises(MixsparseError, match="not a level"):
+        grid.index(0.71)
