@@ -49,8 +49,10 @@ def describe_recovery(result: RecoverResult) -> str:
 
 
 def calibration_use(job: PruneJob) -> str:
-    if get_metric(job.metric).needs_calibration:
-        return "sequential, block by block"
+    metric = get_metric(job.metric)
+    if metric.needs_calibration:
+        gradients = "; per-weight gradient norms from one backward per window of the dense model"
+        return "sequential, block by block" + (gradients if metric.needs_gradients else "")
     return f"not used by {job.metric}" + ("; used by recovery" if job.recover is not None else "")
 
 

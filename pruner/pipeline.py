@@ -209,7 +209,11 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
     metric = get_metric(job.metric)
     needs_calibration = metric.needs_calibration or job.recover is not None
     calibration = data.calibration_windows(loaded.tokenizer, job.calibration) if needs_calibration else None
-    with progress.task(f"pruning ({job.metric}, {len(adapter.blocks)} blocks)", len(adapter.blocks)) as advance:
+    # gblm: one backward per calibration sequence on the dense model first, then the blocks
+    samples = len(calibration) if metric.needs_gradients else 0
+    gradient_pass = f"{samples} gradient samples, " if samples else ""
+    blocks = len(adapter.blocks)
+    with progress.task(f"pruning ({job.metric}, {gradient_pass}{blocks} blocks)", samples + blocks) as advance:
         result = prune_model(
             adapter,
             plan,
@@ -218,6 +222,7 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
             job.device,
             job.options,
             after_block=lambda index: advance(),
+            after_sample=lambda index: advance(),
         )
     loaded.model.to("cpu")
     recovery = None

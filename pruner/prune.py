@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -14,7 +14,8 @@ from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import run_blocks
 from mixsparse.pruner.metrics import Metric, get_metric, prune_weight
 from mixsparse.pruner.plan import Plan
-from mixsparse.pruner.stats import InputStats, accumulate, empty_stats
+from mixsparse.pruner.sensitivity import weight_gradients
+from mixsparse.pruner.stats import GradientStats, InputStats, accumulate, empty_stats
 
 
 @dataclass
@@ -44,11 +45,19 @@ class _SequentialPruner:
     """The runner's callback: statistics of a module's input, then prune it in place.
 
     Modules reading the same input tensor (q/k/v, gate/up) share one set of statistics, so the
-    Hessian of a fused group is accumulated once.
+    Hessian of a fused group is accumulated once; a module's own gradient norms (GBLM) join its copy.
     """
 
-    def __init__(self, plan: Plan, metric: Metric, options: PruneOptions, timings: dict[str, float]):
+    def __init__(
+        self,
+        plan: Plan,
+        metric: Metric,
+        options: PruneOptions,
+        timings: dict[str, float],
+        gradients: dict[str, GradientStats] | None = None,
+    ):
         self.plan, self.metric, self.options, self.timings = plan, metric, options, timings
+        self.gradients = gradients or {}
         self.shared: list[tuple[torch.Tensor, InputStats]] = []  # inputs kept alive: no reuse of addresses
 
     def new_block(self, index: int) -> None:
@@ -60,6 +69,7 @@ class _SequentialPruner:
         if stats is None:
             stats = accumulate(x, empty_stats(x.shape[-1], self.metric.needs_hessian, x.device))
             self.shared.append((x, stats))
+        stats = replace(stats, gradient=self.gradients.get(name))
         prune_module(self.metric.name, module, self.plan.spec(name), stats, self.options)
         self.timings[name] = time.perf_counter() - start
 
@@ -79,8 +89,10 @@ def prune_model(
     device: str | torch.device = "cpu",
     options: PruneOptions = PruneOptions(),
     after_block: Callable[[int], None] = lambda index: None,
+    after_sample: Callable[[int], None] = lambda index: None,
 ) -> PruneResult:
-    """Prune ``adapter.model`` in place. ``calibration`` (samples x tokens) is needed by wanda/sparsegpt."""
+    """Prune ``adapter.model`` in place. ``calibration`` (samples x tokens) is needed by wanda/sparsegpt/gblm;
+    gblm first takes one backward per calibration sample on the dense model (``after_sample`` after each)."""
     metric = get_metric(metric_name)
     device = torch.device(device)
     if device.type == "cuda":
@@ -103,7 +115,10 @@ def prune_model(
     else:
         if calibration is None:
             raise ValueError(f"{metric.name} needs calibration data")
-        pruner = _SequentialPruner(plan, metric, options, timings)
+        gradients = None
+        if metric.needs_gradients:
+            gradients = weight_gradients(adapter, calibration, sorted(targets), device, after_sample)
+        pruner = _SequentialPruner(plan, metric, options, timings, gradients)
 
         def on_block(index: int) -> None:
             pruner.new_block(index + 1)

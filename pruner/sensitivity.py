@@ -6,6 +6,10 @@ One backward per sequence, so the squared norms are per-sample (the square of a 
 be a different, smaller quantity). Memory stays bounded: as soon as a weight's gradient is complete a
 hook reduces it to one number and frees it, so at most one module's gradient lives at a time.
 Only the prunable weights take gradients.
+
+``weight_gradients`` runs the same loop for GBLM-Pruner (metrics.py) but keeps, per weight, Σ_n g_n² over
+the samples: one float32 tensor per module, i.e. the pruned weights' size again in float32 (smollm2-135m:
+~0.4 GB; a 7B model: ~26 GB), on ``device`` while it accumulates and on the CPU afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Callable
 import torch
 
 from mixsparse.pruner.adapter import ModelAdapter
+from mixsparse.pruner.stats import GradientStats
 from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.errors import MixsparseError
 
@@ -96,36 +101,32 @@ class Sensitivity:
             )
 
 
-def fisher_traces(
+def _per_sample_backward(
     adapter: ModelAdapter,
     windows: torch.Tensor,
-    names: list[str] | None = None,
-    device: str | torch.device = "cpu",
-    after_sample: Callable[[int], None] = lambda index: None,
-) -> Sensitivity:
-    """Tr of the empirical Fisher per module over ``windows`` (samples x tokens), one backward per sample."""
+    weights: dict[str, torch.Tensor],
+    reduce: Callable[[str, torch.Tensor], None],
+    device: torch.device,
+    after_sample: Callable[[int], None],
+) -> None:
+    """One backward of the next-token loss per window; ``reduce(name, grad)`` sees each weight's gradient
+    as soon as it is complete, and the gradient is freed right after."""
     model = adapter.model
-    linears = adapter.linears()
-    names = list(linears) if names is None else names
-    device = torch.device(device)
     model.to(device)
     was_training = model.training
-    model.eval()  # no dropout: the Fisher of the deployed model
+    model.eval()  # no dropout: the gradients of the deployed model
     previous = {p: p.requires_grad for p in model.parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
     hooks = []
-    for name in names:
-        weight = linears[name].weight
+    for name, weight in weights.items():
         weight.requires_grad_(True)
 
         def reduce_and_free(param, name=name):
-            sums[name] += param.grad.detach().double().square().sum()
+            reduce(name, param.grad.detach())
             param.grad = None
 
         hooks.append(weight.register_post_accumulate_grad_hook(reduce_and_free))
-    start = time.perf_counter()
     try:
         for index, window in enumerate(windows):
             ids = window.unsqueeze(0).to(device)
@@ -140,6 +141,26 @@ def fisher_traces(
             param.requires_grad_(flag)
             param.grad = None
         model.train(was_training)
+
+
+def fisher_traces(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    names: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    after_sample: Callable[[int], None] = lambda index: None,
+) -> Sensitivity:
+    """Tr of the empirical Fisher per module over ``windows`` (samples x tokens), one backward per sample."""
+    linears = adapter.linears()
+    names = list(linears) if names is None else names
+    device = torch.device(device)
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
+
+    def reduce(name: str, grad: torch.Tensor) -> None:
+        sums[name] += grad.double().square().sum()
+
+    start = time.perf_counter()
+    _per_sample_backward(adapter, windows, {n: linears[n].weight for n in names}, reduce, device, after_sample)
     samples = len(windows)
     traces = {name: float(total) / samples for name, total in sums.items()}
     if not all(math.isfinite(t) for t in traces.values()):
@@ -150,3 +171,35 @@ def fisher_traces(
         blocks.setdefault(f"{adapter.blocks_name}.{adapter.block_of(name)}", []).append(name)
     info = {"samples": samples, "tokens": int(windows.numel()), "seconds": round(time.perf_counter() - start, 2)}
     return Sensitivity(traces, sizes, blocks, info)
+
+
+def weight_gradients(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    names: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    after_sample: Callable[[int], None] = lambda index: None,
+) -> dict[str, GradientStats]:
+    """GBLM-Pruner's per-weight gradient l2 norms over ``windows`` (samples x tokens), one backward per sample
+    (as its gradient_computation.py: the mean next-token loss of one sequence per backward). ``names`` may
+    include lm_head. Kept on the CPU, float32."""
+    modules = dict(adapter.linears())
+    head = adapter.lm_head()
+    if head is not None:
+        modules.setdefault(*head)
+    names = list(adapter.linears()) if names is None else names
+    device = torch.device(device)
+    sums = {name: torch.zeros(modules[name].weight.shape, dtype=torch.float32, device=device) for name in names}
+
+    def reduce(name: str, grad: torch.Tensor) -> None:
+        grad = grad.float()
+        sums[name].addcmul_(grad, grad)
+
+    _per_sample_backward(adapter, windows, {n: modules[n].weight for n in names}, reduce, device, after_sample)
+    gradients = {}
+    for name in names:
+        norm = sums.pop(name).sqrt_().cpu()
+        if not torch.isfinite(norm).all():
+            raise MixsparseError(f"gradient norms of {name} are not finite (the loss overflowed); try float32")
+        gradients[name] = GradientStats(norm, len(windows), int(windows.numel()))
+    return gradients

@@ -1,7 +1,9 @@
 """Calibration statistics of a linear layer's input, as plain values.
 
 ``sq_norm[j]`` = Σ_tokens x_j² (Wanda's ‖X_j‖²); ``hessian`` = Σ_tokens x xᵀ (SparseGPT's H, up to
-scale), both accumulated in float32 whatever the activation dtype.
+scale), both accumulated in float32 whatever the activation dtype. ``gradient`` (GBLM-Pruner's
+statistic, sensitivity.weight_gradients) belongs to one module's weight, not to its input: modules reading
+the same input share their InputStats, and each gets its own copy with its gradient set.
 """
 
 from __future__ import annotations
@@ -12,10 +14,20 @@ import torch
 
 
 @dataclass
+class GradientStats:
+    """‖G_ij‖₂ = sqrt(Σ_n (∂ℓ_n/∂W_ij)²) over calibration sequences n of the dense model (float32, out x in)."""
+
+    norm: torch.Tensor
+    samples: int  # sequences n
+    tokens: int  # their tokens (samples x tokens per sequence)
+
+
+@dataclass
 class InputStats:
     tokens: int
     sq_norm: torch.Tensor
     hessian: torch.Tensor | None = None
+    gradient: GradientStats | None = None
 
 
 def empty_stats(in_features: int, hessian: bool, device: torch.device | str = "cpu") -> InputStats:

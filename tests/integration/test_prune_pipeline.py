@@ -20,7 +20,7 @@ def job(model, out, calibration, **kw):
     )
 
 
-@pytest.mark.parametrize("metric", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "sparsegpt", "gblm"])
 @pytest.mark.parametrize("sparsity", ["2:4", "4:8", "0.5"])
 def test_every_metric_gives_exact_masks_and_a_loadable_artifact(
     tiny_llama, tmp_path, small_calibration, metric, sparsity

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from mixsparse.pruner.metrics import prune_weight, wanda_score
+from mixsparse.pruner.metrics import GBLM_ALPHA, METRICS, gblm_score, prune_weight, wanda_score
 from mixsparse.pruner.sparsegpt import sparsegpt_prune
 from mixsparse.pruner.spec import Spec
-from mixsparse.pruner.stats import accumulate, empty_stats
+from mixsparse.pruner.stats import GradientStats, InputStats, accumulate, empty_stats
+from mixsparse.runtime.errors import MixsparseError
 
 
 def correlated_inputs(tokens=2048, features=64, rank=16, seed=0):
@@ -92,3 +93,52 @@ def test_sparsegpt_survives_a_singular_hessian_and_dead_inputs():
     pruned = sparsegpt_prune(weight, x.T @ x, Spec.parse("2:4"), blocksize=32)
     assert torch.isfinite(pruned).all()
     assert (pruned[:, 3] == 0).all()
+
+
+def gblm_stats(features=64, rows=48, samples=4, seqlen=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, seqlen, features, generator=generator) * torch.logspace(-1, 1, features)
+    grads = torch.randn(samples, rows, features, generator=generator) * 1e-3
+    stats = accumulate(x, empty_stats(features, hessian=False))
+    stats.gradient = GradientStats(grads.square().sum(0).sqrt(), samples, samples * seqlen)
+    return x, grads, stats
+
+
+def test_gblm_score_is_the_formula_of_its_code():
+    # |W_ij| * (sqrt(sum_tokens x_j^2 / N) + 100 * sqrt(sum_n g_nij^2)): Wanda's scaler_row is a mean over the
+    # N sequences, the gradient norm a sum over them (GBLM-Pruner lib/prune.py, gradient_computation.py)
+    x, grads, stats = gblm_stats()
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    samples = x.shape[0]
+    activation = x.square().sum((0, 1)).div(samples).sqrt()
+    gradient = (GBLM_ALPHA * grads).square().sum(0).sqrt()
+    expected = weight.abs() * activation + weight.abs() * gradient
+    torch.testing.assert_close(gblm_score(weight, stats), expected)
+    assert METRICS["gblm"].per_row and METRICS["gblm"].needs_gradients and GBLM_ALPHA == 100.0
+
+
+def test_gblm_by_hand_and_without_gradients():
+    # one sequence of 2 tokens; input norms 3 and 1, gradient norms 0.01 and 0.05: alpha*|G| = 1 and 5
+    weight = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    stats = InputStats(2, torch.tensor([9.0, 1.0]), gradient=GradientStats(torch.tensor([[0.01, 0.05]] * 2), 1, 2))
+    torch.testing.assert_close(gblm_score(weight, stats), torch.tensor([[4.0, 12.0], [12.0, 24.0]]))
+    assert torch.equal(prune_weight("gblm", weight, Spec.parse("0.5"), stats), torch.tensor([[0.0, 2.0], [0.0, 4.0]]))
+    with pytest.raises(MixsparseError, match="gradient"):
+        gblm_score(weight, InputStats(2, torch.tensor([9.0, 1.0])))
+
+
+@pytest.mark.parametrize("sparsity", ["2:4", "4:8", "0.5", "0.73"])
+def test_gblm_masks_are_exact_per_row(sparsity):
+    _, _, stats = gblm_stats()
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(2))
+    spec = Spec.parse(sparsity)
+    pruned = prune_weight("gblm", weight, spec, stats)
+    kept = pruned != 0
+    if spec.kind == "nm":
+        assert (kept.reshape(48, -1, spec.m).sum(-1) == spec.n).all()
+    else:
+        assert (kept.sum(1) == 64 - round(spec.sparsity * 64)).all()
+    scores = gblm_score(weight, stats)
+    if spec.kind == "unstructured":  # every kept weight of a row outscores every pruned one
+        assert (scores.where(kept, torch.inf).min(1).values > scores.where(~kept, -torch.inf).max(1).values).all()
+    assert torch.equal(pruned[kept], weight[kept])
