@@ -6,12 +6,19 @@ fisher:  MSP's initialisation (MSP.md §2): log Fisher traces per weight, normal
 owl:     Outlier-Weighed Layerwise sparsity (Yin et al. 2023): the fraction D of a gene's Wanda scores
          above M x their mean, normalised to [0, 1], mapped to [S+λ, S−λ] (more outliers -> pruned less),
          shifted to meet the budget, every ratio kept in [S−λ, S+λ].
+global:  global magnitude pruning: one threshold t on |W| across all planned weights, the smallest that prunes
+         exactly round(S · Σ n) of them (ties at t go to the earliest genes); a gene's ratio is the fraction
+         of its weights at or under t. Found by bisection over float32 bit patterns, counting one module at a
+         time (memory: one module's |W| in float32; time: ~32 passes over the weights). Ratios beyond
+         [low, high] are clipped and the rest shifted to meet the budget again (``fit_shift``).
 All budgets are counted in weights, so genes of different sizes (module granularity) are fair.
 """
 
 from __future__ import annotations
 
 import math
+import struct
+from typing import Iterable
 
 import torch
 
@@ -72,3 +79,56 @@ def owl_ratios(
 ) -> list[float]:
     raw = [target + lam - 2 * lam * u for u in _normalised(outliers)]
     return fit_shift(raw, sizes, target, max(low, target - lam), min(high, target + lam))
+
+
+def _float_of(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def magnitude_threshold(weights: Iterable[torch.Tensor], pruned: int) -> float:
+    """The ``pruned``-th smallest |w| over all ``weights`` (1-based), i.e. the least float32 t with
+    #{|w| <= t} >= pruned. Non-negative float32 values order like their bit patterns, so a bisection over
+    those bits is exact in at most 31 counting passes; only one tensor's |w| exists at a time."""
+    weights = list(weights)
+    total = sum(w.numel() for w in weights)
+    if not 1 <= pruned <= total:
+        raise ValueError(f"cannot prune {pruned} of {total} weights by a threshold")
+
+    def at_most(bits: int) -> int:
+        t = _float_of(bits)
+        return sum(int((w.detach().float().abs() <= t).sum()) for w in weights)
+
+    low, high = 0, 0x7F800000  # +0.0 .. +inf
+    while low < high:
+        middle = (low + high) // 2
+        if at_most(middle) >= pruned:
+            high = middle
+        else:
+            low = middle + 1
+    return _float_of(low)
+
+
+def global_ratios(
+    weights: list[list[torch.Tensor]],
+    sizes: list[int],
+    target: float,
+    low: float = 0.0,
+    high: float = 0.99,
+) -> tuple[list[float], float]:
+    """Per gene (its members' weights), the fraction under one global |W| threshold that prunes exactly
+    round(target · Σ sizes) weights; and the threshold. Bounds as ``fit_shift``."""
+    pruned = round(target * sum(sizes))
+    if pruned == 0:
+        return fit_shift([0.0] * len(sizes), sizes, target, low, high), 0.0
+    threshold = magnitude_threshold((w for gene in weights for w in gene), pruned)
+    below = [sum(int((w.detach().float().abs() < threshold).sum()) for w in gene) for gene in weights]
+    ties = [sum(int((w.detach().float().abs() == threshold).sum()) for w in gene) for gene in weights]
+    counts, left = [], pruned - sum(below)
+    for under, tied in zip(below, ties):
+        taken = min(tied, left)
+        counts.append(under + taken)
+        left -= taken
+    raw = [c / n for c, n in zip(counts, sizes)]
+    if all(low <= r <= high for r in raw):
+        return raw, threshold
+    return fit_shift(raw, sizes, target, low, high), threshold

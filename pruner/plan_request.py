@@ -17,7 +17,7 @@ from mixsparse.pruner.search import SearchSettings
 from mixsparse.pruner.spec import Spec
 from mixsparse.runtime.errors import MixsparseError
 
-ALLOCATORS = ("uniform", "owl", "fisher", "msp")
+ALLOCATORS = ("uniform", "owl", "global", "fisher", "msp")
 DEPLOY_ALLOCATORS = ("fisher", "msp")
 
 

@@ -1,9 +1,10 @@
 """Research plans: every gene (decoder block or module) its own unstructured ratio, the average in weights
-exactly the target; uniform, OWL, the Fisher allocation, or the msp search seeded from Fisher and uniform."""
+exactly the target; uniform, OWL, global magnitude, the Fisher allocation, or the msp search seeded from Fisher
+and uniform."""
 
 from __future__ import annotations
 
-from mixsparse.pruner.allocate import fisher_ratios, outlier_ratio, owl_ratios, uniform_ratios
+from mixsparse.pruner.allocate import fisher_ratios, global_ratios, outlier_ratio, owl_ratios, uniform_ratios
 from mixsparse.pruner.evidence import Evidence
 from mixsparse.pruner.genome import Budget, Genes, RatioOps, from_ratios, genes_for
 from mixsparse.pruner.metrics import get_metric, wanda_score
@@ -48,6 +49,11 @@ def research_plan(request: PlanRequest, evidence: Evidence, progress: Progress) 
         ]
         ratios = owl_ratios(outliers, genes.sizes, target, owl.lam, goal.min_ratio, goal.max_ratio)
         info["owl"] = {"lambda": owl.lam, "multiple": owl.multiple}
+    elif request.allocator == "global":
+        linears = evidence.adapter.linears()
+        weights = [[linears[m].weight for m in members] for members in genes.members]
+        ratios, threshold = global_ratios(weights, genes.sizes, target, goal.min_ratio, goal.max_ratio)
+        info["global"] = {"threshold": threshold}
     else:
         per_weight = [
             sum(evidence.sensitivity.traces[m] for m in members) / size
