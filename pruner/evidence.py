@@ -15,9 +15,9 @@ from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.plan_request import PlanRequest
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.pruner.prune import prune_model
-from mixsparse.pruner.sensitivity import Sensitivity, fisher_traces
+from mixsparse.pruner.sensitivity import Sensitivity, fisher_traces, weight_gradients
 from mixsparse.pruner.spec import Spec
-from mixsparse.pruner.stats import InputStats
+from mixsparse.pruner.stats import GradientStats, InputStats
 from mixsparse.runtime.atomic import refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 
@@ -30,6 +30,7 @@ class Evidence:
     sensitivity: Sensitivity | None = None
     stats: dict[str, InputStats] | None = None  # activation statistics of every module's input
     weights_24: dict[str, torch.Tensor] | None = None  # every module pruned to 2:4 by the base metric
+    gradients: dict[str, GradientStats] | None = None  # gblm: per-weight gradient norms of the dense model
 
 
 def load_model(model: str, device: str) -> Evidence:
@@ -38,7 +39,9 @@ def load_model(model: str, device: str) -> Evidence:
     return Evidence(loaded, adapter, adapter.shapes())
 
 
-def gather(request: PlanRequest, progress: Progress, need_fisher: bool, need_stats: bool) -> Evidence:
+def gather(
+    request: PlanRequest, progress: Progress, need_fisher: bool, need_stats: bool, need_gradients: bool = False
+) -> Evidence:
     evidence = load_model(request.model, request.device)
     if need_fisher:
         if request.fisher.sensitivity:
@@ -55,6 +58,14 @@ def gather(request: PlanRequest, progress: Progress, need_fisher: bool, need_sta
             evidence.stats = activation_stats(
                 evidence.adapter, windows, list(evidence.shapes), request.device, after_block=lambda index: advance()
             )
+    if need_gradients:  # GBLM's per-weight gradient norms of the dense model, on the calibration windows
+        windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
+        with progress.task(f"gradient norms ({len(windows)} samples)", len(windows)) as advance:
+            evidence.gradients = weight_gradients(
+                evidence.adapter, windows, list(evidence.shapes), request.device, lambda index: advance()
+            )
+        if evidence.stats is not None:
+            evidence.stats = {n: replace(s, gradient=evidence.gradients[n]) for n, s in evidence.stats.items()}
     return evidence
 
 

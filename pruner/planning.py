@@ -49,10 +49,11 @@ def make_plan(request: PlanRequest, progress: Progress = Silent()) -> PlanOutcom
     need_fisher = deploy is not None or request.allocator in ("fisher", "msp")
     # a research search ranks by the metric's scores, which need activation statistics unless it has no
     # calibration; deployment candidates use the base metric's own 2:4 weights, not scores of the dense model
-    need_stats = request.allocator == "owl" or (
-        get_metric(request.metric).needs_calibration and request.allocator == "msp" and deploy is None
-    )
-    evidence = gather(request, progress, need_fisher, need_stats)
+    metric = get_metric(request.metric)
+    ranks_scores = request.allocator == "msp" and deploy is None
+    need_stats = request.allocator == "owl" or (metric.needs_calibration and ranks_scores)
+    need_gradients = metric.needs_gradients and ranks_scores  # gblm's scores add the dense model's gradient norms
+    evidence = gather(request, progress, need_fisher, need_stats, need_gradients)
     if pareto_sweep:
         front = pareto(request, evidence, progress)
         return PlanOutcome(None, Path(request.out), front, time.perf_counter() - start)

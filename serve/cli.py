@@ -198,6 +198,9 @@ def _recover_options(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixsparse.pruner.metrics import METRICS
+    from mixsparse.pruner.plan_request import ALLOCATORS, DEPLOY_ALLOCATORS
+
     defaults = SearchSettings()
     parser = argparse.ArgumentParser(
         prog="mixsparse",
@@ -222,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("model", help="model to prune")
     prune.add_argument(
-        "--metric", required=True, choices=["magnitude", "wanda", "sparsegpt"], help="base importance metric"
+        "--metric",
+        required=True,
+        choices=list(METRICS),
+        help="base importance metric (gblm: Wanda plus gradient norms, one extra backward per calibration window)",
     )
     target = prune.add_mutually_exclusive_group(required=True)
     target.add_argument(
@@ -308,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = verbs.add_parser(
         "plan",
-        help="choose per-layer sparsity (uniform, OWL, Fisher, MSP search) or a 2:4 deployment plan",
+        help="choose per-layer sparsity (uniform, OWL, global magnitude, Fisher, MSP search) or a 2:4 deployment plan",
         description="Write a plan.json: a sparsity spec per module, for `mixsparse prune --plan`. Research plans "
         "give each decoder block (or module) its own unstructured ratio with the average (counted in "
         "weights) exactly --target; --deploy plans choose dense or 2:4 per fused group (q/k/v, o, "
@@ -325,15 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--allocator",
         default="msp",
-        choices=["uniform", "owl", "fisher", "msp"],
-        help="uniform ratio; OWL outlier-weighed; Fisher-trace allocation; MSP evolutionary search "
-        "seeded from it (default: %(default)s)",
+        choices=list(ALLOCATORS),
+        help="uniform ratio; OWL outlier-weighed; global: one |W| threshold over all weights sets the ratios; "
+        "Fisher-trace allocation; MSP evolutionary search seeded from it (default: %(default)s)",
     )
     plan.add_argument("--target", type=RATIO, help="average unstructured sparsity, e.g. 0.7 (research plans)")
     plan.add_argument(
         "--metric",
         default="wanda",
-        choices=["magnitude", "wanda", "sparsegpt"],
+        choices=list(METRICS),
         help="base metric the plan is for; research searches rank weights by its scores (Wanda "
         "scores for sparsegpt), deployment searches use its own 2:4 weights "
         "(default: %(default)s)",
@@ -458,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--metric",
         default="wanda",
-        choices=["magnitude", "wanda", "sparsegpt"],
+        choices=list(METRICS),
         help="base metric (default: %(default)s)",
     )
     deploy_target = deploy.add_mutually_exclusive_group()
@@ -475,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--allocator",
         default="fisher",
-        choices=["fisher", "msp"],
+        choices=list(DEPLOY_ALLOCATORS),
         help="with --budget: least Fisher-sensitive groups first (seconds), or the MSP search "
         "(minutes, better quality) (default: %(default)s)",
     )

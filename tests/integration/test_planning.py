@@ -35,6 +35,26 @@ def test_fisher_traces_match_a_direct_per_parameter_computation(tiny_llama):
     assert result.info["samples"] == 3 and result.sizes["model.layers.0.mlp.down_proj"] == 64 * 96
 
 
+def test_gblm_gradient_norms_match_autograd_per_sample(tiny_llama):
+    from mixsparse.pruner.sensitivity import weight_gradients
+
+    loaded = models.load(str(tiny_llama), dtype=torch.float64)
+    adapter = adapt(loaded.model)
+    windows = torch.randint(0, 384, (3, 24), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    result = weight_gradients(adapter, windows, names)
+    weights = [adapter.linears()[n].weight for n in names]
+    squares = [torch.zeros_like(w) for w in weights]
+    for window in windows:
+        ids = window.unsqueeze(0)
+        for total, grad in zip(squares, torch.autograd.grad(loaded.model(ids, labels=ids).loss, weights)):
+            total += grad.square()
+    for name, total in zip(names, squares):
+        torch.testing.assert_close(result[name].norm, total.sqrt().float(), rtol=1e-5, atol=1e-12)
+        assert (result[name].samples, result[name].tokens) == (3, 72) and result[name].norm.device.type == "cpu"
+    assert all(not w.requires_grad or w.grad is None for w in loaded.model.parameters())
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_llama):
     """4 blocks; every block but block 1 is scaled down 20x, so the output hangs on block 1."""
@@ -112,7 +132,7 @@ def test_the_search_learns_to_keep_the_planted_sensitive_block_denser(planted, t
     assert (tmp_path / "plan.search.json").is_file()
 
 
-@pytest.mark.parametrize("allocator", ["uniform", "owl", "fisher", "msp"])
+@pytest.mark.parametrize("allocator", ["uniform", "owl", "global", "fisher", "msp"])
 @pytest.mark.parametrize("granularity", ["block", "module"])
 def test_every_allocator_keeps_the_budget_and_drives_prune(tiny_llama, tmp_path, allocator, granularity):
     outcome = make_plan(
@@ -331,3 +351,53 @@ def test_sensitivity_command(tiny_llama, tmp_path, capsys):
         plan_job(tiny_llama, tmp_path / "p.json", allocator="fisher", target=0.5, sensitivity=str(tmp_path / "s.json"))
     )
     assert out.plan.info["fisher"]["samples"] == 2
+
+
+def test_global_allocator_via_the_cli_is_one_magnitude_threshold(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    args = ["plan", str(tiny_llama), "--allocator", "global", "--target", "0.6", "--granularity", "module"]
+    assert main([*args, "--out", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.weight_sparsity() == pytest.approx(0.6, abs=1e-6)
+    threshold = plan.info["global"]["threshold"]
+    linears = adapt(models.load(str(tiny_llama), dtype=torch.float32).model).linears()
+    # bfloat16 weights tie at the threshold: those under it are pruned, the ties go to the earliest modules
+    left = round(0.6 * sum(m.weight.numel() for m in linears.values()))
+    left -= sum(int((m.weight.abs() < threshold).sum()) for m in linears.values())
+    assert 0 < left <= sum(int((m.weight.abs() == threshold).sum()) for m in linears.values())
+    for name, module in linears.items():
+        ties = min(left, int((module.weight.abs() == threshold).sum()))
+        expected = int((module.weight.abs() < threshold).sum()) + ties
+        left -= ties
+        assert plan.modules[name].sparsity * module.weight.numel() == pytest.approx(expected, abs=1e-6), name
+    assert len({round(s.sparsity, 6) for s in plan.modules.values()}) > 1
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "owl", "global", "fisher", "msp"])
+def test_gblm_plans_with_every_allocator(tiny_llama, tmp_path, allocator):
+    outcome = make_plan(plan_job(tiny_llama, tmp_path / "p.json", allocator=allocator, target=0.6, metric="gblm"))
+    assert outcome.plan.weight_sparsity() == pytest.approx(0.6, abs=1e-6)
+    assert outcome.plan.info["metric"] == "gblm" and outcome.plan.info["search_scores"] == "gblm"
+
+
+def test_gblm_msp_ranks_by_scores_with_the_dense_gradient_norms(tiny_llama, tmp_path):
+    from mixsparse.pruner.evidence import gather
+    from mixsparse.pruner.metrics import gblm_score, wanda_score
+    from mixsparse.pruner.progress import Silent
+
+    job = plan_job(tiny_llama, tmp_path / "p.json", allocator="msp", target=0.6, metric="gblm")
+    evidence = gather(job, Silent(), need_fisher=False, need_stats=True, need_gradients=True)
+    name = "model.layers.1.mlp.down_proj"
+    stats = evidence.stats[name]
+    assert stats.gradient.samples == 4 and stats.gradient.norm.shape == (64, 96)
+    weight = evidence.adapter.linears()[name].weight
+    assert not torch.equal(gblm_score(weight, stats).argsort(1), wanda_score(weight, stats).argsort(1))
+
+
+def test_prune_gblm_via_the_cli(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "gblm"
+    args = ["prune", str(tiny_llama), "--metric", "gblm", "--sparsity", "0.5", "--out", str(out)]
+    assert main([*args, "--samples", "4", "--seqlen", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["linear_sparsity"] == pytest.approx(0.5)
+    assert json.loads((out / "plan.json").read_text())["metric"] == "gblm"
+    assert "gradient norms" in (out / "README.md").read_text()
