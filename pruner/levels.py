@@ -23,7 +23,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -152,8 +152,13 @@ class _Pass:
     """The runner's callback: one set of statistics per distinct input tensor (q/k/v and gate/up share
     theirs, so SparseGPT's Hessian of a fused group is accumulated once), as ``prune`` does."""
 
-    def __init__(self, metric: Metric, on_module: Callable[[str, torch.nn.Linear, InputStats], torch.Tensor]):
-        self.metric, self.on_module = metric, on_module
+    def __init__(
+        self,
+        metric: Metric,
+        on_module: Callable[[str, torch.nn.Linear, InputStats], torch.Tensor],
+        gradients: dict | None = None,
+    ):
+        self.metric, self.on_module, self.gradients = metric, on_module, gradients
         self.shared: list[tuple[torch.Tensor, InputStats]] = []
 
     def __call__(self, index: int, name: str, module: torch.nn.Linear, x: torch.Tensor) -> None:
@@ -161,6 +166,8 @@ class _Pass:
         if stats is None:
             stats = accumulate(x, empty_stats(x.shape[-1], self.metric.needs_hessian, x.device))
             self.shared.append((x, stats))
+        if self.gradients is not None:  # GBLM: the module's own gradient norms join its copy of the statistics
+            stats = replace(stats, gradient=self.gradients[name])
         anchor = self.on_module(name, module, stats)
         module.weight.copy_(anchor.to(module.weight.dtype))
 
@@ -174,6 +181,7 @@ def anchored_pass(
     device: str | torch.device,
     on_module: Callable[[str, torch.nn.Linear, InputStats | None], torch.Tensor],
     after_block: Callable[[int], None] = lambda index: None,
+    gradients: dict | None = None,
 ) -> None:
     """Visit every module in ``names`` once, block by block, with its input statistics from the calibration
     pass (none for metrics without calibration); ``on_module`` returns the anchor weight the module keeps
@@ -187,7 +195,7 @@ def anchored_pass(
         return
     if windows is None:
         raise ValueError(f"{metric.name} needs calibration data")
-    visitor = _Pass(metric, on_module)
+    visitor = _Pass(metric, on_module, gradients)
 
     def on_block(index: int) -> None:
         visitor.shared.clear()
@@ -212,6 +220,7 @@ def build_levels(
     fingerprint: dict,
     options: dict | None = None,
     after_block: Callable[[int], None] = lambda index: None,
+    gradients: dict | None = None,
 ) -> LevelStore:
     """The level database of ``names``; the model's weights are dense again afterwards. A stored database
     in ``directory`` that was built for the same ``fingerprint`` is reused, not rebuilt."""
@@ -243,6 +252,7 @@ def build_levels(
             device,
             lambda name, module, stats: store.add(name, dense[name], stats, **options),
             after_block,
+            gradients,
         )
     finally:
         for name in names:
@@ -263,6 +273,7 @@ def prune_from_levels(
     device: str | torch.device,
     options: dict | None = None,
     after_block: Callable[[int], None] = lambda index: None,
+    gradients: dict | None = None,
 ) -> None:
     """Prune every module of ``ratios`` in place to its level, by the same pass the database was built with:
     the weights are bit-equal to the database's (what the search scored)."""
@@ -282,6 +293,6 @@ def prune_from_levels(
         planned[name] = anchor if same else level_weight(metric, dense, stats, ratio, rank, **options)
         return anchor
 
-    anchored_pass(adapter, names, metric, windows, device, on_module, after_block)
+    anchored_pass(adapter, names, metric, windows, device, on_module, after_block, gradients)
     for name, weight in planned.items():
         linears[name].weight.copy_(weight.to(linears[name].weight.dtype))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from mixsparse.runtime.atomic import refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.formats.artifact import parse_dtype
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,6 +175,16 @@ def build_plan(job: PruneJob, adapter: ModelAdapter) -> Plan:
     if job.plan:
         plan = Plan.load(job.plan)
         plan.validate(shapes)
+        levels = plan.info.get("levels")
+        if levels and levels.get("metric") == job.metric and plan.info.get("calibration") != job.calibration.to_json():
+            log.warning(
+                "%s was searched over %s levels with calibration %s; pruning with %s writes weights other than "
+                "the ones the search scored (pass the plan's calibration flags to get exactly those)",
+                job.plan,
+                job.metric,
+                plan.info.get("calibration"),
+                job.calibration.to_json(),
+            )
         return plan
     chosen = select(list(shapes), job.include, job.exclude)
     spec = Spec.parse(job.sparsity)

@@ -64,9 +64,12 @@ class SearchOptions:
     settings: SearchSettings = field(default_factory=SearchSettings)
     delta: float = 0.01
     fitness: str = "loss"
-    fitness_seqlen: int = 512
+    fitness_seqlen: int = 128
     resume: bool = False
     state: str | None = None  # default: beside --out, <out>.search.json
+    # the level database of metrics with a weight update (levels.py): the grid's step and half-width
+    level_step: float = 0.05
+    level_window: float = 0.2
 
 
 @dataclass
@@ -98,6 +101,12 @@ class PlanRequest:
             return Path(self.search.state)
         out = Path(self.out)
         return out.with_name(out.name.removesuffix(".json") + ".search.json")
+
+    @property
+    def levels_path(self) -> Path:
+        """Where a search's level database lives while it runs (levels.py): beside the search state."""
+        state = self.state_path
+        return state.with_name(state.name.removesuffix(".json") + ".levels")
 
 
 def check(request: PlanRequest) -> None:

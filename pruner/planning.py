@@ -47,11 +47,11 @@ def make_plan(request: PlanRequest, progress: Progress = Silent()) -> PlanOutcom
         refuse_existing(request.plot, request.overwrite)
     start = time.perf_counter()
     need_fisher = deploy is not None or request.allocator in ("fisher", "msp")
-    # a research search ranks by the metric's scores, which need activation statistics unless it has no
-    # calibration; deployment candidates use the base metric's own 2:4 weights, not scores of the dense model
+    # OWL's outliers are Wanda scores of the dense model; the msp search makes its own activation statistics
+    # in its anchored calibration pass (levels.py); deployment candidates hold the base metric's own 2:4 weights
     metric = get_metric(request.metric)
     ranks_scores = request.allocator == "msp" and deploy is None
-    need_stats = request.allocator == "owl" or (metric.needs_calibration and ranks_scores)
+    need_stats = request.allocator == "owl"
     need_gradients = metric.needs_gradients and ranks_scores  # gblm's scores add the dense model's gradient norms
     evidence = gather(request, progress, need_fisher, need_stats, need_gradients)
     if pareto_sweep:

@@ -102,7 +102,28 @@ def prune_model(
     targets = {n for n, s in plan.modules.items() if not s.is_dense}
     head = adapter.lm_head()
     head_name = head[0] if head and head[0] in targets else None
-    if not metric.needs_calibration:
+    levels = plan.info.get("levels")
+    if levels and levels.get("metric") == metric.name and head_name is None:
+        # a plan searched over this metric's own levels: rebuild exactly the weights the search scored
+        from mixsparse.pruner.levels import LevelGrid, prune_from_levels
+
+        # every module the anchored pass visited, dense ones too: each takes the anchor level for the pass
+        ratios = {n: (0.0 if s.is_dense else s.sparsity) for n, s in plan.modules.items()}
+        gradients = None
+        if metric.needs_gradients:
+            gradients = weight_gradients(adapter, calibration, sorted(ratios), device, after_sample)
+        prune_from_levels(
+            adapter,
+            ratios,
+            metric,
+            calibration,
+            LevelGrid.from_json(levels),
+            device,
+            {"blocksize": options.blocksize, "damp": options.damp},
+            after_block,
+            gradients,
+        )
+    elif not metric.needs_calibration:
         for index in range(len(adapter.blocks)):
             for name, module in adapter.block_linears(index).items():
                 if name in targets:

@@ -406,7 +406,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out sequences per selection step, growing (default: %(default)s)",
     )
     search.add_argument(
-        "--fitness-seqlen", type=TOKENS, default=512, help="tokens per held-out sequence (default: %(default)s)"
+        "--fitness-seqlen",
+        type=TOKENS,
+        default=128,
+        help="tokens per held-out sequence: many short ones overfit less than a few long ones (default: %(default)s)",
+    )
+    search.add_argument(
+        "--level-step",
+        type=SHARE,
+        default=0.05,
+        help="grid step of the levels a metric with a weight update (sparsegpt) is pruned at, once each, for the "
+        "search to swap in (default: %(default)s)",
+    )
+    search.add_argument(
+        "--level-window",
+        type=FRACTION,
+        default=0.2,
+        help="the levels span the target +- this (default: %(default)s); each level costs disk (bitmask, float32)",
     )
     search.add_argument(
         "--fitness",
@@ -729,6 +745,8 @@ def cmd_plan(args) -> None:
             args.fitness_seqlen,
             args.resume,
             args.state,
+            level_step=args.level_step,
+            level_window=args.level_window,
         ),
     )
     outcome = make_plan(job, RichProgress())

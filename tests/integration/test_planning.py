@@ -216,6 +216,71 @@ def test_deployment_fitness_scores_what_prune_with_the_plan_produces(tiny_llama,
     assert all(torch.equal(m.weight, dense[n]) for n, m in evidence.adapter.linears().items())
 
 
+@pytest.mark.parametrize("metric", ["sparsegpt", "wanda", "magnitude", "gblm"])
+def test_research_search_scores_what_prune_with_the_plan_produces(tiny_llama, tmp_path, metric):
+    """An msp plan is searched over the base metric's own levels (an anchored calibration pass, SparseGPT with
+    its weight update): the best candidate's weights and fitness are bit-equal to `prune --plan`'s model."""
+    import random
+
+    from mixsparse.pruner.evidence import gather
+    from mixsparse.pruner.genome import LevelOps
+    from mixsparse.pruner.levels import LevelGrid, build_levels, stores_levels
+    from mixsparse.pruner.metrics import get_metric
+    from mixsparse.pruner.plan_search import evaluator_for
+    from mixsparse.pruner.progress import Silent
+    from mixsparse.pruner.prune import prune_model
+    from mixsparse.pruner.spec import Spec
+
+    job = plan_job(tiny_llama, tmp_path / "r.json", target=0.6, metric=metric)
+    outcome = make_plan(job)
+    plan = outcome.plan
+    assert plan.info["levels"]["metric"] == metric and plan.info["search"]["levels"]["stored"] == (
+        metric == "sparsegpt"
+    )
+    assert not job.levels_path.exists()  # a finished search removes its database
+    ratios = {info["ratio"] for info in plan.info["genes"].values()}
+    assert len(ratios) > 1 or metric != "sparsegpt"
+
+    # a candidate unlike the anchor: random levels (sparsegpt) or ratios (scores) per block, same budget
+    evidence = gather(job, Silent(), need_fisher=False, need_stats=False, need_gradients=metric == "gblm")
+    names = list(evidence.shapes)
+    grid = LevelGrid.around(0.6, 0.05 if metric == "sparsegpt" else 0.01, 0.2, 0.0, 0.99)
+    windows = data.calibration_windows(evidence.loaded.tokenizer, job.calibration)
+    dense = {n: m.weight.detach().clone() for n, m in evidence.adapter.linears().items()}
+    store = build_levels(
+        evidence.adapter,
+        names,
+        get_metric(metric),
+        windows,
+        grid,
+        "cpu",
+        tmp_path / "levels",
+        {"test": 1},
+        gradients=evidence.gradients,
+    )
+    assert all(torch.equal(m.weight, dense[n]) for n, m in evidence.adapter.linears().items())  # dense put back
+    assert stores_levels(get_metric(metric)) == bool(store.files)
+    blocks = sorted({n.split(".mlp")[0].split(".self_attn")[0] for n in names})
+    ops = LevelOps(len(grid.levels), grid.index(0.6))
+    genome = ops.mutate(tuple([ops.anchor] * len(blocks)), random.Random(1), 3)
+    level_of = dict(zip(blocks, (grid.levels[i] for i in genome)))
+    specs = {n: Spec.unstructured(level_of[n.split(".mlp")[0].split(".self_attn")[0]]) for n in names}
+    evaluator = evaluator_for(job, evidence, levels=store)
+    fitness = evaluator.evaluate(specs, 2)
+    scored = {n: m.weight.detach().clone() for n, m in evidence.adapter.linears().items()}
+
+    reference = models.load(str(tiny_llama), dtype=torch.float32)
+    ref = adapt(reference.model)
+    candidate = Plan(specs, ref.shapes(), {"levels": {**grid.to_json(), "metric": metric}})
+    prune_model(ref, candidate, metric, windows if metric != "magnitude" else None)
+    for name, module in ref.linears().items():
+        assert torch.equal(scored[name], module.weight), name
+    ids = evaluator.sequences[:2]
+    assert fitness == reference.model(ids, labels=ids, use_cache=False).loss.item()
+    if metric == "sparsegpt":  # the update moves kept weights: these are not masks of the dense weights
+        assert any(not torch.equal(w, dense[n] * (w != 0)) for n, w in scored.items())
+
+
 def test_pareto_front(tiny_llama, tmp_path, capsys):
     outcome = make_plan(
         plan_job(tiny_llama, tmp_path / "front", allocator="msp", deploy=True, pareto=True, budgets=(0.0, 0.5, 1.0))
@@ -377,7 +442,9 @@ def test_global_allocator_via_the_cli_is_one_magnitude_threshold(tiny_llama, tmp
 def test_gblm_plans_with_every_allocator(tiny_llama, tmp_path, allocator):
     outcome = make_plan(plan_job(tiny_llama, tmp_path / "p.json", allocator=allocator, target=0.6, metric="gblm"))
     assert outcome.plan.weight_sparsity() == pytest.approx(0.6, abs=1e-6)
-    assert outcome.plan.info["metric"] == "gblm" and outcome.plan.info["search_scores"] == "gblm"
+    assert outcome.plan.info["metric"] == "gblm"
+    # msp scores gblm's own levels (with the dense gradient norms); the others just record the metric
+    assert outcome.plan.info["search_scores"].startswith("gblm")
 
 
 def test_gblm_msp_ranks_by_scores_with_the_dense_gradient_norms(tiny_llama, tmp_path):
