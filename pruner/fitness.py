@@ -1,16 +1,12 @@
 """Cheap candidate evaluation for plan search (MSP.md §3, "Fitness").
 
-Importance scores (the base metric's own ``score``: Wanda |W|·‖X_j‖ from one dense calibration pass,
-magnitude |W|) are computed once and turned into ranks (within each row or over the layer, as the metric
-compares them), so a candidate's mask
-for ratio r is just ``rank >= round(r·n)``: no recalibration and no sorting per candidate, and only the
-modules whose spec changed since the last candidate are touched. Fitness is the mean
-next-token NLL (or the KL divergence to the dense model) on held-out calibration sequences; the number
-of sequences is the evaluation step, so the same tokens serve every candidate of a step.
-
-Deployment candidates (dense or 2:4 per group) can do better than masks of scores: every module is pruned
-to 2:4 once by the base metric itself, sequentially as ``prune`` does (for SparseGPT: with its weight
-update), and a candidate swaps those weights in, so the search ranks what ``prune --plan`` will produce.
+A candidate's modules hold what the base metric itself makes of them, computed before the search: for
+research plans each module at every level (levels.py: one anchored calibration pass; score ranks or stored
+SparseGPT levels), for deployment plans every module pruned to 2:4 once, sequentially as ``prune`` does.
+Only the modules whose spec changed since the last candidate are touched, so the search ranks what
+``prune --plan`` will produce. Fitness is the mean next-token NLL (or the KL divergence to the dense model)
+on held-out calibration sequences; the number of sequences is the evaluation step, so the same tokens serve
+every candidate of a step.
 """
 
 from __future__ import annotations
@@ -23,8 +19,6 @@ from torch import nn
 
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import run_blocks
-from mixsparse.pruner.masks import pruned_count
-from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.spec import Spec
 from mixsparse.pruner.stats import InputStats, accumulate, empty_stats
 
@@ -66,8 +60,6 @@ class PlanEvaluator:
         self,
         adapter: ModelAdapter,
         names: list[str],
-        metric: str,
-        stats: dict[str, InputStats] | None,
         sequences: torch.Tensor,
         device: str | torch.device = "cpu",
         fitness: str = "loss",
@@ -81,14 +73,8 @@ class PlanEvaluator:
         linears = adapter.linears()
         self.modules = {name: linears[name] for name in names}
         self.dense = {name: module.weight.detach().clone() for name, module in self.modules.items()}
-        # SparseGPT's own saliency needs its sequential update: a research search ranks by its ``score``
-        # (Wanda's), and the plan is then applied with SparseGPT
-        self.metric = get_metric(metric)
         self.weights_24 = weights_24 or {}  # the base metric's own 2:4 weights, used for 2:4 specs
         self.levels = levels  # levels.LevelStore: every module pruned by the base metric itself, per level
-        self.per_row = self.metric.per_row
-        self.stats = stats or {}
-        self._ranks: dict[str, torch.Tensor] = {}
         self.current = {name: Spec.dense() for name in names}
         self.sequences = sequences
         self.fitness = fitness
@@ -113,19 +99,11 @@ class PlanEvaluator:
                         f"(deployment_plans.deploy_evaluator)"
                     )
                 weight.copy_(self.weights_24[name])
-            elif self.levels is not None:
-                weight.copy_(self.levels.weight(name, dense, spec.sparsity))
             else:
-                count = dense.shape[1] if self.per_row else dense.numel()
-                keep = self.ranks(name) >= pruned_count(count, spec.sparsity)
-                torch.where(keep, dense, torch.zeros((), dtype=dense.dtype, device=dense.device), out=weight.data)
+                if self.levels is None:
+                    raise ValueError(f"{name}: {spec} candidates need the base metric's levels (levels.build_levels)")
+                weight.copy_(self.levels.weight(name, dense, spec.sparsity))
             self.current[name] = spec
-
-    def ranks(self, name: str) -> torch.Tensor:
-        """Computed on first use and kept: a candidate's unstructured mask is a threshold of these."""
-        if name not in self._ranks:
-            self._ranks[name] = ranks(self.metric.score(self.dense[name], self.stats.get(name)), self.per_row)
-        return self._ranks[name]
 
     def restore(self) -> None:
         self.apply({name: Spec.dense() for name in self.modules})

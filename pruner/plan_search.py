@@ -36,8 +36,6 @@ def evaluator_for(
     return PlanEvaluator(
         evidence.adapter,
         list(evidence.shapes),
-        request.metric,
-        evidence.stats,
         fitness_sequences(request, evidence.loaded.tokenizer),
         request.device,
         request.search.fitness,
