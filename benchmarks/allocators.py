@@ -1,6 +1,10 @@
-"""Mixed-sparsity allocators on the default model: uniform, OWL, Fisher and MSP at several targets, each
-plan applied with Wanda and with SparseGPT; the 2:4 deployment choice at one budget against its
-baselines; and the deployment quality/memory front.
+"""Mixed-sparsity allocators on the default model: uniform, global magnitude, OWL, Fisher and MSP at several
+targets, each applied with every base metric (Wanda, GBLM, SparseGPT); the 2:4 deployment choice at one budget
+against its baselines; and the deployment quality/memory front.
+
+The allocators that do not search (uniform, global, OWL, Fisher) make one plan per target, applied with each
+base. MSP searches once per base, over that base's own levels (`mixsparse plan --metric <base>`), so what it
+scores is what `prune --plan --metric <base>` writes.
 
 Every step is a `mixsparse` command in its own process (what a user would run) and its output is kept
 under --work, so an interrupted run continues where it stopped (delete --work to start over). The Fisher
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -23,8 +28,9 @@ from pathlib import Path
 
 from common import RESULTS, command_line, machine, machine_line, markdown_table, save
 
-ALLOCATORS = ("uniform", "owl", "fisher", "msp")
-BASES = ("wanda", "sparsegpt")
+ALLOCATORS = ("uniform", "global", "owl", "fisher", "msp")
+BASES = ("wanda", "gblm", "sparsegpt")
+PROTOCOL = 2  # 2: MSP searched per base over its own levels; cells of other protocols are not shown beside these
 
 
 def mixsparse(*args: str, json_out: bool = False):
@@ -74,41 +80,49 @@ def pruned_perplexity(args, work: Path, name: str, plan: Path, metric: str) -> d
     return cached(work / f"ppl-{name}-{metric}-w{args.windows}.json", run)
 
 
+def make_research_plan(args, work: Path, sensitivity: Path, allocator: str, target: float, metric: str) -> Path:
+    """The plan file of one (allocator, target[, base]) with its cost beside it; made once, kept in --work."""
+    name = f"{allocator}-{target:g}" + (f"-{metric}" if allocator == "msp" else "")
+    plan = work / f"plan-{name}.json"
+    if not plan.exists():
+        started = time.perf_counter()
+        mixsparse(
+            "plan",
+            args.model,
+            "--allocator",
+            allocator,
+            "--target",
+            f"{target:g}",
+            "--metric",
+            metric,
+            "--sensitivity",
+            str(sensitivity),
+            "--out",
+            str(plan),
+            "--overwrite",
+            *(["--generations", str(args.generations)] if args.generations is not None and allocator == "msp" else []),
+        )
+        info = json.loads(plan.read_text())
+        (work / f"plan-{name}.cost.json").write_text(
+            json.dumps(info.get("search", {}) | {"command_seconds": round(time.perf_counter() - started, 1)}, indent=2)
+        )
+    return plan
+
+
 def research(args, work: Path, sensitivity: Path) -> list[dict]:
     cells = []
     for target in args.targets:
-        for allocator in ALLOCATORS:
-            name = f"{allocator}-{target:g}"
-            plan = work / f"plan-{name}.json"
-            if not plan.exists():
-                started = time.perf_counter()
-                mixsparse(
-                    "plan",
-                    args.model,
-                    "--allocator",
-                    allocator,
-                    "--target",
-                    f"{target:g}",
-                    "--metric",
-                    "wanda",
-                    "--sensitivity",
-                    str(sensitivity),
-                    "--out",
-                    str(plan),
-                    "--overwrite",
+        for allocator in args.allocators:
+            cell = {"allocator": allocator, "target": target, "protocol": PROTOCOL}
+            for base in args.bases:
+                # only msp's plan depends on the base (it searches the base's own levels)
+                plan = make_research_plan(
+                    args, work, sensitivity, allocator, target, base if allocator == "msp" else "wanda"
                 )
-                info = json.loads(plan.read_text())
-                (work / f"plan-{name}.cost.json").write_text(
-                    json.dumps(
-                        info.get("search", {}) | {"command_seconds": round(time.perf_counter() - started, 1)}, indent=2
-                    )
-                )
-            cell = {"allocator": allocator, "target": target}
-            for base in BASES:
-                cell[base] = pruned_perplexity(args, work, name, plan, base)
-            cost = work / f"plan-{name}.cost.json"
-            if cost.exists():
-                cell["cost"] = json.loads(cost.read_text())
+                cell[base] = pruned_perplexity(args, work, plan.stem.removeprefix("plan-"), plan, base)
+                cost = plan.with_name(plan.stem + ".cost.json")
+                if allocator == "msp" and cost.exists():
+                    cell[base]["cost"] = json.loads(cost.read_text())
             cells.append(cell)
             print(json.dumps(cell), file=sys.stderr, flush=True)
     return cells
@@ -241,6 +255,10 @@ def front(args, work: Path, sensitivity: Path) -> dict | None:
     return result
 
 
+def dense_perplexity(cell: dict) -> float:
+    return next(cell[base]["dense"] for base in BASES if base in cell)
+
+
 def with_published_targets(cells: list[dict]) -> list[dict]:
     """This run's cells plus the published cells of targets it did not measure, each naming the command and
     machine that measured it, so one column can be added or refreshed without rerunning the others."""
@@ -252,12 +270,14 @@ def with_published_targets(cells: list[dict]) -> list[dict]:
     published = json.loads(path.read_text())
     measured = {c["target"] for c in cells}
     default = {"command": published["command"], "machine": machine_line(published["machine"])}
-    dense = cells[0]["wanda"]["dense"] if cells else None
+    dense = dense_perplexity(cells[0]) if cells else None
     # the same evaluation protocol shows as the same dense perplexity; other published columns are dropped
     kept = [
         {**default, **c}
         for c in published["data"].get("research", [])
-        if c["target"] not in measured and (dense is None or abs(c["wanda"]["dense"] - dense) <= 1e-3 * dense)
+        if c["target"] not in measured
+        and c.get("protocol") == PROTOCOL
+        and (dense is None or abs(dense_perplexity(c) - dense) <= 1e-3 * dense)
     ]
     return sorted(kept + cells, key=lambda c: (c["target"], ALLOCATORS.index(c["allocator"])))
 
@@ -275,54 +295,67 @@ def provenance_markdown(cells: list[dict]) -> str:
     return "Columns were measured in separate runs (same protocol):\n\n" + "\n".join(lines) + "\n\n"
 
 
-def research_markdown(cells: list[dict], targets: list[float]) -> str:
-    headers = ["allocator"] + [f"{t:g} {base}" for t in targets for base in BASES]
+def research_markdown(cells: list[dict], targets: list[float], bases: list[str]) -> str:
+    headers = ["allocator"] + [f"{t:g} {base}" for t in targets for base in bases]
     rows = []
     for allocator in ALLOCATORS:
         row = [allocator]
         for target in targets:
             cell = next((c for c in cells if c["allocator"] == allocator and c["target"] == target), None)
-            for base in BASES:
-                row.append(f"{cell[base]['perplexity']:.2f}" if cell else "not run")
+            for base in bases:
+                row.append(f"{cell[base]['perplexity']:.2f}" if cell and base in cell else "not run")
         rows.append(row)
-    costs = [
-        [
-            f"{c['target']:g}",
-            f"{c['cost']['seconds']:.0f}",
-            f"{c['cost']['command_seconds']:.0f}",
-            str(c["cost"]["evaluations"]),
-            f"{c['cost']['tokens']:,}",
-            str(c["cost"]["generations"]),
-            f"{c['cost']['best_fitness']:.3f}",
-        ]
-        for c in cells
-        if c["allocator"] == "msp" and "cost" in c
-    ]
-    verdict = []
+    costs, verdict = [], []
     for target in targets:
         get = {c["allocator"]: c for c in cells if c["target"] == target}
-        if len(get) < len(ALLOCATORS):
-            continue
-        for base in BASES:
-            msp, uniform, owl = (get[a][base]["perplexity"] for a in ("msp", "uniform", "owl"))
+        for base in bases:
+            msp = get.get("msp", {}).get(base)
+            if msp is None:
+                continue
+            cost = msp.get("cost", {})
+            if cost:
+                uniform_fit = cost.get("seed_fitness", {}).get("uniform")
+                own = math.exp(cost["best_fitness"] - uniform_fit) if uniform_fit is not None else None
+                costs.append(
+                    [
+                        f"{target:g}",
+                        base,
+                        f"{cost['command_seconds']:.0f}",
+                        f"{cost['seconds']:.0f}",
+                        str(cost["generations"]),
+                        f"{cost['tokens']:,}",
+                        f"{cost.get('levels', {}).get('database_bytes', 0) / 2**30:.2f}",
+                        f"{own:.3f}" if own else "-",
+                        f"{msp['perplexity'] / get['uniform'][base]['perplexity']:.3f}" if "uniform" in get else "-",
+                    ]
+                )
+            others = {a: get[a][base]["perplexity"] for a in ("uniform", "global", "owl", "fisher") if a in get}
+            if not others:
+                continue
+            ratio = f"{msp['perplexity'] / others['uniform']:.2f}x uniform" if "uniform" in others else ""
+            beaten = [a for a, v in others.items() if msp["perplexity"] < v]
             verdict.append(
-                f"- target {target:g}, {base}: MSP {msp:.2f} vs uniform {uniform:.2f} "
-                f"({msp / uniform:.2f}x) and OWL {owl:.2f} ({msp / owl:.2f}x): "
-                f"{'beats both' if msp < min(uniform, owl) else 'does NOT beat both'}"
+                f"- target {target:g}, {base}: MSP {msp['perplexity']:.2f} ({ratio}); beats "
+                f"{', '.join(beaten) if beaten else 'none'}"
+                + (f"; not {', '.join(a for a in others if a not in beaten)}" if len(beaten) < len(others) else "")
             )
     return (
         f"{markdown_table(headers, rows)}\n\n"
         + "\n".join(verdict)
-        + "\n\nMSP search cost per target (Wanda scores; the Fisher traces are shared and measured once):\n\n"
+        + "\n\nMSP search cost per target and base (the Fisher traces are shared and measured once). 'fitness "
+        "set ratio' is MSP's perplexity over uniform's on the search's own held-out sequences, 'test ratio' the "
+        "same on the test windows: their gap is how much the search overfits its fitness set.\n\n"
         + markdown_table(
             [
                 "target",
+                "base",
+                "plan command (s)",
                 "search (s)",
-                "whole plan command (s)",
-                "candidate evaluations",
-                "tokens evaluated",
                 "generations",
-                "best held-out loss",
+                "tokens evaluated",
+                "level database (GiB)",
+                "fitness set ratio",
+                "test ratio",
             ],
             costs,
         )
@@ -389,6 +422,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--targets", default="0.7,0.8,0.6,0.5", help="comma-separated average sparsities")
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all' (quick protocol: 40)")
+    parser.add_argument("--allocators", default=",".join(ALLOCATORS), help="comma-separated research allocators")
+    parser.add_argument("--bases", default=",".join(BASES), help="comma-separated base metrics")
+    parser.add_argument("--generations", type=int, help="msp generations per research plan (default: the CLI's)")
     parser.add_argument("--deploy-budget", type=float, default=0.5)
     parser.add_argument(
         "--deploy-metric",
@@ -404,6 +440,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench-allocators", help="kept between runs; delete to start over")
     args = parser.parse_args()
     args.targets = [float(t) for t in args.targets.split(",")]
+    args.allocators = [a for a in ALLOCATORS if a in args.allocators.split(",")]
+    args.bases = [b for b in BASES if b in args.bases.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sensitivity = work / "sensitivity.json"
@@ -415,11 +453,13 @@ def main() -> None:
     if not args.skip_research:
         cells = with_published_targets(research(args, work, sensitivity))
         markdown = (
-            "Plans are found with Wanda scores (`mixsparse plan --metric wanda`) and applied with each base "
-            f"(`mixsparse prune --plan`); WikiText-2 test perplexity on the first {args.windows} windows of "
-            f"2048 tokens; dense {cells[0]['wanda']['dense']:.2f}.\n\n"
+            "uniform/global/OWL/Fisher plans are made once per target and applied with each base "
+            "(`mixsparse prune --plan ... --metric <base>`); MSP searches once per base over that base's own levels "
+            "(`mixsparse plan --allocator msp --metric <base>`), so its fitness is the model prune then writes. "
+            f"WikiText-2 test perplexity on the first {args.windows} windows of "
+            f"2048 tokens; dense {dense_perplexity(cells[0]):.2f}.\n\n"
             + provenance_markdown(cells)
-            + research_markdown(cells, sorted({c["target"] for c in cells}))
+            + research_markdown(cells, sorted({c["target"] for c in cells}), args.bases)
         )
         print(markdown)
         save(
