@@ -77,8 +77,11 @@ def allocator_curves() -> dict[str, list[tuple[float, float]]]:
         return {}
     curves: dict[str, list[tuple[float, float]]] = {}
     for cell in json.loads(path.read_text())["data"].get("research", []):
-        for base in ("wanda", "sparsegpt"):
-            curves.setdefault(f"{cell['allocator']} ({base})", []).append((cell["target"], cell[base]["perplexity"]))
+        for base in ("wanda", "gblm", "sparsegpt"):
+            if base in cell:  # a run measures the bases it was asked for
+                curves.setdefault(f"{cell['allocator']} ({base})", []).append(
+                    (cell["target"], cell[base]["perplexity"])
+                )
     return {k: sorted(v) for k, v in curves.items()}
 
 
