@@ -48,11 +48,18 @@ def describe_recovery(result: RecoverResult) -> str:
     )
 
 
-def calibration_use(job: PruneJob) -> str:
+def calibration_use(job: PruneJob, plan: Plan | None = None) -> str:
     metric = get_metric(job.metric)
+    levels = plan.info.get("levels") if plan is not None else None
     if metric.needs_calibration:
         gradients = "; per-weight gradient norms from one backward per window of the dense model"
-        return "sequential, block by block" + (gradients if metric.needs_gradients else "")
+        how = "sequential, block by block"
+        if levels and levels.get("metric") == job.metric:  # levels.prune_from_levels
+            how = (
+                f"one pass block by block with every module pruned at the plan's anchor {levels['anchor']:g}, each "
+                "module then kept at its planned level: the weights the plan's search scored"
+            )
+        return how + (gradients if metric.needs_gradients else "")
     return f"not used by {job.metric}" + ("; used by recovery" if job.recover is not None else "")
 
 
@@ -72,7 +79,7 @@ def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str
         "",
         f"Calibration: {calibration.samples} windows of {calibration.seqlen} tokens from "
         f"{data.describe(calibration.source, data.CALIBRATION)}, seed {calibration.seed} "
-        f"({calibration_use(job)}).",
+        f"({calibration_use(job, summary.plan)}).",
     ]
     if summary.recovery is not None:
         ppl = summary.perplexity

@@ -279,6 +279,11 @@ def test_research_search_scores_what_prune_with_the_plan_produces(tiny_llama, tm
     assert fitness == reference.model(ids, labels=ids, use_cache=False).loss.item()
     if metric == "sparsegpt":  # the update moves kept weights: these are not masks of the dense weights
         assert any(not torch.equal(w, dense[n] * (w != 0)) for n, w in scored.items())
+        # the CLI applies the found plan the same way, and its card says so
+        out = tmp_path / "artifact"
+        args = ["prune", str(tiny_llama), "--plan", str(job.out), "--metric", metric, "--out", str(out)]
+        assert main([*args, "--samples", "4", "--seqlen", "32"]) == 0
+        assert "pruned at the plan's anchor 0.6" in (out / "README.md").read_text()
 
 
 def test_pareto_front(tiny_llama, tmp_path, capsys):
