@@ -23,7 +23,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +37,7 @@ from mixsparse.pruner.fitness import ranks
 from mixsparse.pruner.masks import pruned_count
 from mixsparse.pruner.metrics import Metric
 from mixsparse.pruner.spec import Spec
-from mixsparse.pruner.stats import InputStats, accumulate, empty_stats
+from mixsparse.pruner.stats import InputStats, SharedInputs
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats.bitmask import Bitmask
 
@@ -114,10 +114,10 @@ class LevelStore:
         if not stores_levels(self.metric):
             self.ranks[name] = ranks(self.metric.score(dense.float(), stats), self.metric.per_row)
             return level_weight(self.metric, dense, stats, self.grid.anchor, self.ranks[name])
-        tensors, anchor = {}, None
+        tensors, anchor, anchor_index = {}, None, self.grid.index(self.grid.anchor)
         for index, level in enumerate(self.grid.levels):
             weight = level_weight(self.metric, dense, stats, level, **options)
-            if index == self.grid.index(self.grid.anchor):
+            if index == anchor_index:
                 anchor = weight
             packed = Bitmask.pack(weight, name)
             tensors.update({f"{index}.values": packed.values, f"{index}.mask": packed.mask})
@@ -149,8 +149,8 @@ class LevelStore:
 
 
 class _Pass:
-    """The runner's callback: one set of statistics per distinct input tensor (q/k/v and gate/up share
-    theirs, so SparseGPT's Hessian of a fused group is accumulated once), as ``prune`` does."""
+    """The runner's callback: the module's input statistics (stats.SharedInputs, as ``prune`` gathers them),
+    then the anchor weight ``on_module`` returns, kept for the rest of the pass."""
 
     def __init__(
         self,
@@ -158,17 +158,11 @@ class _Pass:
         on_module: Callable[[str, torch.nn.Linear, InputStats], torch.Tensor],
         gradients: dict | None = None,
     ):
-        self.metric, self.on_module, self.gradients = metric, on_module, gradients
-        self.shared: list[tuple[torch.Tensor, InputStats]] = []
+        self.on_module = on_module
+        self.inputs = SharedInputs(metric.needs_hessian, gradients)
 
     def __call__(self, index: int, name: str, module: torch.nn.Linear, x: torch.Tensor) -> None:
-        stats = next((s for seen, s in self.shared if seen is x), None)
-        if stats is None:
-            stats = accumulate(x, empty_stats(x.shape[-1], self.metric.needs_hessian, x.device))
-            self.shared.append((x, stats))
-        if self.gradients is not None:  # GBLM: the module's own gradient norms join its copy of the statistics
-            stats = replace(stats, gradient=self.gradients[name])
-        anchor = self.on_module(name, module, stats)
+        anchor = self.on_module(name, module, self.inputs.of(name, x))
         module.weight.copy_(anchor.to(module.weight.dtype))
 
 
@@ -198,7 +192,7 @@ def anchored_pass(
     visitor = _Pass(metric, on_module, gradients)
 
     def on_block(index: int) -> None:
-        visitor.shared.clear()
+        visitor.inputs.clear()
         after_block(index)
 
     run_blocks(adapter, windows, visitor, device, names=set(names), after_block=on_block)

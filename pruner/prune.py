@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -15,7 +15,7 @@ from mixsparse.pruner.calibration import run_blocks
 from mixsparse.pruner.metrics import Metric, get_metric, prune_weight
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.sensitivity import weight_gradients
-from mixsparse.pruner.stats import GradientStats, InputStats, accumulate, empty_stats
+from mixsparse.pruner.stats import GradientStats, InputStats, SharedInputs
 
 
 @dataclass
@@ -42,11 +42,7 @@ class PruneResult:
 
 
 class _SequentialPruner:
-    """The runner's callback: statistics of a module's input, then prune it in place.
-
-    Modules reading the same input tensor (q/k/v, gate/up) share one set of statistics, so the
-    Hessian of a fused group is accumulated once; a module's own gradient norms (GBLM) join its copy.
-    """
+    """The runner's callback: statistics of a module's input (stats.SharedInputs), then prune it in place."""
 
     def __init__(
         self,
@@ -57,20 +53,14 @@ class _SequentialPruner:
         gradients: dict[str, GradientStats] | None = None,
     ):
         self.plan, self.metric, self.options, self.timings = plan, metric, options, timings
-        self.gradients = gradients or {}
-        self.shared: list[tuple[torch.Tensor, InputStats]] = []  # inputs kept alive: no reuse of addresses
+        self.inputs = SharedInputs(metric.needs_hessian, gradients)
 
     def new_block(self, index: int) -> None:
-        self.shared.clear()
+        self.inputs.clear()
 
     def __call__(self, index: int, name: str, module: nn.Linear, x: torch.Tensor) -> None:
         start = time.perf_counter()
-        stats = next((s for seen, s in self.shared if seen is x), None)
-        if stats is None:
-            stats = accumulate(x, empty_stats(x.shape[-1], self.metric.needs_hessian, x.device))
-            self.shared.append((x, stats))
-        stats = replace(stats, gradient=self.gradients.get(name))
-        prune_module(self.metric.name, module, self.plan.spec(name), stats, self.options)
+        prune_module(self.metric.name, module, self.plan.spec(name), self.inputs.of(name, x), self.options)
         self.timings[name] = time.perf_counter() - start
 
 

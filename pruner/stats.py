@@ -8,7 +8,7 @@ the same input share their InputStats, and each gets its own copy with its gradi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,3 +46,23 @@ def accumulate(x: torch.Tensor, stats: InputStats) -> InputStats:
         stats.hessian.addmm_(x.T, x)
     stats.tokens += x.shape[0]
     return stats
+
+
+class SharedInputs:
+    """A block's input statistics for the calibration runner's callbacks: one InputStats per distinct input
+    tensor (q/k/v and gate/up read the same one, so a fused group's Hessian is accumulated once), and each
+    module its own copy carrying its gradient norms (GBLM). ``clear`` at every new block."""
+
+    def __init__(self, hessian: bool, gradients: dict[str, GradientStats] | None = None):
+        self.hessian, self.gradients = hessian, gradients or {}
+        self.seen: list[tuple[torch.Tensor, InputStats]] = []  # inputs kept alive: no reuse of addresses
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+    def of(self, name: str, x: torch.Tensor) -> InputStats:
+        stats = next((s for seen, s in self.seen if seen is x), None)
+        if stats is None:
+            stats = accumulate(x, empty_stats(x.shape[-1], self.hessian, x.device))
+            self.seen.append((x, stats))
+        return replace(stats, gradient=self.gradients.get(name))
