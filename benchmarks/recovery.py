@@ -5,6 +5,8 @@ own); points are kept under --work, so an interrupted run continues where it sto
 
     python benchmarks/recovery.py seeds                # 50% unstructured, SparseGPT and Wanda, seeds 0-4
     python benchmarks/recovery.py recover              # all-2:4 Wanda/SparseGPT, before and after recovery
+    python benchmarks/recovery.py recover --metrics sparsegpt --targets 2:4,0.7 \
+        --plans 'msp 0.7=sparsegpt:runs/bench-allocators/plan-msp-0.7-sparsegpt.json' --deploy-budgets 0.25,0.5,0.75
 
 Run with one thread (OMP_NUM_THREADS=1 taskset -c 1) when the machine is shared; the table says so.
 """
@@ -84,6 +86,28 @@ def seeds(args, work: Path) -> None:
     print(markdown)
 
 
+def cases(args, work: Path) -> list[tuple[str, str, str]]:
+    """(label, metric, spec or plan file) of each point: uniform specs with every metric, then --plans, then
+    the deployment plans of --deploy-budgets (made once by `mixsparse plan --deploy`, kept in --work)."""
+    found = [(spec, metric, spec) for metric in args.metrics.split(",") for spec in args.targets.split(",") if spec]
+    for item in filter(None, args.plans.split(",")):
+        label, _, rest = item.partition("=")
+        metric, _, path = rest.partition(":")
+        if not path or not Path(path).is_file():
+            raise SystemExit(f"--plans {item!r}: expected label=metric:plan.json with an existing plan file")
+        found.append((label, metric, path))
+    for budget in filter(None, args.deploy_budgets.split(",")):
+        plan = work / f"deploy-{args.deploy_metric}-{float(budget):g}.json"
+        if not plan.exists():
+            command = [sys.executable, "-m", "mixsparse.serve.cli", "plan", args.model, "--deploy", "--budget"]
+            command += [budget, "--allocator", "fisher", "--metric", args.deploy_metric, "--out", str(plan)]
+            command += ["--sensitivity", args.sensitivity] if args.sensitivity else []
+            print("$ mixsparse", " ".join(command[3:]), file=sys.stderr, flush=True)
+            subprocess.run(command, check=True)
+        found.append((f"deploy {float(budget):g}", args.deploy_metric, str(plan)))
+    return found
+
+
 def recover(args, work: Path) -> None:
     """In one process, each stage cached under --work so a starved or interrupted run continues: prune (the same
     prune_model the CLI runs), recover (RecoveryState: resumes at the next block), perplexity of the recovered
@@ -103,77 +127,85 @@ def recover(args, work: Path) -> None:
 
     overrides = json.loads(args.recover_options) if args.recover_options else {}
     options = RecoverOptions(**overrides)
-    tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "defaults"
+    # named by the settings themselves, so a point measured under other defaults is never taken for this one
+    tag = f"e{options.epochs}-b{options.batch}-lr{options.lr:g}-{options.norm_lr:g}-{options.target}-s{options.seed}"
     protocol = data.EvaluationProtocol(windows=None if args.windows == "all" else int(args.windows))
     progress = RichProgress()
     points = []
-    for metric in args.metrics.split(","):
-        for spec in args.targets.split(","):
-            key = f"{metric}-{spec.replace(':', 'of')}"
-            done = work / f"recover-{key}-{tag}-w{args.windows}.json"
-            if done.exists():
-                points.append(json.loads(done.read_text()))
-                continue
-            if args.table_only:
-                partial_point(work / f"state-{key}-{tag}", done.with_suffix(".partial.json"), metric, spec, points)
-                continue
-            loaded = models.load(args.model, dtype=torch.float32)
-            dense = copy.deepcopy(loaded.model)
-            adapter = adapt(loaded.model)
-            plan = Plan.uniform(adapter.shapes(), Spec.parse(spec))
-            calibration = data.calibration_windows(loaded.tokenizer, data.CalibrationProtocol())
-            pruned_file = work / f"pruned-{key}.pt"
-            if pruned_file.exists():
-                loaded.model.load_state_dict(torch.load(pruned_file, weights_only=True))
-            else:
-                prune_model(adapter, plan, metric, calibration)
-                torch.save(loaded.model.state_dict(), pruned_file)
-            one_shot_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-            state = RecoveryState(
-                work / f"state-{key}-{tag}",
-                {"model": args.model, "metric": metric, "spec": spec, "options": options.to_json()},
-            )
-            steps = options.epochs * -(-calibration.shape[0] // options.batch)
-            with progress.task(f"recovering {key}", len(adapter.blocks) * (steps + 1)) as advance:
-                result = recover_model(
-                    adapter, adapt(dense), plan, calibration, options, state=state, after_step=advance
-                )
-            for name, module in adapter.linears().items():
-                assert torch.equal(module.weight == 0, one_shot_state[name + ".weight"] == 0), name
-            windows = data.evaluation_windows(loaded.tokenizer, protocol)
-            partial = done.with_suffix(".partial.json")  # each perplexity is kept as soon as it is measured
-            ppl = json.loads(partial.read_text()) if partial.exists() else {}
-            for label, weights in (("recovered", None), ("one_shot", one_shot_state)):
-                if label in ppl:
-                    continue
-                if weights is not None:
-                    loaded.model.load_state_dict(weights)
-                with progress.task(f"perplexity ({label}, {len(windows)} windows)", len(windows)) as advance:
-                    ppl[label] = evaluate.perplexity(
-                        loaded.model, windows, protocol, after_window=lambda i: advance()
-                    ).perplexity
-                partial.write_text(json.dumps(ppl) + "\n")
-            value = {
+    for label, metric, source in cases(args, work):
+        from_file = source.endswith(".json")
+        key = f"{metric}-" + (
+            "".join(c if c.isalnum() or c in "._" else "-" for c in label) if from_file else source.replace(":", "of")
+        )
+        done = work / f"recover-{key}-{tag}-w{args.windows}.json"
+        if done.exists():
+            points.append({**json.loads(done.read_text()), "label": label})
+            continue
+        if args.table_only:
+            partial_point(work / f"state-{key}-{tag}", done.with_suffix(".partial.json"), metric, label, points)
+            continue
+        loaded = models.load(args.model, dtype=torch.float32)
+        dense = copy.deepcopy(loaded.model)
+        adapter = adapt(loaded.model)
+        plan = Plan.load(source) if from_file else Plan.uniform(adapter.shapes(), Spec.parse(source))
+        calibration = data.calibration_windows(loaded.tokenizer, data.CalibrationProtocol())
+        pruned_file = work / f"pruned-{key}.pt"
+        if pruned_file.exists():
+            loaded.model.load_state_dict(torch.load(pruned_file, weights_only=True))
+        else:
+            prune_model(adapter, plan, metric, calibration)
+            torch.save(loaded.model.state_dict(), pruned_file)
+        one_shot_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        state = RecoveryState(
+            work / f"state-{key}-{tag}",
+            {
+                "model": args.model,
                 "metric": metric,
-                "spec": spec,
-                "perplexity": ppl,
-                "recovery": result.to_json(),
-                "recovery_seconds": sum(b.seconds for b in result.blocks),
-                "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "threads": torch.get_num_threads(),
-            }
-            done.write_text(json.dumps(value, indent=2) + "\n")
-            partial.unlink()
-            state.remove()
-            points.append(value)
+                **({"plan": plan.to_json()} if from_file else {"spec": source}),
+                "options": options.to_json(),
+            },
+        )
+        steps = options.epochs * -(-calibration.shape[0] // options.batch)
+        with progress.task(f"recovering {key}", len(adapter.blocks) * (steps + 1)) as advance:
+            result = recover_model(adapter, adapt(dense), plan, calibration, options, state=state, after_step=advance)
+        for name, module in adapter.linears().items():
+            assert torch.equal(module.weight == 0, one_shot_state[name + ".weight"] == 0), name
+        windows = data.evaluation_windows(loaded.tokenizer, protocol)
+        partial = done.with_suffix(".partial.json")  # each perplexity is kept as soon as it is measured
+        ppl = json.loads(partial.read_text()) if partial.exists() else {}
+        for which, weights in (("recovered", None), ("one_shot", one_shot_state)):
+            if which in ppl:
+                continue
+            if weights is not None:
+                loaded.model.load_state_dict(weights)
+            with progress.task(f"perplexity ({which}, {len(windows)} windows)", len(windows)) as advance:
+                ppl[which] = evaluate.perplexity(
+                    loaded.model, windows, protocol, after_window=lambda i: advance()
+                ).perplexity
+            partial.write_text(json.dumps(ppl) + "\n")
+        value = {
+            "metric": metric,
+            "spec": label,
+            "linear_sparsity": plan.weight_sparsity(),
+            "perplexity": ppl,
+            "recovery": result.to_json(),
+            "recovery_seconds": sum(b.seconds for b in result.blocks),
+            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "threads": torch.get_num_threads(),
+        }
+        done.write_text(json.dumps(value, indent=2) + "\n")
+        partial.unlink()
+        state.remove()
+        points.append({**value, "label": label})
     rows = []
     for point in points:
         o = point["recovery"]["options"]
         measured = point["perplexity"]
         rows.append(
             [
+                point["label"],
                 point["metric"],
-                point["spec"],
+                f"{point['linear_sparsity']:.3f}" if "linear_sparsity" in point else "-",
                 f"{measured['one_shot']:.2f}" if "one_shot" in measured else "(not measured yet)",
                 f"{measured['recovered']:.2f}",
                 f"{point['recovery_seconds'] / 60:.1f} min",
@@ -181,31 +213,29 @@ def recover(args, work: Path) -> None:
                 f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}",
             ]
         )
-    threads = points[0]["threads"] if points else 1
+    threads = sorted({str(p.get("threads", "?")) for p in points})
     markdown = (
-        f"`prune --recover`: masks frozen, kept weights and norms tuned block by block against the dense "
-        f"block outputs on the default calibration windows (64 x 512 tokens, WikiText-2 validation, seed 0). "
+        "`prune --recover`: masks frozen, kept weights and norms tuned block by block against the dense "
+        "block outputs on the default calibration windows (64 x 512 tokens, WikiText-2 validation, seed 0). "
         f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense 17.9, see the "
-        f"pruning table); one-shot and recovered are the same masks before and after tuning. Recovery time "
-        f"on {threads} thread(s) of a 2-core machine shared with other jobs (summed over blocks); peak "
-        f"memory is the process's resident peak (dense reference and evaluation included)."
+        "pruning table); one-shot and recovered are the same masks before and after tuning. Rows: uniform "
+        "specs; `msp 0.7` is the allocator table's MSP plan (searched over SparseGPT's own levels); `deploy B` "
+        "is the deployment plan `mixsparse plan --deploy --budget B --allocator fisher` (B of the decoder "
+        "linear weights in 2:4; 1 is all-2:4, the same as the uniform 2:4 row, and 0 is the dense model). "
+        f"Recovery time on {'/'.join(threads)} thread(s) of a 2-core machine, summed over blocks; peak "
+        "memory is the process's resident peak (dense reference and evaluation included)."
         + (
             " A row with '-' for peak memory comes from a run that was still measuring when the table was "
             "written (`--table-only`)."
             if any(p.get("partial") for p in points)
             else ""
         )
-        + (
-            f" The points were measured by `OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/recovery.py "
-            f"recover --metrics {args.metrics}`; `--table-only` re-read them."
-            if args.table_only
-            else ""
-        )
         + "\n\n"
         + markdown_table(
             [
+                "plan",
                 "metric",
-                "sparsity",
+                "linear sparsity",
                 "one-shot ppl",
                 "recovered ppl",
                 "recovery",
@@ -219,7 +249,7 @@ def recover(args, work: Path) -> None:
     print(markdown)
 
 
-def partial_point(state_dir: Path, partial: Path, metric: str, spec: str, points: list) -> None:
+def partial_point(state_dir: Path, partial: Path, metric: str, label: str, points: list) -> None:
     """A point whose run is still measuring: its tuned blocks' records and the perplexities measured so far."""
     import torch
 
@@ -233,7 +263,7 @@ def partial_point(state_dir: Path, partial: Path, metric: str, spec: str, points
     points.append(
         {
             "metric": metric,
-            "spec": spec,
+            "label": label,
             "perplexity": json.loads(partial.read_text()),
             "recovery": {"options": options, "blocks": blocks},
             "recovery_seconds": sum(b["seconds"] for b in blocks),
@@ -251,6 +281,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all'")
     parser.add_argument("--targets", default="2:4", help="recover: uniform sparsity specs, comma-separated")
+    parser.add_argument(
+        "--plans",
+        default="",
+        help="recover: more points, label=metric:plan.json, comma-separated (e.g. 'msp 0.7=sparsegpt:plan.json')",
+    )
+    parser.add_argument(
+        "--deploy-budgets", default="", help="recover: deployment plans at these 2:4 budgets, e.g. 0.25,0.5,0.75"
+    )
+    parser.add_argument("--deploy-metric", default="sparsegpt", help="recover: base metric of --deploy-budgets")
+    parser.add_argument("--sensitivity", help="recover: Fisher traces for --deploy-budgets (`mixsparse sensitivity`)")
     parser.add_argument("--recover-options", default="", help="recover: RecoverOptions as JSON, e.g. '{\"epochs\": 3}'")
     parser.add_argument(
         "--table-only",

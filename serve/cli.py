@@ -340,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric",
         default="wanda",
         choices=list(METRICS),
-        help="base metric the plan is for; research searches rank weights by its scores (Wanda "
-        "scores for sparsegpt), deployment searches use its own 2:4 weights "
-        "(default: %(default)s)",
+        help="base metric the plan is for: MSP searches score the model as this metric prunes it (each "
+        "module pruned by it at every level of a grid, or its own 2:4 weights for --deploy), so apply "
+        "the plan with the same --metric (default: %(default)s)",
     )
     plan.add_argument(
         "--granularity",
