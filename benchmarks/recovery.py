@@ -5,8 +5,8 @@ own); points are kept under --work, so an interrupted run continues where it sto
 
     python benchmarks/recovery.py seeds                # 50% unstructured, SparseGPT and Wanda, seeds 0-4
     python benchmarks/recovery.py recover              # all-2:4 Wanda/SparseGPT, before and after recovery
-    python benchmarks/recovery.py recover --metrics sparsegpt --targets 2:4,0.7 \
-        --plans 'msp 0.7=sparsegpt:runs/bench-allocators/plan-msp-0.7-sparsegpt.json' --deploy-budgets 0.25,0.5,0.75
+    python benchmarks/recovery.py recover --targets 2:4 --plans 'uniform 0.7=sparsegpt:0.7,msp 0.7=sparsegpt:runs/\
+bench-allocators/plan-msp-0.7-sparsegpt.json' --deploy-budgets 0.25,0.5,0.75   # the table in BENCHMARKS.md
 
 Run with one thread (OMP_NUM_THREADS=1 taskset -c 1) when the machine is shared; the table says so.
 """
@@ -93,8 +93,10 @@ def cases(args, work: Path) -> list[tuple[str, str, str]]:
     for item in filter(None, args.plans.split(",")):
         label, _, rest = item.partition("=")
         metric, _, path = rest.partition(":")
-        if not path or not Path(path).is_file():
-            raise SystemExit(f"--plans {item!r}: expected label=metric:plan.json with an existing plan file")
+        if not path or (path.endswith(".json") and not Path(path).is_file()):
+            raise SystemExit(
+                f"--plans {item!r}: expected label=metric:plan.json (an existing file) or label=metric:spec"
+            )
         found.append((label, metric, path))
     for budget in filter(None, args.deploy_budgets.split(",")):
         plan = work / f"deploy-{args.deploy_metric}-{float(budget):g}.json"
@@ -168,8 +170,9 @@ def recover(args, work: Path) -> None:
         steps = options.epochs * -(-calibration.shape[0] // options.batch)
         with progress.task(f"recovering {key}", len(adapter.blocks) * (steps + 1)) as advance:
             result = recover_model(adapter, adapt(dense), plan, calibration, options, state=state, after_step=advance)
-        for name, module in adapter.linears().items():
-            assert torch.equal(module.weight == 0, one_shot_state[name + ".weight"] == 0), name
+        for name, module in adapter.linears().items():  # a dense module is tuned freely, its zeros included
+            if name in plan.modules and not plan.modules[name].is_dense:
+                assert torch.equal(module.weight == 0, one_shot_state[name + ".weight"] == 0), name
         windows = data.evaluation_windows(loaded.tokenizer, protocol)
         partial = done.with_suffix(".partial.json")  # each perplexity is kept as soon as it is measured
         ppl = json.loads(partial.read_text()) if partial.exists() else {}
@@ -284,7 +287,8 @@ def main() -> None:
     parser.add_argument(
         "--plans",
         default="",
-        help="recover: more points, label=metric:plan.json, comma-separated (e.g. 'msp 0.7=sparsegpt:plan.json')",
+        help="recover: more points, label=metric:plan.json or label=metric:spec, comma-separated "
+        "(e.g. 'msp 0.7=sparsegpt:plan.json,uniform 0.7=sparsegpt:0.7')",
     )
     parser.add_argument(
         "--deploy-budgets", default="", help="recover: deployment plans at these 2:4 budgets, e.g. 0.25,0.5,0.75"
