@@ -216,7 +216,7 @@ def recover(args, work: Path) -> None:
                 f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}",
             ]
         )
-    threads = sorted({str(p.get("threads", "?")) for p in points})
+    threads = sorted({str(p["threads"]) for p in points if "threads" in p}) or ["?"]
     markdown = (
         "`prune --recover`: masks frozen, kept weights and norms tuned block by block against the dense "
         "block outputs on the default calibration windows (64 x 512 tokens, WikiText-2 validation, seed 0). "
