@@ -44,8 +44,9 @@ test: install
 # Plan and artifact are reused on later runs. DEMO_FLAGS=--once stops after the answer.
 DEMO_FLAGS ?=
 demo: install
-	$(BIN)/mixsparse deploy smollm2-135m --budget 0.5 --metric sparsegpt --out runs/demo-sparsegpt-deploy50 \
-		--eval-windows 10 --chat "What is the capital of France? Answer in one sentence." $(DEMO_FLAGS)
+	$(BIN)/mixsparse deploy smollm2-135m --sparsity 2:4 --metric sparsegpt --recover \
+		--out runs/demo-sparsegpt-2of4-recovered --eval-windows 10 \
+		--chat "What is the capital of France? Answer in one sentence." $(DEMO_FLAGS)
 
 # Regenerate BENCHMARKS.md: every script keeps its finished steps under runs/, so an interrupted run resumes.
 # Hours on 2 CPU cores (the allocator table dominates); the GPU scripts skip themselves without CUDA.

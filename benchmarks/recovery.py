@@ -23,6 +23,8 @@ from pathlib import Path
 
 from common import markdown_table, save
 
+LEGACY_OPTIONS = ("epochs", "lr", "norm_lr", "batch", "target", "seed")
+
 
 def run_point(args, work: Path, key: str, flags: list[str]) -> dict:
     cache = work / f"{key}.json"
@@ -115,22 +117,31 @@ def recover(args, work: Path) -> None:
     prune_model the CLI runs), recover (RecoveryState: resumes at the next block), perplexity of the recovered
     model, then of the one-shot model (the same masks, before tuning)."""
     import copy
+    import dataclasses
     import resource
+    import time
 
     import torch
 
-    from mixsparse.pruner import data, evaluate, models
+    from mixsparse.pruner import chat_data, data, evaluate, models
     from mixsparse.pruner.adapter import adapt
     from mixsparse.pruner.plan import Plan
     from mixsparse.pruner.progress import RichProgress
     from mixsparse.pruner.prune import prune_model
-    from mixsparse.pruner.recover import RecoverOptions, RecoveryState, recover_model
+    from mixsparse.pruner.pipeline import recovery_inputs
+    from mixsparse.pruner.recover import RecoverOptions, RecoveryState, recover_model, recovery_steps
     from mixsparse.pruner.spec import Spec
 
     overrides = json.loads(args.recover_options) if args.recover_options else {}
     options = RecoverOptions(**overrides)
+    if options.data == "auto":  # resolved as the pipeline does, so the tag names what is measured
+        tokenizer = models.load_tokenizer(models.resolve(args.model))
+        options = dataclasses.replace(options, data="text+chat" if chat_data.has_chat_template(tokenizer) else "text")
     # named by the settings themselves, so a point measured under other defaults is never taken for this one
     tag = f"e{options.epochs}-b{options.batch}-lr{options.lr:g}-{options.norm_lr:g}-{options.target}-s{options.seed}"
+    legacy = options.data == "text" and options.distill_epochs == 0  # what every point had before chat + e2e
+    if not legacy:
+        tag += f"-{options.data.replace('+', '')}-d{options.distill_epochs}-{options.distill_lr:g}"
     protocol = data.EvaluationProtocol(windows=None if args.windows == "all" else int(args.windows))
     progress = RichProgress()
     points = []
@@ -140,11 +151,14 @@ def recover(args, work: Path) -> None:
             "".join(c if c.isalnum() or c in "._" else "-" for c in label) if from_file else source.replace(":", "of")
         )
         done = work / f"recover-{key}-{tag}-w{args.windows}.json"
+        if args.table_only:  # every setting measured for this case, each a row
+            for found in sorted(work.glob(f"recover-{key}-e*-w{args.windows}.json")):
+                points.append({**json.loads(found.read_text()), "label": label})
+            if not done.exists():
+                partial_point(work / f"state-{key}-{tag}", done.with_suffix(".partial.json"), metric, label, points)
+            continue
         if done.exists():
             points.append({**json.loads(done.read_text()), "label": label})
-            continue
-        if args.table_only:
-            partial_point(work / f"state-{key}-{tag}", done.with_suffix(".partial.json"), metric, label, points)
             continue
         loaded = models.load(args.model, dtype=torch.float32)
         dense = copy.deepcopy(loaded.model)
@@ -158,18 +172,27 @@ def recover(args, work: Path) -> None:
             prune_model(adapter, plan, metric, calibration)
             torch.save(loaded.model.state_dict(), pruned_file)
         one_shot_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        request_options = options.to_json()
+        if legacy:  # the request as it was before these settings existed, so interrupted points still resume
+            request_options = {k: v for k, v in request_options.items() if k in LEGACY_OPTIONS}
         state = RecoveryState(
             work / f"state-{key}-{tag}",
             {
                 "model": args.model,
                 "metric": metric,
                 **({"plan": plan.to_json()} if from_file else {"spec": source}),
-                "options": options.to_json(),
+                "options": request_options,
             },
         )
-        steps = options.epochs * -(-calibration.shape[0] // options.batch)
-        with progress.task(f"recovering {key}", len(adapter.blocks) * (steps + 1)) as advance:
-            result = recover_model(adapter, adapt(dense), plan, calibration, options, state=state, after_step=advance)
+        dense_adapter = adapt(dense)
+        generation_start = time.perf_counter()
+        options, windows = recovery_inputs(
+            options, dense_adapter, loaded.tokenizer, calibration, "cpu", state, progress
+        )
+        generation_seconds = time.perf_counter() - generation_start
+        total = recovery_steps(options, windows.shape[0], len(adapter.blocks))
+        with progress.task(f"recovering {key}", total) as advance:
+            result = recover_model(adapter, dense_adapter, plan, windows, options, state=state, after_step=advance)
         for name, module in adapter.linears().items():  # a dense module is tuned freely, its zeros included
             if name in plan.modules and not plan.modules[name].is_dense:
                 assert torch.equal(module.weight == 0, one_shot_state[name + ".weight"] == 0), name
@@ -192,7 +215,9 @@ def recover(args, work: Path) -> None:
             "linear_sparsity": plan.weight_sparsity(),
             "perplexity": ppl,
             "recovery": result.to_json(),
-            "recovery_seconds": sum(b.seconds for b in result.blocks),
+            "recovery_seconds": sum(b.seconds for b in result.blocks)
+            + (result.distill.seconds if result.distill else 0)
+            + generation_seconds,
             "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": torch.get_num_threads(),
         }
@@ -213,19 +238,25 @@ def recover(args, work: Path) -> None:
                 f"{measured['recovered']:.2f}",
                 f"{point['recovery_seconds'] / 60:.1f} min",
                 f"{point['peak_memory_bytes'] / 2**30:.2f} GiB" if point["peak_memory_bytes"] else "-",
-                f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}",
+                f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}"
+                + (f", {o['distill_epochs']} e2e at {o['distill_lr']:g}" if o.get("distill_epochs") else ""),
+                o.get("data", "text"),
             ]
         )
     threads = sorted({str(p["threads"]) for p in points if "threads" in p}) or ["?"]
     markdown = (
         "`prune --recover`: masks frozen, kept weights and norms tuned block by block against the dense "
-        "block outputs on the default calibration windows (64 x 512 tokens, WikiText-2 validation, seed 0). "
+        "block outputs, then (where the settings say e2e) the whole model against the dense model's "
+        "next-token distribution. Data `text`: the default calibration windows (64 x 512 tokens, WikiText-2 "
+        "validation, seed 0); `text+chat` (the default for a model with a chat template): 32 of them and 32 "
+        "windows of the dense model's own answers to the bundled chat prompts. "
         f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense 17.9, see the "
         "pruning table); one-shot and recovered are the same masks before and after tuning. Rows: uniform "
         "specs; `msp 0.7` is the allocator table's MSP plan (searched over SparseGPT's own levels); `deploy B` "
         "is the deployment plan `mixsparse plan --deploy --budget B --allocator fisher` (B of the decoder "
         "linear weights in 2:4; 1 is all-2:4, the same as the uniform 2:4 row, and 0 is the dense model). "
-        f"Recovery time on {'/'.join(threads)} thread(s) of a 2-core machine, summed over blocks; peak "
+        f"Recovery time on {'/'.join(threads)} thread(s) of a 2-core machine (chat answers, blocks and the "
+        "end-to-end step; the points on 1 thread each ran pinned to one core beside another run); peak "
         "memory is the process's resident peak (dense reference and evaluation included)."
         + (
             " A row with '-' for peak memory comes from a run that was still measuring when the table was "
@@ -243,7 +274,8 @@ def recover(args, work: Path) -> None:
                 "recovered ppl",
                 "recovery",
                 "peak memory",
-                "epochs x batch, lr weights/norms, target",
+                "epochs x batch, lr weights/norms, target, end to end",
+                "data",
             ],
             rows,
         )

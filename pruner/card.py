@@ -45,7 +45,23 @@ def describe_recovery(result: RecoverResult) -> str:
     return (
         f"{o.epochs} epochs x {len(result.blocks)} blocks, batch {o.batch}, lr {o.lr:g} (norms {o.norm_lr:g}), "
         f"{o.target} targets{resumed}"
+    ) + (
+        f"; then {o.distill_epochs} epoch(s) end to end against the dense model's token distribution, lr "
+        f"{o.distill_lr:g}, KL {result.distill.kl_start:.3f} -> {result.distill.kl_end:.3f}"
+        if result.distill
+        else ""
     )
+
+
+def recovery_data(options) -> str:
+    if options.data == "text+chat":
+        source = options.chat_prompts
+        prompts = "the bundled prompts" if source == "bundled" else f"the prompts of {source}"
+        return (
+            "half the calibration windows and as many windows of the dense model's own greedy answers "
+            f"(at most {options.chat_tokens} tokens) to {prompts}, in its chat template"
+        )
+    return "the calibration windows"
 
 
 def calibration_use(job: PruneJob, plan: Plan | None = None) -> str:
@@ -90,7 +106,8 @@ def model_card(job: PruneJob, summary: PruneSummary, stored: torch.dtype) -> str
         )
         lines.append(
             f"Recovery: masks frozen, kept weights and norms tuned block by block to match the dense "
-            f"model's block outputs on the calibration windows ({describe_recovery(summary.recovery)}; "
+            f"model's block outputs on {recovery_data(summary.recovery.options)} "
+            f"({describe_recovery(summary.recovery)}; "
             f"{summary.recovery.seconds:.0f} s on {summary.recovery.device}){change}. Every zero stays "
             f"zero; settings and per-block errors are in `plan.json` under `recover`."
         )

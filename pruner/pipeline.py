@@ -6,6 +6,7 @@ The CLI is a thin layer over these; tests and benchmarks call them directly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mixsparse.pruner import data, evaluate, models
+from mixsparse.pruner import chat_data, data, evaluate, models
 from mixsparse.pruner.adapter import ModelAdapter, adapt, fused_groups, select
 from mixsparse.pruner.card import describe_plan, describe_recovery, model_card, plan_text
 from mixsparse.pruner.export import human_bytes, module_entries, save_artifact, unique_state_dict
@@ -22,7 +23,7 @@ from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.pruner.prune import PruneOptions, PruneResult, linear_sparsity, prune_model
-from mixsparse.pruner.recover import RecoverOptions, RecoverResult, RecoveryState, recover_model
+from mixsparse.pruner.recover import RecoverOptions, RecoverResult, RecoveryState, recover_model, recovery_steps
 from mixsparse.pruner.spec import Spec
 from mixsparse.runtime.atomic import refuse_existing
 from mixsparse.runtime.errors import MixsparseError
@@ -202,10 +203,17 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
     refuse_existing(job.out, job.overwrite)
     if job.sparsity is not None:
         Spec.parse(job.sparsity)  # reject a bad ratio before loading anything
+    if job.recover is not None and job.recover.data != "text":
+        chat_data.load_prompts(job.recover.chat_prompts)  # a bad prompt file fails before hours of work
     start = time.perf_counter()
     path = models.resolve(job.model)
     stored = _stored_dtype(path, job.dtype)
     loaded = models.load(job.model, dtype=compute_dtype(job.device, stored))
+    wants_chat = job.recover is not None and job.recover.data == "text+chat"
+    if wants_chat and not chat_data.has_chat_template(loaded.tokenizer):
+        raise MixsparseError(
+            f"--recover-data text+chat: {job.model}'s tokenizer has no chat template; use text (or auto)"
+        )
     adapter = adapt(loaded.model)
     plan = build_plan(job, adapter)
     # the reference recovery matches; kept on the CPU, its blocks visit the device one at a time
@@ -246,7 +254,9 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
                 loaded.model, windows, job.evaluation, job.device, progress, "one-shot"
             )
             loaded.model.to("cpu")
-        recovery = run_recovery(adapter, adapt(dense), plan, calibration, job.recover, job.device, state, progress)
+        recovery = run_recovery(
+            adapter, adapt(dense), loaded.tokenizer, plan, calibration, job.recover, job.device, state, progress
+        )
         del dense
         loaded.model.to("cpu")
     pruned_names = {n for n, s in plan.modules.items() if not s.is_dense}
@@ -307,11 +317,42 @@ def recovery_state_dir(out: str) -> Path:
     return out_path.with_name(f".{out_path.name}.recovery")
 
 
-def run_recovery(adapter, dense, plan, calibration, options, device, state, progress: Progress) -> RecoverResult:
-    steps = options.epochs * -(-calibration.shape[0] // options.batch)
-    total = len(adapter.blocks) * (steps + 1)
-    with progress.task(f"recovering ({len(adapter.blocks)} blocks x {options.epochs} epochs)", total) as advance:
-        return recover_model(adapter, dense, plan, calibration, options, device, state, after_step=advance)
+def run_recovery(
+    adapter, dense, tokenizer, plan, calibration, options, device, state, progress: Progress
+) -> RecoverResult:
+    """``options`` with ``data`` resolved ("auto" becomes what was used); chat windows are written by ``dense``."""
+    options, windows = recovery_inputs(options, dense, tokenizer, calibration, device, state, progress)
+    total = recovery_steps(options, windows.shape[0], len(adapter.blocks))
+    then = f", then {options.distill_epochs} end to end" if options.distill_epochs else ""
+    with progress.task(f"recovering ({len(adapter.blocks)} blocks x {options.epochs} epochs{then})", total) as advance:
+        return recover_model(adapter, dense, plan, windows, options, device, state, after_step=advance)
+
+
+def recovery_inputs(
+    options: RecoverOptions, dense, tokenizer, calibration, device, state, progress: Progress = Silent()
+) -> tuple[RecoverOptions, torch.Tensor]:
+    """The options with ``data`` resolved, and the windows recovery tunes on (the dense model writes the chats)."""
+    if options.data == "auto":
+        options = dataclasses.replace(options, data="text+chat" if chat_data.has_chat_template(tokenizer) else "text")
+    if options.data == "text":
+        return options, calibration
+    prompts = chat_data.load_prompts(options.chat_prompts)
+    dense.model.to(device)  # whole, to generate; back to the CPU after, as recovery expects it
+    batches = -(-len(prompts) // chat_data.BATCH)
+    with progress.task(f"chat data (the dense model answers {len(prompts)} prompts)", batches) as advance:
+        windows = chat_data.recovery_windows(
+            calibration,
+            dense.model,
+            tokenizer,
+            options.chat_prompts,
+            options.chat_tokens,
+            options.seed,
+            device,
+            cache=state.directory / "chat-conversations.pt" if state else None,
+            after_batch=advance,
+        )
+    dense.model.to("cpu")
+    return options, windows
 
 
 def request_of(job: PruneJob, resolved: str) -> dict:

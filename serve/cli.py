@@ -139,7 +139,7 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_recovery(parser: argparse.ArgumentParser) -> None:
-    from mixsparse.pruner.recover import TARGETS, RecoverOptions
+    from mixsparse.pruner.recover import DATA, TARGETS, RecoverOptions
 
     defaults = RecoverOptions()
     group = parser.add_argument_group("recovery (masks frozen; zeros stay zero, 2:4 stays 2:4)")
@@ -181,6 +181,42 @@ def _add_recovery(parser: argparse.ArgumentParser) -> None:
         help="dense: match the dense block on the dense model's inputs (also corrects earlier "
         "blocks' errors); same: the dense block on the pruned inputs (default: %(default)s)",
     )
+    group.add_argument(
+        "--recover-distill-epochs",
+        type=_ranged(int, 0),
+        default=defaults.distill_epochs,
+        help="after the block-wise step, passes over the same windows tuning the whole model (embeddings "
+        "aside) to match the dense model's next-token distribution; 0 skips it (default: %(default)s; on "
+        "the default model about 5 minutes an epoch on 2 cores)",
+    )
+    group.add_argument(
+        "--recover-distill-lr",
+        type=POSITIVE_REAL,
+        default=defaults.distill_lr,
+        help="Adam learning rate of the end-to-end step, cosine-decayed (default: %(default)g)",
+    )
+    group.add_argument(
+        "--recover-data",
+        choices=DATA,
+        default=defaults.data,
+        help="what the blocks are tuned on. text: the calibration windows; text+chat: half of them and "
+        "half the dense model's own answers to chat prompts in its chat template, which keeps a chat "
+        "model chatting (tuned on text alone, the all-2:4 default model ended every answer at once); "
+        "auto: text+chat when the tokenizer has a chat template, else text (default: %(default)s)",
+    )
+    group.add_argument(
+        "--recover-chat-prompts",
+        default=defaults.chat_prompts,
+        metavar="FILE",
+        help="prompts for text+chat, one per line; 'bundled' is a list of 96 everyday questions and "
+        "tasks shipped with mixsparse (default: %(default)s)",
+    )
+    group.add_argument(
+        "--recover-chat-tokens",
+        type=POSITIVE,
+        default=defaults.chat_tokens,
+        help="longest answer the dense model writes per prompt (default: %(default)s)",
+    )
 
 
 def _recover_options(args):
@@ -194,6 +230,11 @@ def _recover_options(args):
         norm_lr=args.recover_norm_lr,
         batch=args.recover_batch,
         target=args.recover_target,
+        data=args.recover_data,
+        chat_prompts=args.recover_chat_prompts,
+        chat_tokens=args.recover_chat_tokens,
+        distill_epochs=args.recover_distill_epochs,
+        distill_lr=args.recover_distill_lr,
     )
 
 

@@ -10,7 +10,7 @@ from mixsparse.pruner import data, models, pipeline
 from mixsparse.pruner.adapter import adapt
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.prune import prune_model
-from mixsparse.pruner.recover import RecoverOptions, RecoveryState, recover_model
+from mixsparse.pruner.recover import RecoverOptions, RecoveryState, recover_model, recovery_steps
 from mixsparse.pruner.spec import Spec
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats.hf import load_dense
@@ -86,11 +86,13 @@ def test_recovered_artifact_keeps_the_one_shot_masks(tiny_llama, tmp_path, small
     assert set(summary.perplexity) == {"dense", "one_shot", "pruned"}
     assert summary.perplexity["one_shot"].perplexity == pytest.approx(plain.perplexity["pruned"].perplexity)
     record = json.loads((tmp_path / "rec" / "plan.json").read_text())
-    assert record["recover"]["options"] == FAST.to_json() and len(record["recover"]["blocks"]) == 2
+    # auto resolves to text: the tiny tokenizer has no chat template
+    assert record["recover"]["options"] == {**FAST.to_json(), "data": "text"} and len(record["recover"]["blocks"]) == 2
     assert record["request"]["recover"] == FAST.to_json()
     assert "recover" not in json.loads((tmp_path / "plain" / "plan.json").read_text())["request"]
     card = (tmp_path / "rec" / "README.md").read_text()
-    assert "Recovery: masks frozen" in card and "one-shot ->" in card
+    assert "Recovery: masks frozen" in card and "one-shot ->" in card and "end to end" in card
+    assert record["recover"]["distill"]["kl_end"] >= 0
     assert ("used by recovery" in card) == (metric == "magnitude")
     assert not pipeline.recovery_state_dir(str(tmp_path / "rec")).exists()
 
@@ -191,6 +193,8 @@ def test_bad_recovery_settings_are_refused():
         RecoverOptions(lr=-1.0)
     with pytest.raises(MixsparseError, match="target"):
         RecoverOptions(target="logits")
+    with pytest.raises(MixsparseError, match="recovery data 'chat'"):
+        RecoverOptions(data="chat")
 
 
 def test_cli_prune_recover(tiny_llama, tmp_path, capsys):
@@ -242,3 +246,167 @@ def test_cli_prune_recover(tiny_llama, tmp_path, capsys):
         )
     assert "--recover-epochs" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    base = ["prune", str(tiny_llama), "--metric", "wanda", "--sparsity", "2:4", "--out", str(tmp_path / "c")]
+    with pytest.raises(SystemExit):
+        main([*base, "--recover", "--recover-data", "chat-only"])
+    assert "--recover-data" in capsys.readouterr().err
+    # a prompt file that is not there: one line naming it, before any model is loaded
+    assert main([*base, "--recover", "--recover-chat-prompts", str(tmp_path / "missing.txt")]) != 0
+    assert "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tiny_llama, tmp_path_factory):
+    """tiny_llama with a chat template, as a chat model's tokenizer has."""
+    import shutil
+
+    from serving_helpers import CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("chat-llama") / "model"
+    shutil.copytree(tiny_llama, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_chat_recovery_tunes_on_the_dense_models_own_answers(chat_llama, tmp_path, small_calibration):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\n\nName three colours.\n" + "Say hello.\n" * 6)
+    out = tmp_path / "art"
+    options = RecoverOptions(epochs=1, batch=4, chat_prompts=str(prompts), chat_tokens=24)
+    summary = pipeline.prune(
+        pipeline.PruneJob(
+            model=str(chat_llama),
+            metric="wanda",
+            sparsity="2:4",
+            out=str(out),
+            calibration=small_calibration,
+            recover=options,
+        )
+    )
+    record = json.loads((out / "plan.json").read_text())
+    assert record["recover"]["options"]["data"] == "text+chat"  # auto: the tokenizer has a chat template
+    assert summary.recovery.options.chat_prompts == str(prompts)
+    model, _ = load_dense(out, torch.float32)
+    for name in summary.plan.modules:
+        w = model.get_submodule(name).weight
+        assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all(), name
+    assert "answers (at most 24 tokens) to the prompts of" in (out / "README.md").read_text()
+
+
+def test_chat_windows_hold_the_prompt_and_the_answer_in_the_template(chat_llama):
+    from mixsparse.pruner.chat_data import chat_windows, conversations, recovery_windows
+
+    loaded = models.load(str(chat_llama), dtype=torch.float32)
+    tokenizer = loaded.tokenizer
+    prompts = ["What is the capital of France?", "Name three colours.", "Say hello."]
+    talks = conversations(loaded.model, tokenizer, prompts, max_new_tokens=12, batch=2)
+    assert len(talks) == 3
+    for prompt, ids in zip(prompts, talks):
+        head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        head = list(head["input_ids"] if hasattr(head, "keys") else head)
+        assert ids[: len(head)] == head  # the prompt as the template writes it, no padding
+        answer = ids[len(head) :]
+        assert 1 <= len(answer) <= 12
+        assert tokenizer.eos_token_id not in answer[:-1]  # stops at the end of its turn, if it ends it
+        # greedy and unpadded: the same answer as generating for this prompt alone
+        alone = loaded.model.generate(torch.tensor([head]), max_new_tokens=12, do_sample=False)[0, len(head) :]
+        alone = alone.tolist()
+        if tokenizer.eos_token_id in alone:
+            alone = alone[: alone.index(tokenizer.eos_token_id) + 1]
+        assert answer == alone
+
+    windows = chat_windows(talks, 5, 16, seed=3, separator=[7])
+    assert windows.shape == (5, 16)
+    for window in windows.tolist():  # each window is a run of the joined conversations
+        assert window in _runs(talks, 16, 7)
+    assert torch.equal(windows, chat_windows(talks, 5, 16, seed=3, separator=[7]))
+    with pytest.raises(MixsparseError, match="need more prompts"):
+        chat_windows(talks[:1], 2, 10_000)
+
+    calibration = torch.arange(6 * 16).reshape(6, 16)
+    mixed = recovery_windows(calibration, loaded.model, tokenizer, prompts="bundled", max_new_tokens=4)
+    assert mixed.shape == (6, 16) and torch.equal(mixed[:3], calibration[:3])
+
+
+def _runs(talks, length, separator):
+    """Every window of ``length`` in any joining order of ``talks`` (few enough to enumerate here)."""
+    import itertools
+
+    runs = []
+    for order in itertools.permutations(talks):
+        joined = [t for talk in order for t in talk + [separator]]
+        runs += [joined[start : start + length] for start in range(len(joined) - length + 1)]
+    return runs
+
+
+def test_chat_recovery_errors_name_what_is_wrong(tiny_llama, tmp_path, small_calibration):
+    from mixsparse.pruner.chat_data import load_prompts
+
+    assert len(load_prompts()) == 96
+    with pytest.raises(MixsparseError, match="no-such-prompts.txt"):
+        load_prompts(str(tmp_path / "no-such-prompts.txt"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(MixsparseError, match="has no prompts"):
+        load_prompts(str(tmp_path / "empty.txt"))
+    job = pipeline.PruneJob(
+        model=str(tiny_llama),
+        metric="wanda",
+        sparsity="2:4",
+        out=str(tmp_path / "art"),
+        calibration=small_calibration,
+        recover=RecoverOptions(data="text+chat"),
+    )
+    with pytest.raises(MixsparseError, match="has no chat template"):
+        pipeline.prune(job)
+    assert not (tmp_path / "art").exists()
+
+
+def test_end_to_end_distillation_lowers_the_kl_and_keeps_every_zero(tiny_llama, small_calibration):
+    from mixsparse.pruner.recover import distill_model
+
+    adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration, "magnitude")
+    zeros = zeros_of(adapter.linears())
+    embedding = adapter.model.get_input_embeddings().weight.clone()
+    start, end = distill_model(adapter, dense, plan, calibration, epochs=8, lr=1e-3, batch=2)
+    assert end < 0.7 * start, (start, end)
+    for name, module in adapter.linears().items():
+        if name in plan.modules:
+            assert torch.equal(module.weight == 0, zeros[name]), name
+    assert torch.equal(adapter.model.get_input_embeddings().weight, embedding)  # tied to the head: left alone
+    assert not any(p.requires_grad for p in adapter.model.parameters())
+
+
+def test_recovery_without_the_end_to_end_step(tiny_llama, small_calibration):
+    adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration)
+    result = recover_model(adapter, dense, plan, calibration, RecoverOptions(epochs=1, batch=4, distill_epochs=0))
+    assert result.distill is None and "distill" not in result.to_json()
+    adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration)
+    result = recover_model(adapter, dense, plan, calibration, RecoverOptions(epochs=1, batch=4))
+    assert result.distill.kl_start > 0 and result.to_json()["distill"]["seconds"] > 0  # lowering: the test above
+
+
+def test_a_finished_end_to_end_step_is_resumed_not_repeated(tiny_llama, tmp_path, small_calibration):
+    options = RecoverOptions(epochs=1, batch=4, distill_epochs=2)
+    request = {"job": "distill"}
+    adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration)
+    first = recover_model(adapter, dense, plan, calibration, options, state=RecoveryState(tmp_path / "s", request))
+    assert (tmp_path / "s" / "distilled.pt").is_file() and not first.distill.resumed
+    fresh, dense, plan, calibration = pruned(tiny_llama, small_calibration)
+    calls = []
+    again = recover_model(
+        fresh,
+        dense,
+        plan,
+        calibration,
+        options,
+        state=RecoveryState(tmp_path / "s", request),
+        after_step=lambda status=None: calls.append(status),
+    )
+    assert again.distill.resumed and again.resumed_blocks == 2
+    assert len(calls) == recovery_steps(options, calibration.shape[0], 2)  # the progress bar's total is right
+    for name, module in fresh.linears().items():
+        assert torch.equal(module.weight, adapter.model.get_submodule(name).weight), name
