@@ -46,7 +46,7 @@ def has_chat_template(tokenizer) -> bool:
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a list, or an encoding in newer versions
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def conversations(
     model: torch.nn.Module,
     tokenizer,
     prompts: list[str],
-    max_new_tokens: int = 192,
+    max_new_tokens: int = 160,
     batch: int = BATCH,
     device: str | torch.device = "cpu",
     after_batch: Callable[[], None] = lambda: None,
@@ -62,8 +62,13 @@ def conversations(
     """Token ids of each prompt in the chat template followed by the model's greedy answer (end of turn included)."""
     if not has_chat_template(tokenizer):
         raise MixsparseError("chat recovery data needs a tokenizer with a chat template; use --recover-data text")
-    end = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    # a chat model may end its turn with a token other than the tokenizer's EOS (Llama 3's <|eot_id|>)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ends = [e for e in dict.fromkeys([tokenizer.eos_token_id, *configured]) if e is not None]
+    if not ends:
+        raise MixsparseError("chat recovery data: the tokenizer and the model name no end-of-sequence token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
     result = []
     for start in range(0, len(prompts), batch):
         encoded = [_prompt_ids(tokenizer, p) for p in prompts[start : start + batch]]
@@ -76,12 +81,13 @@ def conversations(
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=end,
+            eos_token_id=ends,
             pad_token_id=pad,
         )
         for prompt_ids, answer in zip(encoded, out[:, width:].tolist()):
-            if end in answer:
-                answer = answer[: answer.index(end) + 1]
+            stop = next((i for i, token in enumerate(answer) if token in ends), None)
+            if stop is not None:
+                answer = answer[: stop + 1]
             result.append(prompt_ids + answer)
         after_batch()
     return result
