@@ -146,9 +146,10 @@ def _add_recovery(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--recover",
         action="store_true",
-        help="after pruning, tune the kept weights and norms block by block to match the dense "
-        "model's block outputs on the calibration windows (default model: 23 minutes more on one "
-        "thread of a busy 2-core machine); an interrupted run resumes where it stopped",
+        help="after pruning, tune the kept weights and norms to match the dense model: block by block "
+        "against its block outputs, then end to end against its next-token distribution, on calibration "
+        "text and (for a chat model) its own chat answers (default model: about 19 minutes more on 2 "
+        "cores); an interrupted run resumes where it stopped",
     )
     group.add_argument(
         "--recover-epochs",
@@ -199,7 +200,7 @@ def _add_recovery(parser: argparse.ArgumentParser) -> None:
         "--recover-data",
         choices=DATA,
         default=defaults.data,
-        help="what the blocks are tuned on. text: the calibration windows; text+chat: half of them and "
+        help="what recovery tunes on. text: the calibration windows; text+chat: half of them and "
         "half the dense model's own answers to chat prompts in its chat template, which keeps a chat "
         "model chatting (tuned on text alone, the all-2:4 default model ended every answer at once); "
         "auto: text+chat when the tokenizer has a chat template, else text (default: %(default)s)",
