@@ -236,8 +236,9 @@ def recover(args, work: Path) -> None:
                 f"{point['linear_sparsity']:.3f}" if "linear_sparsity" in point else "-",
                 f"{measured['one_shot']:.2f}" if "one_shot" in measured else "(not measured yet)",
                 f"{measured['recovered']:.2f}",
-                f"{point['recovery_seconds'] / 60:.1f} min",
-                f"{point['peak_memory_bytes'] / 2**30:.2f} GiB" if point["peak_memory_bytes"] else "-",
+                f"{point['recovery_seconds'] / 60:.1f} min" + ("*" if point["recovery"].get("resumed_blocks") else ""),
+                (f"{point['peak_memory_bytes'] / 2**30:.2f} GiB" if point["peak_memory_bytes"] else "-")
+                + ("*" if point["recovery"].get("resumed_blocks") else ""),
                 f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}"
                 + (f", {o['distill_epochs']} e2e at {o['distill_lr']:g}" if o.get("distill_epochs") else ""),
                 o.get("data", "text"),
@@ -262,6 +263,12 @@ def recover(args, work: Path) -> None:
             " A row with '-' for peak memory comes from a run that was still measuring when the table was "
             "written (`--table-only`)."
             if any(p.get("partial") for p in points)
+            else ""
+        )
+        + (
+            " \\* resumed: some blocks were tuned by an earlier, interrupted process, often under more load "
+            "(their recorded times are summed in), and the peak memory is the last process's only."
+            if any(p["recovery"].get("resumed_blocks") for p in points)
             else ""
         )
         + "\n\n"
