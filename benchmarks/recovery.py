@@ -58,10 +58,13 @@ def run_point(args, work: Path, key: str, flags: list[str]) -> dict:
 
 def seeds(args, work: Path) -> None:
     points = {}
+    wanted = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
     for metric in args.metrics.split(","):
-        for seed in range(args.seeds):
+        for seed in wanted:
             flags = ["--metric", metric, "--sparsity", "0.5", "--seed", str(seed)]
             points[(metric, seed)] = run_point(args, work, f"seed-{metric}-0.5-s{seed}-w{args.windows}", flags)
+    if args.only_seeds:  # a share of the points, e.g. on another core; the full command writes the table
+        return
     rows, data = [], {}
     for metric in args.metrics.split(","):
         values = [points[(metric, s)]["perplexity"]["pruned"]["perplexity"] for s in range(args.seeds)]
@@ -321,6 +324,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--metrics", default="sparsegpt,wanda")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--only-seeds", default="", help="seeds: compute these seeds only (e.g. 3,4), no table")
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all'")
     parser.add_argument("--targets", default="2:4", help="recover: uniform sparsity specs, comma-separated")
     parser.add_argument(
