@@ -120,13 +120,12 @@ def recover(args, work: Path) -> None:
     prune_model the CLI runs), recover (RecoveryState: resumes at the next block), perplexity of the recovered
     model, then of the one-shot model (the same masks, before tuning)."""
     import copy
-    import dataclasses
     import resource
     import time
 
     import torch
 
-    from mixsparse.pruner import chat_data, data, evaluate, models
+    from mixsparse.pruner import data, evaluate, models
     from mixsparse.pruner.adapter import adapt
     from mixsparse.pruner.plan import Plan
     from mixsparse.pruner.progress import RichProgress
@@ -137,9 +136,7 @@ def recover(args, work: Path) -> None:
 
     overrides = json.loads(args.recover_options) if args.recover_options else {}
     options = RecoverOptions(**overrides)
-    if options.data == "auto":  # resolved as the pipeline does, so the tag names what is measured
-        tokenizer = models.load_tokenizer(models.resolve(args.model))
-        options = dataclasses.replace(options, data="text+chat" if chat_data.has_chat_template(tokenizer) else "text")
+    options = options.resolved(models.load_tokenizer(models.resolve(args.model)))  # the tag names what runs
     # named by the settings themselves, so a point measured under other defaults is never taken for this one
     tag = f"e{options.epochs}-b{options.batch}-lr{options.lr:g}-{options.norm_lr:g}-{options.target}-s{options.seed}"
     legacy = options.data == "text" and options.distill_epochs == 0  # what every point had before chat + e2e

@@ -6,7 +6,6 @@ The CLI is a thin layer over these; tests and benchmarks call them directly.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import logging
 import time
@@ -332,8 +331,7 @@ def recovery_inputs(
     options: RecoverOptions, dense, tokenizer, calibration, device, state, progress: Progress = Silent()
 ) -> tuple[RecoverOptions, torch.Tensor]:
     """The options with ``data`` resolved, and the windows recovery tunes on (the dense model writes the chats)."""
-    if options.data == "auto":
-        options = dataclasses.replace(options, data="text+chat" if chat_data.has_chat_template(tokenizer) else "text")
+    options = options.resolved(tokenizer)
     if options.data == "text":
         return options, calibration
     prompts = chat_data.load_prompts(options.chat_prompts)

@@ -20,7 +20,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +29,7 @@ from torch import nn
 
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import capture_block_inputs, place
+from mixsparse.pruner.chat_data import has_chat_template
 from mixsparse.pruner.plan import Plan
 from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.errors import MixsparseError
@@ -74,6 +75,12 @@ class RecoverOptions:
             raise MixsparseError("end-to-end distillation needs epochs >= 0 and a learning rate >= 0")
         if self.chat_tokens < 1:
             raise MixsparseError("recovery chat answers need at least one token")
+
+    def resolved(self, tokenizer) -> "RecoverOptions":
+        """These options with ``data="auto"`` replaced by what it means for ``tokenizer``."""
+        if self.data != "auto":
+            return self
+        return replace(self, data="text+chat" if has_chat_template(tokenizer) else "text")
 
     def to_json(self) -> dict:
         return asdict(self)
