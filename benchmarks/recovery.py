@@ -139,9 +139,12 @@ def recover(args, work: Path) -> None:
     options = options.resolved(models.load_tokenizer(models.resolve(args.model)))  # the tag names what runs
     # named by the settings themselves, so a point measured under other defaults is never taken for this one
     tag = f"e{options.epochs}-b{options.batch}-lr{options.lr:g}-{options.norm_lr:g}-{options.target}-s{options.seed}"
-    legacy = options.data == "text" and options.distill_epochs == 0  # what every point had before chat + e2e
+    # what every point had before chat data, the end-to-end step and bf16 tuning existed
+    legacy = options.data == "text" and options.distill_epochs == 0 and options.precision == "float32"
     if not legacy:
         tag += f"-{options.data.replace('+', '')}-d{options.distill_epochs}-{options.distill_lr:g}"
+    if options.precision != "float32":  # every point before bf16 tuning existed was float32
+        tag += f"-{options.precision}"
     protocol = data.EvaluationProtocol(windows=None if args.windows == "all" else int(args.windows))
     progress = RichProgress()
     points = []
@@ -240,7 +243,9 @@ def recover(args, work: Path) -> None:
                 (f"{point['peak_memory_bytes'] / 2**30:.2f} GiB" if point["peak_memory_bytes"] else "-")
                 + ("*" if point["recovery"].get("resumed_blocks") else ""),
                 f"{o['epochs']} x {o['batch']}, lr {o['lr']:g}/{o['norm_lr']:g}, {o['target']}"
-                + (f", {o['distill_epochs']} e2e at {o['distill_lr']:g}" if o.get("distill_epochs") else ""),
+                + (f", {o['distill_epochs']} e2e at {o['distill_lr']:g}" if o.get("distill_epochs") else "")
+                + ", "
+                + o.get("precision", "float32"),
                 o.get("data", "text"),
             ]
         )
@@ -281,7 +286,7 @@ def recover(args, work: Path) -> None:
                 "recovered ppl",
                 "recovery",
                 "peak memory",
-                "epochs x batch, lr weights/norms, target, end to end",
+                "epochs x batch, lr weights/norms, target, end to end, matmuls",
                 "data",
             ],
             rows,

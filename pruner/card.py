@@ -44,7 +44,7 @@ def describe_recovery(result: RecoverResult) -> str:
     resumed = f", {result.resumed_blocks} blocks resumed" if result.resumed_blocks else ""
     return (
         f"{o.epochs} epochs x {len(result.blocks)} blocks, batch {o.batch}, lr {o.lr:g} (norms {o.norm_lr:g}), "
-        f"{o.target} targets{resumed}"
+        f"{o.target} targets, {o.precision} matmuls{resumed}"
     ) + (
         f"; then {o.distill_epochs} epoch(s) end to end against the dense model's token distribution, lr "
         f"{o.distill_lr:g}, KL {result.distill.kl_start:.3f} -> {result.distill.kl_end:.3f}"

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -86,8 +87,9 @@ def test_recovered_artifact_keeps_the_one_shot_masks(tiny_llama, tmp_path, small
     assert set(summary.perplexity) == {"dense", "one_shot", "pruned"}
     assert summary.perplexity["one_shot"].perplexity == pytest.approx(plain.perplexity["pruned"].perplexity)
     record = json.loads((tmp_path / "rec" / "plan.json").read_text())
-    # auto resolves to text: the tiny tokenizer has no chat template
-    assert record["recover"]["options"] == {**FAST.to_json(), "data": "text"} and len(record["recover"]["blocks"]) == 2
+    # auto resolves: data to text (the tiny tokenizer has no chat template), precision to what this CPU has
+    used = {**FAST.to_json(), "data": "text", "precision": FAST.resolved(device="cpu").precision}
+    assert record["recover"]["options"] == used and len(record["recover"]["blocks"]) == 2
     assert record["request"]["recover"] == FAST.to_json()
     assert "recover" not in json.loads((tmp_path / "plain" / "plan.json").read_text())["request"]
     card = (tmp_path / "rec" / "README.md").read_text()
@@ -195,6 +197,41 @@ def test_bad_recovery_settings_are_refused():
         RecoverOptions(target="logits")
     with pytest.raises(MixsparseError, match="recovery data 'chat'"):
         RecoverOptions(data="chat")
+    with pytest.raises(MixsparseError, match="recovery precision 'float16'"):
+        RecoverOptions(precision="float16")
+
+
+def test_bfloat16_tuning_reaches_the_float32_result(tiny_llama, small_calibration):
+    """bf16 matmuls (autocast) must tune the weights as float32 does, also when the caller already runs under
+    autocast: with its weight-cast cache on, every step after the first would see the untuned weights."""
+    results, weights = {}, {}
+    for precision in ("float32", "bfloat16"):
+        adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration, "sparsegpt")
+        zeros = zeros_of(adapter.linears())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            results[precision] = recover_model(
+                adapter, dense, plan, calibration, replace(FAST, distill_epochs=2, distill_lr=1e-3, precision=precision)
+            )
+        assert results[precision].options.precision == precision
+        for name, module in adapter.linears().items():
+            assert torch.equal(module.weight == 0, zeros[name]), name
+            assert module.weight.dtype == torch.float32, name
+        weights[precision] = {n: m.weight.clone() for n, m in adapter.linears().items()}
+    for fp32, bf16 in zip(results["float32"].blocks, results["bfloat16"].blocks):
+        assert bf16.mse_after < 0.8 * bf16.mse_before, bf16
+        assert bf16.mse_after == pytest.approx(fp32.mse_after, rel=0.05), (fp32, bf16)
+    assert results["bfloat16"].distill.kl_end == pytest.approx(results["float32"].distill.kl_end, rel=0.05)
+    moved = {n: (weights["float32"][n] - w).norm() for n, w in weights["bfloat16"].items()}
+    assert all(moved[n] > 0 for n in moved)  # not the float32 run again
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    from mixsparse.pruner import recover
+
+    for serving, expected in (("bfloat16", "bfloat16"), ("float32", "float32")):
+        monkeypatch.setattr(recover, "cpu_serving_dtype", lambda serving=serving: serving)
+        assert RecoverOptions().resolved(device="cpu").precision == expected
+        assert RecoverOptions(precision="float32").resolved(device="cpu").precision == "float32"
 
 
 def test_cli_prune_recover(tiny_llama, tmp_path, capsys):
@@ -220,6 +257,8 @@ def test_cli_prune_recover(tiny_llama, tmp_path, capsys):
                 "2",
                 "--recover-lr",
                 "1e-3",
+                "--recover-precision",
+                "float32",
                 "--json",
             ]
         )
@@ -227,6 +266,7 @@ def test_cli_prune_recover(tiny_llama, tmp_path, capsys):
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["recovery"]["options"]["epochs"] == 1 and summary["recovery"]["options"]["lr"] == 1e-3
+    assert summary["recovery"]["options"]["precision"] == "float32"
     assert len(summary["recovery"]["blocks"]) == 2
     with pytest.raises(SystemExit):  # the parser's range check: a usage error before any model is loaded
         main(
