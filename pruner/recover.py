@@ -74,8 +74,8 @@ class RecoverOptions:
     # to "... is Paris, France." and perplexity (10 test windows) from 32.3 to 29.3
     distill_epochs: int = 1
     distill_lr: float = 1e-4
-    # bfloat16 on the default model (AMD EPYC, 2 cores): each block's step 1.6x faster, its final error equal to
-    # float32's to 4 digits (0.18340 vs 0.18339, block 5, SparseGPT 2:4)
+    # bfloat16 on the default model (AMD EPYC, 2 cores, SparseGPT 2:4): a block's tuning 1.6x faster, its error
+    # equal to float32's to 4 digits; the whole recovery 13.4 min instead of 19, perplexity 28.66 both ways
     precision: str = "auto"
 
     def __post_init__(self):
