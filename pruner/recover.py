@@ -5,8 +5,8 @@ as inputs (as the sequential runner gives them) and learns, with Adam and a cosi
 the dense block's outputs (``target="dense"``: the dense block on the dense model's own inputs, so errors
 of earlier blocks are corrected too; ``"same"``: the dense block on the pruned inputs). Gradients of pruned
 weights are zeroed and the mask is re-applied after every step, so a zero stays exactly zero and a 2:4
-module stays 2:4. Weights, optimizer state and losses are float32 whatever the model's dtype; the matmuls of
-the tuning steps run in bfloat16 (autocast) where the device computes it natively (``precision="auto"``).
+module stays 2:4. Weights, optimizer state and losses are float32 whatever the model's dtype; the matmuls run
+in bfloat16 (autocast) where the device computes it natively (``precision="auto"``).
 
 After each block its tuned weights are saved into a state directory, so an interrupted run resumes at the
 next block; the caller deletes the state once the artifact is written.
@@ -50,7 +50,7 @@ TARGETS = ("dense", "same")
 # what the blocks are tuned on: the calibration windows alone, or half of them and half the dense model's own
 # chat answers (chat_data.py); auto: text+chat when the tokenizer has a chat template
 DATA = ("auto", "text", "text+chat")
-# the matmuls of the tuning steps; auto: bfloat16 where the device has native bf16 (AVX512-BF16/AMX, a CUDA GPU
+# recovery's matmuls; auto: bfloat16 where the device has native bf16 (AVX512-BF16/AMX, a CUDA GPU
 # with bf16), float32 elsewhere (emulated bf16 is slower than float32)
 PRECISIONS = ("auto", "float32", "bfloat16")
 
