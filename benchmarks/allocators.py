@@ -21,25 +21,15 @@ import json
 import math
 import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, command_line, machine, machine_line, markdown_table, save
+from common import RESULTS, command_line, machine, machine_line, markdown_table, mixsparse, save
 
 ALLOCATORS = ("uniform", "global", "owl", "fisher", "msp")
 BASES = ("wanda", "gblm", "sparsegpt")
 PROTOCOL = 2  # 2: MSP searched per base over its own levels; cells of other protocols are not shown beside these
-
-
-def mixsparse(*args: str, json_out: bool = False):
-    command = [sys.executable, "-m", "mixsparse.serve.cli", *args]
-    print("$ mixsparse", " ".join(args), file=sys.stderr, flush=True)
-    result = subprocess.run(command, stdout=subprocess.PIPE if json_out else None, text=True)
-    if result.returncode:
-        raise SystemExit(f"`mixsparse {' '.join(args)}` failed with exit code {result.returncode}")
-    return json.loads(result.stdout) if json_out else None
 
 
 def cached(path: Path, compute):
@@ -69,7 +59,7 @@ def pruned_perplexity(args, work: Path, name: str, plan: Path, metric: str) -> d
             json_out=True,
         )
         # the artifact itself is not needed afterwards; the numbers are
-        subprocess.run(["rm", "-rf", str(with_plan)], check=True)
+        shutil.rmtree(with_plan, ignore_errors=True)
         return {
             "perplexity": summary["perplexity"]["pruned"]["perplexity"],
             "dense": summary["perplexity"]["dense"]["perplexity"],

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,17 @@ from mixsparse.runtime.machine import machine, machine_line  # noqa: F401 (re-ex
 from mixsparse.serve.report import markdown_table  # noqa: F401
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mixsparse(*args: str, json_out: bool = False):
+    """Run `mixsparse ARGS` in its own process (so its time and peak memory are its own); with ``json_out``,
+    its standard output parsed as JSON (the `--json` summary)."""
+    print("$ mixsparse", " ".join(args), file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "mixsparse.serve.cli", *args]
+    result = subprocess.run(command, stdout=subprocess.PIPE if json_out else None, text=True)
+    if result.returncode:
+        raise SystemExit(f"`mixsparse {' '.join(args)}` failed with exit code {result.returncode}")
+    return json.loads(result.stdout) if json_out else None
 
 
 def command_line() -> str:

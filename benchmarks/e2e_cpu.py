@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from common import machine, machine_line, markdown_table, save
+from common import machine, machine_line, markdown_table, mixsparse, save
 
 from mixsparse.runtime.machine import cpu_serving_dtype
 
@@ -41,12 +39,6 @@ LLAMA_1B = dict(
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
-
-
-def mixsparse(*args: str) -> None:
-    print("$ mixsparse", " ".join(args), file=sys.stderr, flush=True)
-    if subprocess.run([sys.executable, "-m", "mixsparse.serve.cli", *args]).returncode:
-        raise SystemExit(f"`mixsparse {' '.join(args)}` failed")
 
 
 def build_llama_1b(directory: Path) -> Path:

@@ -10,12 +10,9 @@ memory (max RSS of that process, model included) belong to that configuration al
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 
-from common import markdown_table, save
+from common import markdown_table, mixsparse, save
 
 REFERENCE = (
     "A widely used open-source pruning library: SparseGPT 2:4 perplexity 39.7 in 234 s on this model and protocol."
@@ -23,29 +20,8 @@ REFERENCE = (
 
 
 def run(model: str, metric: str, sparsity: str, windows: str, device: str, out: str) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "mixsparse.serve.cli",
-        "prune",
-        model,
-        "--metric",
-        metric,
-        "--sparsity",
-        sparsity,
-        "--out",
-        out,
-        "--eval-windows",
-        windows,
-        "--device",
-        device,
-        "--json",
-    ]
-    print("$", " ".join(command[2:]), file=sys.stderr, flush=True)
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if result.returncode:
-        raise SystemExit(f"{metric} {sparsity} failed with exit code {result.returncode}")
-    return json.loads(result.stdout)
+    flags = ["--metric", metric, "--sparsity", sparsity, "--out", out, "--eval-windows", windows, "--device", device]
+    return mixsparse("prune", model, *flags, "--json", json_out=True)
 
 
 def main() -> None:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
-from common import RESULTS, markdown_table, save
+from common import RESULTS, markdown_table, mixsparse, save
 
 
 def point(args, work: Path, metric: str, sparsity: str) -> dict:
@@ -36,29 +35,9 @@ def point(args, work: Path, metric: str, sparsity: str) -> dict:
             "from": str(uniform),
         }
     out = work / "artifact"
-    command = [
-        sys.executable,
-        "-m",
-        "mixsparse.serve.cli",
-        "prune",
-        args.model,
-        "--metric",
-        metric,
-        "--sparsity",
-        sparsity,
-        "--out",
-        str(out),
-        "--overwrite",
-        "--eval-windows",
-        args.windows,
-        "--json",
-    ]
-    print("$ mixsparse", " ".join(command[3:]), file=sys.stderr, flush=True)
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if result.returncode:
-        raise SystemExit(f"{metric} {sparsity} failed with exit code {result.returncode}")
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    summary = json.loads(result.stdout)
+    flags = ["--metric", metric, "--sparsity", sparsity, "--out", str(out), "--overwrite"]
+    summary = mixsparse("prune", args.model, *flags, "--eval-windows", args.windows, "--json", json_out=True)
+    shutil.rmtree(out, ignore_errors=True)
     value = {
         "metric": metric,
         "sparsity": sparsity,

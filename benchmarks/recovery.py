@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
-from common import markdown_table, save
+from common import markdown_table, mixsparse, save
 
 LEGACY_OPTIONS = ("epochs", "lr", "norm_lr", "batch", "target", "seed")
 
@@ -31,26 +30,9 @@ def run_point(args, work: Path, key: str, flags: list[str]) -> dict:
     if cache.exists():
         return json.loads(cache.read_text())
     out = work / "artifact"
-    command = [
-        sys.executable,
-        "-m",
-        "mixsparse.serve.cli",
-        "prune",
-        args.model,
-        *flags,
-        "--out",
-        str(out),
-        "--overwrite",
-        "--eval-windows",
-        args.windows,
-        "--json",
-    ]
-    print("$ mixsparse", " ".join(command[3:]), file=sys.stderr, flush=True)
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if result.returncode:
-        raise SystemExit(f"{key} failed with exit code {result.returncode}")
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    summary = json.loads(result.stdout)
+    output = ["--out", str(out), "--overwrite", "--eval-windows", args.windows, "--json"]
+    summary = mixsparse("prune", args.model, *flags, *output, json_out=True)
+    shutil.rmtree(out, ignore_errors=True)
     value = {"key": key, "flags": flags, "threads": os.environ.get("OMP_NUM_THREADS", "all"), **summary}
     cache.write_text(json.dumps(value, indent=2) + "\n")
     return value
@@ -106,11 +88,14 @@ def cases(args, work: Path) -> list[tuple[str, str, str]]:
     for budget in filter(None, args.deploy_budgets.split(",")):
         plan = work / f"deploy-{args.deploy_metric}-{float(budget):g}.json"
         if not plan.exists():
-            command = [sys.executable, "-m", "mixsparse.serve.cli", "plan", args.model, "--deploy", "--budget"]
-            command += [budget, "--allocator", "fisher", "--metric", args.deploy_metric, "--out", str(plan)]
-            command += ["--sensitivity", args.sensitivity] if args.sensitivity else []
-            print("$ mixsparse", " ".join(command[3:]), file=sys.stderr, flush=True)
-            subprocess.run(command, check=True)
+            flags = ["--budget", budget, "--allocator", "fisher", "--metric", args.deploy_metric, "--out", str(plan)]
+            mixsparse(
+                "plan",
+                args.model,
+                "--deploy",
+                *flags,
+                *(["--sensitivity", args.sensitivity] if args.sensitivity else []),
+            )
         found.append((f"deploy {float(budget):g}", args.deploy_metric, str(plan)))
     return found
 
