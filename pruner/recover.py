@@ -263,11 +263,8 @@ def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int) -
 def block_masks(adapter: ModelAdapter, index: int, plan: Plan) -> dict[str, torch.Tensor]:
     """Parameter name (within the block) -> keep mask, for the block's pruned linears."""
     prefix = f"{adapter.blocks_name}.{index}."
-    return {
-        name[len(prefix) :] + ".weight": module.weight != 0
-        for name, module in adapter.block_linears(index).items()
-        if name in plan.modules and not plan.modules[name].is_dense
-    }
+    masks = model_masks(adapter, plan, adapter.block_linears(index))
+    return {name[len(prefix) :]: mask for name, mask in masks.items()}
 
 
 def _cosine(optimizer: torch.optim.Optimizer, total: int):
@@ -447,11 +444,14 @@ def distill_steps(options: RecoverOptions, windows: int) -> int:
     return options.distill_epochs * math.ceil(windows / options.batch)
 
 
-def model_masks(adapter: ModelAdapter, plan: Plan) -> dict[str, torch.Tensor]:
-    """Parameter name (within the model) -> keep mask, for every pruned linear of the plan."""
+def model_masks(
+    adapter: ModelAdapter, plan: Plan, linears: dict[str, nn.Module] | None = None
+) -> dict[str, torch.Tensor]:
+    """Parameter name (within the model) -> keep mask, for the pruned linears of the plan (among ``linears``:
+    all the model's by default)."""
     return {
         name + ".weight": module.weight != 0
-        for name, module in adapter.linears().items()
+        for name, module in (adapter.linears() if linears is None else linears).items()
         if name in plan.modules and not plan.modules[name].is_dense
     }
 
