@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import shutil
+import statistics
 from pathlib import Path
 
 from common import markdown_table, mixsparse, save
+
+from mixsparse.runtime.machine import cpu_serving_dtype
 
 LEGACY_OPTIONS = ("epochs", "lr", "norm_lr", "batch", "target", "seed")
 
@@ -242,7 +244,7 @@ def recover(args, work: Path) -> None:
         "validation, seed 0); `text+chat` (the default for a model with a chat template): 32 of them and 32 "
         "windows of the dense model's own answers to the bundled chat prompts. Matmuls: float32, or bfloat16 "
         "under autocast with float32 weights and optimizer (`--recover-precision`; auto, the default, is "
-        "bfloat16 on this CPU, which has AVX512-BF16). "
+        f"{cpu_serving_dtype()} on this machine's CPU). "
         f"WikiText-2 test perplexity on the first {args.windows} windows of 2048 tokens (dense 17.9, see the "
         "pruning table); one-shot and recovered are the same masks before and after tuning. Rows: uniform "
         "specs; `msp 0.7` is the allocator table's MSP plan (searched over SparseGPT's own levels); `deploy B` "
