@@ -46,6 +46,15 @@ def native_bf16(device: str | torch.device) -> bool:
     return cpu_serving_dtype() == "bfloat16"
 
 
+def _autocast(precision: str, device: str | torch.device):
+    """The context recovery's forward passes run in, for a resolved ``precision``."""
+    # no cast cache: within one autocast region a weight is cast once, so the tuning steps after the first
+    # would all see the weights as they were before it (measured: the tuned block's error then rose)
+    return torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bfloat16", cache_enabled=False
+    )
+
+
 TARGETS = ("dense", "same")
 # what the blocks are tuned on: the calibration windows alone, or half of them and half the dense model's own
 # chat answers (chat_data.py); auto: text+chat when the tokenizer has a chat template
@@ -103,17 +112,6 @@ class RecoverOptions:
         if options.precision == "auto":
             options = replace(options, precision="bfloat16" if native_bf16(device) else "float32")
         return options
-
-    def autocast(self, device: str | torch.device):
-        """The context recovery's forward passes run in."""
-        # no cast cache: within one autocast region a weight is cast once, so the tuning steps after the first
-        # would all see the weights as they were before it (measured: the tuned block's error then rose)
-        return torch.autocast(
-            torch.device(device).type,
-            dtype=torch.bfloat16,
-            enabled=self.resolved(device=device).precision == "bfloat16",
-            cache_enabled=False,
-        )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -250,14 +248,18 @@ def _call(block: nn.Module, hidden: torch.Tensor, kwargs: dict, index: torch.Ten
 
 
 @torch.no_grad()
-def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
+def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int, precision: str) -> torch.Tensor:
+    # the passes without gradients (targets, errors, the next block's inputs) were a third of a block's time
+    # in float32; in bf16 a dense block's output differs from float32's by 4e-5 (mean square) where the pruned
+    # block's error is 0.2 (block 5, SparseGPT 2:4, default model)
     samples = hidden.shape[0]
-    return torch.cat(
-        [
-            _call(block, hidden, kwargs, torch.arange(i, min(i + batch, samples)), samples)
-            for i in range(0, samples, batch)
-        ]
-    )
+    with _autocast(precision, hidden.device):
+        return torch.cat(
+            [
+                _call(block, hidden, kwargs, torch.arange(i, min(i + batch, samples)), samples)
+                for i in range(0, samples, batch)
+            ]
+        ).float()
 
 
 def block_masks(adapter: ModelAdapter, index: int, plan: Plan) -> dict[str, torch.Tensor]:
@@ -315,7 +317,7 @@ def tune_block(
             for start in range(0, samples, options.batch):
                 index = order[start : start + options.batch]
                 optimizer.zero_grad(set_to_none=True)
-                with options.autocast(inputs.device):
+                with _autocast(options.precision, inputs.device):
                     output = _call(block, inputs, kwargs, index, samples)
                     loss = torch.nn.functional.mse_loss(output.float(), targets[index])
                 loss.backward()
@@ -352,13 +354,6 @@ def recover_model(
     hidden, kwargs = hidden.float(), {k: _float(v) for k, v in kwargs.items()}
     pruned_hidden = hidden.clone()
 
-    def forward(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        # the passes without gradients (targets, errors, the next block's inputs) were a third of a block's
-        # time in float32; in bf16 a dense block's output differs from float32's by 4e-5 (mean square) where
-        # the pruned block's error is 0.2 (block 5, SparseGPT 2:4, default model)
-        with options.autocast(device):
-            return _forward(module, inputs, kwargs, options.batch).float()
-
     steps = options.epochs * math.ceil(hidden.shape[0] / options.batch)
     records = []
     for index in range(len(adapter.blocks)):
@@ -366,8 +361,10 @@ def recover_model(
         block, reference = adapter.blocks[index], dense.blocks[index]
         home, dtype = next(block.parameters()).device, next(block.parameters()).dtype
         reference.to(device, torch.float32)
-        dense_out = forward(reference, hidden)
-        targets = dense_out if options.target == "dense" else forward(reference, pruned_hidden)
+        dense_out = _forward(reference, hidden, kwargs, options.batch, options.precision)
+        targets = dense_out
+        if options.target == "same":
+            targets = _forward(reference, pruned_hidden, kwargs, options.batch, options.precision)
         reference.to(home, dtype)
         block.to(device, torch.float32)
         saved = state.load(index) if state else None
@@ -376,16 +373,16 @@ def recover_model(
             record = BlockRecord(**{**saved["record"], "resumed": True})
             for _ in range(steps):
                 after_step()
-            pruned_out = forward(block, pruned_hidden)
+            pruned_out = _forward(block, pruned_hidden, kwargs, options.batch, options.precision)
         else:
-            before = forward(block, pruned_hidden)
+            before = _forward(block, pruned_hidden, kwargs, options.batch, options.precision)
             mse_before = float(torch.nn.functional.mse_loss(before, targets))
             del before
             generator = torch.Generator().manual_seed(options.seed * 100_003 + index)
             tune_block(
                 block, block_masks(adapter, index, plan), pruned_hidden, targets, kwargs, options, generator, after_step
             )
-            pruned_out = forward(block, pruned_hidden)
+            pruned_out = _forward(block, pruned_hidden, kwargs, options.batch, options.precision)
             record = BlockRecord(
                 index,
                 mse_before,
@@ -398,8 +395,7 @@ def recover_model(
         records.append(record)
         after_step(f"block {index}: mse {record.mse_before:.3g} -> {record.mse_after:.3g}")
         hidden, pruned_hidden = dense_out, pruned_out
-    del hidden, pruned_hidden
-    kwargs = {}  # the rotary tables and masks of every window: not needed end to end
+    del hidden, pruned_hidden, kwargs
     distilled = None
     if options.distill_epochs > 0:
         saved = state.load_distilled() if state else None
@@ -499,7 +495,7 @@ def distill_model(
     total = epochs * math.ceil(samples / batch)
     schedule = _cosine(optimizer, total)
     generator = torch.Generator().manual_seed(seed)
-    autocast = RecoverOptions(precision=precision).autocast(device)
+    autocast = _autocast(precision, device)
     losses = []
     try:
         for epoch in range(epochs):
@@ -519,8 +515,7 @@ def distill_model(
                         loss = torch.nn.functional.kl_div(
                             student[0], teacher[0], log_target=True, reduction="batchmean"
                         )
-                    with torch.enable_grad():
-                        (loss / len(rows)).backward()
+                    (loss / len(rows)).backward()
                     kl += float(loss.detach()) / len(rows)
                     del teacher, student, loss
                 _masked_step(optimizer, schedule, masked)
