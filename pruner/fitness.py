@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mixsparse.pruner import precision as matmul
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import run_blocks
 from mixsparse.pruner.spec import Spec
@@ -65,6 +66,7 @@ class PlanEvaluator:
         fitness: str = "loss",
         weights_24: dict[str, torch.Tensor] | None = None,
         levels=None,
+        precision: str = "float32",
     ):
         if fitness not in FITNESS:
             raise ValueError(f"fitness must be one of {FITNESS}")
@@ -78,6 +80,8 @@ class PlanEvaluator:
         self.current = {name: Spec.dense() for name in names}
         self.sequences = sequences
         self.fitness = fitness
+        matmul.check(precision, "fitness")
+        self.precision = matmul.resolve(precision, self.device)
         self.evaluations = 0
         self.tokens = 0
         self.seconds = 0.0
@@ -111,7 +115,9 @@ class PlanEvaluator:
     @torch.no_grad()
     def _logprobs(self, count: int) -> torch.Tensor:
         ids = self.sequences[:count].to(self.device)
-        return torch.log_softmax(self.model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+        with matmul.autocast(self.precision, self.device):
+            logits = self.model(ids, use_cache=False).logits
+        return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
     @torch.no_grad()
     def evaluate(self, specs: dict[str, Spec], count: int) -> float:
@@ -120,7 +126,8 @@ class PlanEvaluator:
         self.apply(specs)
         ids = self.sequences[:count].to(self.device)
         if self.fitness == "loss":
-            value = self.model(ids, labels=ids, use_cache=False).loss.item()
+            with matmul.autocast(self.precision, self.device):
+                value = self.model(ids, labels=ids, use_cache=False).loss.item()
         else:
             reference = self.reference(count)
             logprobs = self._logprobs(count)

@@ -158,19 +158,40 @@ class RatioOps:
         return tuple(crossover(list(a), list(b), self.budget, rng))
 
 
+def level_units(sizes: list[int]) -> tuple[int, ...]:
+    """Each gene's size in units of the genes' common divisor: a step of one level on gene i prunes u_i units
+    of weights, so a level genome keeps its budget exactly while Σ u_i · index_i stays the same. Moves need a
+    gene of one unit to pay any remainder: without one (e.g. Llama-2's 4096² attention and 4096x11008 MLP
+    modules are 16 and 43 units), the genes must be of one size (decoder blocks)."""
+    common = math.gcd(*sizes)
+    units = tuple(n // common for n in sizes)
+    if min(units) != 1:
+        raise MixsparseError(
+            f"a level search needs a gene whose size divides all the others' to keep the budget exact; these "
+            f"genes are {sorted(set(units))} units of {common} weights (use --granularity block)"
+        )
+    return units
+
+
 @dataclass(frozen=True)
 class LevelOps:
     """A genome of level indices, one per gene, for searches over a grid of stored levels (levels.py).
 
-    The genes must be of one size (decoder blocks of a uniform model), so Σ indices = genes x the anchor's
-    index keeps the budget in weights exactly: a mutation moves one gene a level up and another one down; a
-    crossover child is repaired by stepping genes on the side in excess back toward the anchor."""
+    A level step of gene i prunes ``units[i]`` units of weights (level_units), so Σ units·index = Σ units·anchor
+    keeps the budget exactly whatever the genes' sizes: a mutation moves one gene a level up (or down) and pays
+    it with level steps of other genes the other way, units for units (a gene of the same size when one can);
+    a crossover child is repaired by stepping genes on the side in excess back toward the anchor."""
 
     count: int  # levels in the grid
     anchor: int  # index of the target level
+    units: tuple[int, ...]  # a level step of each gene, in weights / the genes' common divisor
 
-    def total(self, genes: int) -> int:
-        return genes * self.anchor
+    @property
+    def total(self) -> int:
+        return self.anchor * sum(self.units)
+
+    def spent(self, genome) -> int:
+        return sum(u * i for u, i in zip(self.units, genome))
 
     def mutate(self, genome, rng: random.Random, moves: int):
         child = list(genome)
@@ -179,23 +200,58 @@ class LevelOps:
         done = attempts = 0
         while done < moves and attempts < 50 * moves:
             attempts += 1
-            i, j = rng.sample(range(len(child)), 2)  # i gets sparser, j denser
-            if child[i] + 1 < self.count and child[j] >= 1:
-                child[i] += 1
-                child[j] -= 1
+            step = rng.choice((1, -1))  # the first gene's direction; the others pay it back the other way
+            first = rng.randrange(len(child))
+            if not 0 <= child[first] + step < self.count:
+                continue
+            trial = list(child)
+            trial[first] += step
+            if self._pay(trial, self.units[first], -step, rng, exclude=first):
+                child = trial
                 done += 1
         return tuple(child)
 
+    def _pay(self, genome: list[int], owed: int, step: int, rng: random.Random, exclude: int = -1) -> bool:
+        """Step genes by ``step`` until ``owed`` units are paid; False (``genome`` half-changed) when they can't."""
+        while owed:
+            movable = [
+                j
+                for j, (u, i) in enumerate(zip(self.units, genome))
+                if j != exclude and u <= owed and 0 <= i + step < self.count
+            ]
+            if not movable:
+                return False
+            same = [j for j in movable if self.units[j] == owed]
+            j = rng.choice(same if same and rng.random() < 0.5 else movable)
+            genome[j] += step
+            owed -= self.units[j]
+        return True
+
     def crossover(self, a, b, rng: random.Random):
         child = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
-        return tuple(self.repair(child, rng))
+        return tuple(self.repair(child, rng, fallback=a))
 
-    def repair(self, child: list[int], rng: random.Random) -> list[int]:
-        total = self.total(len(child))
-        while sum(child) != total:
-            above = sum(child) > total
-            side = [i for i, c in enumerate(child) if (c > self.anchor if above else c < self.anchor)]
-            child[rng.choice(side)] += -1 if above else 1
+    def repair(self, child: list[int], rng: random.Random, fallback=None) -> list[int]:
+        """``child`` with its budget restored: genes on the side in excess step back toward the anchor while a
+        step fits the excess, then genes of any size pay the rest (``fallback`` when nothing can)."""
+        child = list(child)
+        excess = self.spent(child) - self.total
+        while excess:
+            step = -1 if excess > 0 else 1
+            side = [
+                j
+                for j, (u, i) in enumerate(zip(self.units, child))
+                if u <= abs(excess) and (i > self.anchor if step < 0 else i < self.anchor)
+            ]
+            if not side:
+                if not self._pay(child, abs(excess), step, rng):
+                    if fallback is None:
+                        raise MixsparseError("cannot meet the budget on this level grid")
+                    return list(fallback)
+                break
+            j = rng.choice(side)
+            child[j] += step
+            excess += step * self.units[j]
         return child
 
     def snap(self, ratios: list[float], levels: tuple[float, ...], seed: int = 0) -> tuple[int, ...]:

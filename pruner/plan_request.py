@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixsparse.pruner import data
+from mixsparse.pruner import precision as matmul
 from mixsparse.pruner.fitness import FITNESS
 from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.search import SearchSettings
@@ -69,7 +70,11 @@ class SearchOptions:
     state: str | None = None  # default: beside --out, <out>.search.json
     # the level database of metrics with a weight update (levels.py): the grid's step and half-width
     level_step: float = 0.05
-    level_window: float = 0.2
+    level_window: float = 0.25
+    # --granularity module: generations of the per-module refinement after the per-block search
+    refine_generations: int = 20
+    # the fitness forward's matmuls (precision.py); bfloat16 halves a candidate's cost on a CPU with native bf16
+    precision: str = "auto"
 
 
 @dataclass
@@ -103,6 +108,16 @@ class PlanRequest:
         return out.with_name(out.name.removesuffix(".json") + ".search.json")
 
     @property
+    def block_state_path(self) -> Path:
+        """A per-module msp search's first phase, per decoder block (research_plans.msp_search)."""
+        state = self.state_path
+        return state.with_name(state.name.removesuffix(".json") + ".blocks.json")
+
+    @property
+    def state_paths(self) -> list[Path]:
+        return [self.state_path, self.block_state_path]
+
+    @property
     def levels_path(self) -> Path:
         """Where a search's level database lives while it runs (levels.py): beside the search state."""
         state = self.state_path
@@ -112,6 +127,7 @@ class PlanRequest:
 def check(request: PlanRequest) -> None:
     """Everything that can be refused without the model, so it fails before the Fisher traces."""
     get_metric(request.metric)
+    matmul.check(request.search.precision, "search")
     if request.search.fitness not in FITNESS:
         raise MixsparseError(f"unknown fitness {request.search.fitness!r}; choose from {', '.join(FITNESS)}")
     deploy = request.deploy
@@ -142,5 +158,5 @@ def check(request: PlanRequest) -> None:
         Spec.unstructured(request.research.target)
     if request.search.resume and request.allocator != "msp":
         raise MixsparseError("--resume continues an msp search; this allocator does not search")
-    if request.search.resume and not request.state_path.is_file():
+    if request.search.resume and not any(path.is_file() for path in request.state_paths):
         raise MixsparseError(f"--resume: search state {request.state_path} does not exist")

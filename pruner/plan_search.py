@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from mixsparse.pruner import data
+from mixsparse.pruner import precision as matmul
 from mixsparse.pruner.evidence import Evidence
 from mixsparse.pruner.fitness import PlanEvaluator
 from mixsparse.pruner.plan_request import PlanRequest
 from mixsparse.pruner.progress import Progress
-from mixsparse.pruner.search import SearchState, evolve
+from mixsparse.pruner.search import SearchSettings, SearchState, evolve
 
 
 def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
@@ -41,6 +42,7 @@ def evaluator_for(
         request.search.fitness,
         weights_24,
         levels,
+        matmul.resolve(request.search.precision, request.device),
     )
 
 
@@ -52,6 +54,7 @@ def fingerprint(request: PlanRequest, evidence: Evidence, what: dict) -> dict:
         "shapes": shapes,
         "metric": request.metric,
         "fitness": search.fitness,
+        "precision": matmul.resolve(search.precision, request.device),
         "steps": list(search.settings.steps),
         "fitness_seqlen": search.fitness_seqlen,
         "calibration": request.calibration.to_json(),
@@ -71,11 +74,14 @@ def run_search(
     progress: Progress,
     state_path: Path | None,
     evaluator: PlanEvaluator | None = None,
+    settings: SearchSettings | None = None,
 ) -> tuple[SearchState, PlanEvaluator]:
-    settings = request.search.settings
+    """Run (or, with --resume and a saved state at ``state_path``, continue) one search."""
+    settings = settings or request.search.settings
     if evaluator is None:
         evaluator = evaluator_for(request, evidence)
-    if request.search.resume and state_path is not None:
+    # a search in phases resumes the one it stopped in: the phases before it are finished, those after unstarted
+    if request.search.resume and state_path is not None and state_path.is_file():
         state = SearchState.load(state_path, fingerprint)
         state.finished = False
     else:
@@ -108,6 +114,7 @@ def search_summary(state: SearchState, request: PlanRequest) -> dict:
         "settings": state.settings,
         "delta": search.delta,
         "fitness": search.fitness,
+        "precision": matmul.resolve(search.precision, request.device),
         "fitness_seqlen": search.fitness_seqlen,
         "evaluation_steps_sequences": list(search.settings.steps),
         "generations": state.generation,

@@ -38,9 +38,10 @@ def make_plan(request: PlanRequest, progress: Progress = Silent()) -> PlanOutcom
     deploy = request.deploy
     pareto_sweep = deploy is not None and deploy.pareto
     if not request.search.resume:
-        if request.allocator == "msp" and not pareto_sweep and request.state_path.exists() and not request.overwrite:
+        saved = [path for path in request.state_paths if path.exists()]
+        if request.allocator == "msp" and not pareto_sweep and saved and not request.overwrite:
             raise MixsparseError(
-                f"search state {request.state_path} exists: pass --resume to continue it, or --overwrite to start over"
+                f"search state {saved[0]} exists: pass --resume to continue it, or --overwrite to start over"
             )
         refuse_existing(request.out, request.overwrite)
     if request.plot:

@@ -31,29 +31,12 @@ from torch import nn
 from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import capture_block_inputs, place
 from mixsparse.pruner.chat_data import has_chat_template
+from mixsparse.pruner import precision as matmul
 from mixsparse.pruner.plan import Plan
 from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.errors import MixsparseError
-from mixsparse.runtime.machine import cpu_serving_dtype
 
 log = logging.getLogger(__name__)
-
-
-def native_bf16(device: str | torch.device) -> bool:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_serving_dtype() == "bfloat16"
-
-
-def _autocast(precision: str, device: str | torch.device):
-    """The context recovery's forward passes run in, for a resolved ``precision``."""
-    # no cast cache: within one autocast region a weight is cast once, so the tuning steps after the first
-    # would all see the weights as they were before it (measured: the tuned block's error then rose)
-    return torch.autocast(
-        torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bfloat16", cache_enabled=False
-    )
-
 
 TARGETS = ("dense", "same")
 # what the blocks are tuned on: the calibration windows alone, or half of them and half the dense model's own
@@ -61,7 +44,6 @@ TARGETS = ("dense", "same")
 DATA = ("auto", "text", "text+chat")
 # recovery's matmuls; auto: bfloat16 where the device has native bf16 (AVX512-BF16/AMX, a CUDA GPU
 # with bf16), float32 elsewhere (emulated bf16 is slower than float32)
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -100,8 +82,7 @@ class RecoverOptions:
             raise MixsparseError("end-to-end distillation needs epochs >= 0 and a learning rate >= 0")
         if self.chat_tokens < 1:
             raise MixsparseError("recovery chat answers need at least one token")
-        if self.precision not in PRECISIONS:
-            raise MixsparseError(f"recovery precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+        matmul.check(self.precision, "recovery")
 
     def resolved(self, tokenizer=None, device: str | torch.device = "cpu") -> "RecoverOptions":
         """These options with "auto" replaced by what it means: ``data`` for ``tokenizer`` (left as it is
@@ -109,8 +90,7 @@ class RecoverOptions:
         options = self
         if options.data == "auto" and tokenizer is not None:
             options = replace(options, data="text+chat" if has_chat_template(tokenizer) else "text")
-        if options.precision == "auto":
-            options = replace(options, precision="bfloat16" if native_bf16(device) else "float32")
+        options = replace(options, precision=matmul.resolve(options.precision, device))
         return options
 
     def to_json(self) -> dict:
@@ -253,7 +233,7 @@ def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int, p
     # in float32; in bf16 a dense block's output differs from float32's by 4e-5 (mean square) where the pruned
     # block's error is 0.2 (block 5, SparseGPT 2:4, default model)
     samples = hidden.shape[0]
-    with _autocast(precision, hidden.device):
+    with matmul.autocast(precision, hidden.device):
         return torch.cat(
             [
                 _call(block, hidden, kwargs, torch.arange(i, min(i + batch, samples)), samples)
@@ -317,7 +297,7 @@ def tune_block(
             for start in range(0, samples, options.batch):
                 index = order[start : start + options.batch]
                 optimizer.zero_grad(set_to_none=True)
-                with _autocast(options.precision, inputs.device):
+                with matmul.autocast(options.precision, inputs.device):
                     output = _call(block, inputs, kwargs, index, samples)
                     loss = torch.nn.functional.mse_loss(output.float(), targets[index])
                 loss.backward()
@@ -495,7 +475,7 @@ def distill_model(
     total = epochs * math.ceil(samples / batch)
     schedule = _cosine(optimizer, total)
     generator = torch.Generator().manual_seed(seed)
-    autocast = _autocast(precision, device)
+    autocast = matmul.autocast(precision, device)
     losses = []
     try:
         for epoch in range(epochs):

@@ -5,11 +5,12 @@ and uniform."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 from mixsparse.pruner.allocate import fisher_ratios, global_ratios, outlier_ratio, owl_ratios, uniform_ratios
 from mixsparse.pruner.evidence import Evidence
 from mixsparse.pruner import data
-from mixsparse.pruner.genome import Budget, Genes, LevelOps, RatioOps, from_ratios, genes_for
+from mixsparse.pruner.genome import Budget, Genes, LevelOps, RatioOps, from_ratios, genes_for, level_units
 from mixsparse.pruner.levels import LevelGrid, build_levels, stores_levels
 from mixsparse.pruner.metrics import get_metric, wanda_score
 from mixsparse.pruner.plan import Plan
@@ -17,7 +18,6 @@ from mixsparse.pruner.plan_request import PlanRequest
 from mixsparse.pruner.plan_search import evaluator_for, fingerprint, run_search, search_summary
 from mixsparse.pruner.progress import Progress
 from mixsparse.pruner.spec import Spec
-from mixsparse.runtime.errors import MixsparseError
 
 
 def gene_table(genes: Genes, ratios: list[float], evidence: Evidence, outliers: list[float] | None) -> dict:
@@ -34,18 +34,53 @@ def gene_table(genes: Genes, ratios: list[float], evidence: Evidence, outliers: 
     return table
 
 
+def specs_for(genes: Genes, ratios: list[float]) -> dict[str, Spec]:
+    return {m: Spec.unstructured(r) for members, r in zip(genes.members, ratios) for m in members}
+
+
+def fisher_allocation(request: PlanRequest, evidence: Evidence, genes: Genes) -> list[float]:
+    goal = request.research
+    per_weight = [
+        sum(evidence.sensitivity.traces[m] for m in members) / size for members, size in zip(genes.members, genes.sizes)
+    ]
+    return fisher_ratios(per_weight, genes.sizes, goal.target, request.fisher.spread, goal.min_ratio, goal.max_ratio)
+
+
+class _Phase:
+    """One search over one set of genes: its genome operations, seeds and decoding to ratios."""
+
+    def __init__(self, genes: Genes, budget: Budget, grid: LevelGrid, stored: bool, delta: float):
+        self.genes, self.budget, self.grid, self.stored = genes, budget, grid, stored
+        if stored:
+            self.ops = LevelOps(len(grid.levels), grid.index(grid.anchor), level_units(genes.sizes))
+        else:
+            self.ops = RatioOps(budget, delta)
+
+    def seed(self, ratios: list[float]):
+        if self.stored:
+            return self.ops.snap(ratios, self.grid.levels)
+        return tuple(from_ratios(ratios, self.budget))
+
+    def ratios(self, genome) -> list[float]:
+        if self.stored:  # the grid's own floats: prune --plan finds each one's level by them
+            return [self.grid.levels[i] for i in genome]
+        return self.budget.ratios(list(genome))
+
+    def specs(self, genome) -> dict[str, Spec]:
+        return specs_for(self.genes, self.ratios(genome))
+
+
 def msp_search(
-    request: PlanRequest,
-    evidence: Evidence,
-    genes: Genes,
-    budget: Budget,
-    seed_counts: list[int],
-    to_specs,
-    progress: Progress,
-) -> tuple[list[int], dict]:
+    request: PlanRequest, evidence: Evidence, genes: Genes, budget: Budget, progress: Progress
+) -> tuple[list[float], dict]:
     """The msp search over the base metric's own levels (levels.py): candidates hold each gene's modules
     pruned by the metric at the candidate's ratio, from one anchored calibration pass, so the plan's fitness
-    is that of the model ``prune --plan`` writes with the same metric and calibration."""
+    is that of the model ``prune --plan`` writes with the same metric and calibration.
+
+    Per module (``--granularity module``) it first searches per decoder block, then refines per module from
+    the block plan it found for ``refine_generations``: a search over hundreds of modules from the Fisher
+    seed converges far slower than one over the blocks, and the refinement can never end worse than the block
+    plan (its first seed, kept by elitism)."""
     goal, search = request.research, request.search
     metric = get_metric(request.metric)
     stored = stores_levels(metric)
@@ -53,37 +88,12 @@ def msp_search(
     grid = LevelGrid.around(
         target, search.level_step if stored else search.delta, search.level_window, goal.min_ratio, goal.max_ratio
     )
-    uniform_counts = from_ratios(uniform_ratios(genes.sizes, target), budget)
-    if stored:
-        if len(set(genes.sizes)) != 1:
-            raise MixsparseError(
-                f"an msp search with {metric.name} holds its levels per gene, which needs genes of one size; "
-                "these differ (use --granularity block on a model whose blocks are alike)"
-            )
-        ops = LevelOps(len(grid.levels), grid.index(target))
-        seeds = [ops.snap(budget.ratios(seed_counts), grid.levels), tuple([ops.anchor] * len(genes))]
-
-        def decode(genome) -> list[int]:
-            return [round(grid.levels[i] * n) for i, n in zip(genome, genes.sizes)]
-
-        def specs_of(genome) -> dict[str, Spec]:
-            return {m: Spec.unstructured(grid.levels[i]) for members, i in zip(genes.members, genome) for m in members}
-    else:
-        ops = RatioOps(budget, search.delta)
-        seeds = [tuple(seed_counts), tuple(uniform_counts)]
-
-        def decode(genome) -> list[int]:
-            return list(genome)
-
-        specs_of = to_specs
-    state_fingerprint = fingerprint(
+    common = fingerprint(
         request,
         evidence,
         {
             "allocator": "msp",
             "target": target,
-            "granularity": goal.granularity,
-            "genes": genes.sizes,
             "bounds": [goal.min_ratio, goal.max_ratio],
             "delta": search.delta,
             "levels": grid.to_json(),
@@ -105,27 +115,74 @@ def msp_search(
             grid,
             request.device,
             directory,
-            {k: v for k, v in state_fingerprint.items() if k != "seed"},
+            {k: v for k, v in common.items() if k != "seed"},
             after_block=lambda index: advance(),
             gradients=evidence.gradients,
         )
     evidence.adapter.model.to("cpu")
     evaluator = evaluator_for(request, evidence, levels=store)
-    state, evaluator = run_search(
-        request,
-        evidence,
-        ops,
-        seeds,
-        specs_of,
-        state_fingerprint,
-        f"msp, target {target:g}",
-        progress,
-        request.state_path,
-        evaluator,
-    )
-    counts = decode(state.best["genome"])
+    uniform = uniform_ratios(genes.sizes, target)
+
+    def run(phase: _Phase, seeds: list, state_path, label: str, settings, extra: dict):
+        state_fingerprint = {**common, "granularity": label, "genes": phase.genes.sizes, **extra}
+        state, _ = run_search(
+            request,
+            evidence,
+            phase.ops,
+            seeds,
+            phase.specs,
+            state_fingerprint,
+            f"msp per {label}, target {target:g}",
+            progress,
+            state_path,
+            evaluator,
+            settings,
+        )
+        return state
+
+    final = _Phase(genes, budget, grid, stored, search.delta)
+    refine = goal.granularity == "module" and search.refine_generations > 0
+    if refine:
+        block_genes = genes_for(evidence.shapes, evidence.adapter.blocks_name, "block")
+        first = _Phase(
+            block_genes,
+            Budget.for_target(block_genes.sizes, target, goal.min_ratio, goal.max_ratio),
+            grid,
+            stored,
+            search.delta,
+        )
+        block_seeds = [
+            first.seed(fisher_allocation(request, evidence, block_genes)),
+            first.seed(uniform_ratios(block_genes.sizes, target)),
+        ]
+        block_state = run(first, block_seeds, request.block_state_path, "block", search.settings, {})
+        best_blocks = first.ratios(block_state.best["genome"])
+        of_block = {m: r for members, r in zip(block_genes.members, best_blocks) for m in members}
+        seeds = [
+            final.seed([of_block[m] for m in genes.labels]),
+            final.seed(fisher_allocation(request, evidence, genes)),
+        ]
+        seeds.append(final.seed(uniform))
+        settings = replace(search.settings, generations=search.refine_generations)
+        state = run(final, seeds, request.state_path, "module", settings, {"blocks": list(block_state.best["genome"])})
+        seed_fitness = {
+            "fisher": block_state.seed_fitness(block_seeds[0]),
+            "uniform": block_state.seed_fitness(block_seeds[1]),
+            "block plan": state.seed_fitness(seeds[0]),
+        }
+    else:
+        seeds = [final.seed(fisher_allocation(request, evidence, genes)), final.seed(uniform)]
+        state = run(final, seeds, request.state_path, goal.granularity, search.settings, {})
+        seed_fitness = {"fisher": state.seed_fitness(seeds[0]), "uniform": state.seed_fitness(seeds[1])}
+    if not stored:
+        budget.check(list(state.best["genome"]))
     summary = search_summary(state, request)
-    summary["seed_fitness"] = {"fisher": state.seed_fitness(seeds[0]), "uniform": state.seed_fitness(seeds[1])}
+    if refine:
+        blocks_summary = search_summary(block_state, request)
+        summary["block_phase"] = blocks_summary
+        for key in ("generations", "evaluations", "tokens", "seconds"):
+            summary[key] = round(summary[key] + blocks_summary[key], 1)
+    summary["seed_fitness"] = seed_fitness
     summary["levels"] = {
         **grid.to_json(),
         "metric": metric.name,
@@ -135,9 +192,7 @@ def msp_search(
     evaluator.restore()
     if stored:
         shutil.rmtree(directory, ignore_errors=True)  # a finished search needs it no more; resume would
-    if not stored:
-        budget.check(counts)
-    return counts, summary
+    return final.ratios(state.best["genome"]), summary
 
 
 def research_plan(request: PlanRequest, evidence: Evidence, progress: Progress) -> Plan:
@@ -166,26 +221,17 @@ def research_plan(request: PlanRequest, evidence: Evidence, progress: Progress) 
         ratios, threshold = global_ratios(weights, genes.sizes, target, goal.min_ratio, goal.max_ratio)
         info["global"] = {"threshold": threshold}
     else:
-        per_weight = [
-            sum(evidence.sensitivity.traces[m] for m in members) / size
-            for members, size in zip(genes.members, genes.sizes)
-        ]
-        ratios = fisher_ratios(per_weight, genes.sizes, target, request.fisher.spread, goal.min_ratio, goal.max_ratio)
+        ratios = fisher_allocation(request, evidence, genes)
         info["fisher_allocation"] = {"spread": request.fisher.spread}
     counts = from_ratios(ratios, budget)
-
-    def to_specs(genome) -> dict[str, Spec]:
-        return {
-            m: Spec.unstructured(c / n) for members, c, n in zip(genes.members, genome, genes.sizes) for m in members
-        }
-
     if request.allocator == "msp":
-        counts, info["search"] = msp_search(request, evidence, genes, budget, counts, to_specs, progress)
+        ratios, info["search"] = msp_search(request, evidence, genes, budget, progress)
         # prune --plan with this metric reruns the anchored pass and keeps these levels (levels.prune_from_levels)
         info["levels"] = info["search"]["levels"]
         info["search_scores"] = f"{request.metric}'s own levels (anchored calibration pass at the target)"
-    ratios = budget.ratios(counts)
-    modules = to_specs(counts)
+    else:
+        ratios = budget.ratios(counts)
+    modules = specs_for(genes, ratios)
     return Plan(
         modules,
         dict(evidence.shapes),

@@ -34,7 +34,7 @@ class GenomeOps(Protocol):
 
 @dataclass(frozen=True)
 class SearchSettings:
-    generations: int = 30
+    generations: int = 50
     population: int = 8
     offspring: int = 12
     survivors: int = 3

@@ -139,7 +139,8 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_recovery(parser: argparse.ArgumentParser) -> None:
-    from mixsparse.pruner.recover import DATA, PRECISIONS, TARGETS, RecoverOptions
+    from mixsparse.pruner.precision import PRECISIONS
+    from mixsparse.pruner.recover import DATA, TARGETS, RecoverOptions
 
     defaults = RecoverOptions()
     group = parser.add_argument_group("recovery (masks frozen; zeros stay zero, 2:4 stays 2:4)")
@@ -399,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--granularity",
         default="block",
         choices=["block", "module"],
-        help="one ratio per decoder block or per module (default: %(default)s)",
+        help="one ratio per decoder block or per module; an msp search per module runs per block first and "
+        "then refines per module (--refine-generations) (default: %(default)s)",
     )
     plan.add_argument("--out", required=True, help="plan.json to write (a directory with --pareto)")
     plan.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -434,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     alloc.add_argument("--min-ratio", type=RATIO, default=0.0, help="lowest ratio of any gene (default: 0)")
     alloc.add_argument("--max-ratio", type=RATIO, default=0.99, help="highest ratio of any gene (default: 0.99)")
+    from mixsparse.pruner.plan_request import SearchOptions
+    from mixsparse.pruner.precision import PRECISIONS
+
+    options = SearchOptions()
     search = plan.add_argument_group("MSP search")
     search.add_argument(
         "--generations", type=COUNT, default=defaults.generations, help="generations (default: %(default)s)"
@@ -459,29 +465,45 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--fitness-seqlen",
         type=TOKENS,
-        default=128,
+        default=options.fitness_seqlen,
         help="tokens per held-out sequence: many short ones overfit less than a few long ones (default: %(default)s)",
     )
     search.add_argument(
         "--level-step",
         type=SHARE,
-        default=0.05,
+        default=options.level_step,
         help="grid step of the levels a metric with a weight update (sparsegpt) is pruned at, once each, for the "
         "search to swap in (default: %(default)s)",
     )
     search.add_argument(
         "--level-window",
         type=FRACTION,
-        default=0.2,
+        default=options.level_window,
         help="the levels span the target +- this (default: %(default)s); each level costs disk (bitmask, float32)",
     )
     search.add_argument(
         "--fitness",
-        default="loss",
+        default=options.fitness,
         choices=["loss", "kl"],
         help="held-out loss, or KL divergence to the dense model (default: %(default)s)",
     )
-    search.add_argument("--delta", type=SHARE, default=0.01, help="mutation step in ratio (default: %(default)s)")
+    search.add_argument(
+        "--refine-generations",
+        type=COUNT,
+        default=options.refine_generations,
+        help="with --granularity module: the search first runs per decoder block, then refines per module from "
+        "the block plan for this many generations (0: search per module from the start) (default: %(default)s)",
+    )
+    search.add_argument(
+        "--search-precision",
+        default=options.precision,
+        choices=PRECISIONS,
+        help="matmul precision of the fitness forward passes: auto is bfloat16 on a CPU with AVX512-BF16 or AMX "
+        "(about half the time per candidate) and float32 elsewhere (default: %(default)s)",
+    )
+    search.add_argument(
+        "--delta", type=SHARE, default=options.delta, help="mutation step in ratio (default: %(default)s)"
+    )
     search.add_argument(
         "--moves",
         type=POSITIVE,
@@ -798,6 +820,8 @@ def cmd_plan(args) -> None:
             args.state,
             level_step=args.level_step,
             level_window=args.level_window,
+            precision=args.search_precision,
+            refine_generations=args.refine_generations,
         ),
     )
     outcome = make_plan(job, RichProgress())

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from mixsparse.pruner import data, models, pipeline
+from mixsparse.pruner import precision as matmul
 from mixsparse.pruner.adapter import adapt
 from mixsparse.pruner.plan_request import Deployment, FisherOptions, PlanRequest, Research, SearchOptions
 from mixsparse.pruner.planning import make_plan
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.search import SearchSettings
 from mixsparse.pruner.sensitivity import fisher_traces
+from mixsparse.runtime.errors import MixsparseError
 from mixsparse.serve.cli import main
 
 FAST = SearchSettings(generations=3, population=3, offspring=4, survivors=2, steps=(1, 2), seed=0)
@@ -210,10 +212,65 @@ def test_deployment_fitness_scores_what_prune_with_the_plan_produces(tiny_llama,
 
     every = {n: Spec.nm(2, 4) for n in evidence.shapes}
     ids = evaluator.sequences[:2]
-    expected = reference.model(ids, labels=ids, use_cache=False).loss.item()
+    with matmul.autocast(evaluator.precision, "cpu"):  # the search's own matmul precision (auto)
+        expected = reference.model(ids, labels=ids, use_cache=False).loss.item()
     assert evaluator.evaluate(every, 2) == pytest.approx(expected, rel=1e-6)
     evaluator.restore()
     assert all(torch.equal(m.weight, dense[n]) for n, m in evidence.adapter.linears().items())
+
+
+@pytest.mark.parametrize("fitness", ["loss", "kl"])
+def test_bf16_fitness_follows_the_swapped_weights(tiny_llama, tmp_path, fitness):
+    """Under bf16 autocast every candidate is scored on its own weights (no cast cache keeps the previous
+    candidate's), and the fitness stays close to float32's."""
+    from mixsparse.pruner.deployment_plans import deploy_evaluator
+    from mixsparse.pruner.evidence import gather
+    from mixsparse.pruner.plan_request import check
+    from mixsparse.pruner.progress import Silent
+    from mixsparse.pruner.spec import Spec
+
+    def evaluator(precision):
+        job = plan_job(tiny_llama, tmp_path / "d.json", allocator="msp", metric="sparsegpt", deploy=True, budget=1.0)
+        job.search.precision, job.search.fitness = precision, fitness
+        return deploy_evaluator(job, gather(job, Silent(), need_fisher=False, need_stats=False), Silent())
+
+    scores = {}
+    for precision in ("float32", "bfloat16"):
+        first = evaluator(precision)
+        assert first.precision == precision
+        names = list(first.modules)
+        half = {n: Spec.nm(2, 4) if i % 2 else Spec.dense() for i, n in enumerate(names)}
+        every = {n: Spec.nm(2, 4) for n in names}
+        scores[precision] = [first.evaluate(specs, 2) for specs in (half, every, half)]
+        assert evaluator(precision).evaluate(every, 2) == scores[precision][1]
+    assert scores["bfloat16"][0] == scores["bfloat16"][2] != scores["bfloat16"][1]
+    assert scores["bfloat16"] == pytest.approx(scores["float32"], rel=2e-2, abs=2e-3)
+    job = plan_job(tiny_llama, tmp_path / "r.json", target=0.6)
+    job.search.precision = "fp8"
+    with pytest.raises(MixsparseError, match="search precision 'fp8'"):
+        check(job)
+
+
+def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp_path):
+    """Module granularity over stored levels: modules of unlike sizes get their own grid level, and the plan
+    prunes exactly the target's weights (a level step of a module counts its size). The search runs per
+    block first and refines per module from there."""
+    job = plan_job(tiny_llama, tmp_path / "m.json", target=0.6, metric="sparsegpt", granularity="module")
+    plan = make_plan(job).plan
+    grid = plan.info["levels"]["levels"]
+    ratios = {name: spec.sparsity for name, spec in plan.modules.items()}
+    assert all(any(abs(r - level) < 1e-9 for level in grid) for r in ratios.values())
+    assert len(set(ratios.values())) > 1
+    sizes = plan.shapes
+    pruned = sum(ratios[n] * sizes[n][0] * sizes[n][1] for n in ratios)
+    assert pruned == pytest.approx(0.6 * sum(o * i for o, i in sizes.values()), abs=1)
+    # it searched per block first, then refined per module from the block plan: never worse than it
+    search = plan.info["search"]
+    blocks = search["block_phase"]
+    assert search["seed_fitness"]["block plan"] == blocks["best_fitness"]
+    assert search["best_fitness"] <= blocks["best_fitness"]
+    assert blocks["generations"] < search["generations"] <= blocks["generations"] + 20  # patience may stop it
+    assert job.block_state_path.is_file()
 
 
 @pytest.mark.parametrize("metric", ["sparsegpt", "wanda", "magnitude", "gblm"])
@@ -261,7 +318,7 @@ def test_research_search_scores_what_prune_with_the_plan_produces(tiny_llama, tm
     assert all(torch.equal(m.weight, dense[n]) for n, m in evidence.adapter.linears().items())  # dense put back
     assert stores_levels(get_metric(metric)) == bool(store.files)
     blocks = sorted({n.split(".mlp")[0].split(".self_attn")[0] for n in names})
-    ops = LevelOps(len(grid.levels), grid.index(0.6))
+    ops = LevelOps(len(grid.levels), grid.index(0.6), (1,) * len(blocks))
     genome = ops.mutate(tuple([ops.anchor] * len(blocks)), random.Random(1), 3)
     level_of = dict(zip(blocks, (grid.levels[i] for i in genome)))
     specs = {n: Spec.unstructured(level_of[n.split(".mlp")[0].split(".self_attn")[0]]) for n in names}
@@ -276,7 +333,8 @@ def test_research_search_scores_what_prune_with_the_plan_produces(tiny_llama, tm
     for name, module in ref.linears().items():
         assert torch.equal(scored[name], module.weight), name
     ids = evaluator.sequences[:2]
-    assert fitness == reference.model(ids, labels=ids, use_cache=False).loss.item()
+    with matmul.autocast(evaluator.precision, "cpu"):
+        assert fitness == reference.model(ids, labels=ids, use_cache=False).loss.item()
     if metric == "sparsegpt":  # the update moves kept weights: these are not masks of the dense weights
         assert any(not torch.equal(w, dense[n] * (w != 0)) for n, w in scored.items())
         # the CLI applies the found plan the same way, and its card says so

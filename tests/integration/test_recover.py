@@ -226,11 +226,12 @@ def test_bfloat16_tuning_reaches_the_float32_result(tiny_llama, small_calibratio
 
 
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
-    from mixsparse.pruner import recover
+    from mixsparse.pruner import precision
 
     for serving, expected in (("bfloat16", "bfloat16"), ("float32", "float32")):
-        monkeypatch.setattr(recover, "cpu_serving_dtype", lambda serving=serving: serving)
+        monkeypatch.setattr(precision, "cpu_serving_dtype", lambda serving=serving: serving)
         assert RecoverOptions().resolved(device="cpu").precision == expected
+        assert precision.resolve("auto", "cpu") == expected
         assert RecoverOptions(precision="float32").resolved(device="cpu").precision == "float32"
 
 

@@ -93,16 +93,51 @@ def test_level_genomes_keep_the_budget_and_the_grid():
     assert grid.levels == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
     assert LevelGrid.around(0.7, 0.05, 0.2, 0.6, 0.8).levels == (0.6, 0.65, 0.7, 0.75, 0.8)
     assert LevelGrid.around(0.9, 0.05, 0.2, 0.0, 0.99).levels[-1] == 0.95  # clipped at 0.99
-    ops = LevelOps(len(grid.levels), grid.index(0.7))
+    ops = LevelOps(len(grid.levels), grid.index(0.7), (1,) * 12)
     rng = random.Random(0)
     population = [tuple([ops.anchor] * 12)]
     for _ in range(200):
         a, b = rng.choice(population), rng.choice(population)
         child = ops.mutate(ops.crossover(a, b, rng), rng, rng.randint(1, 4))
-        assert sum(child) == ops.total(12) and all(0 <= i < ops.count for i in child)
+        assert sum(child) == ops.total and all(0 <= i < ops.count for i in child)
         population.append(child)
     assert len(set(population)) > 50
     seeded = ops.snap([0.52, 0.91, 0.7, 0.66, 0.74, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], grid.levels)
-    assert sum(seeded) == ops.total(12) and seeded[0] <= grid.index(0.55)
+    assert sum(seeded) == ops.total and seeded[0] <= grid.index(0.55)
     with pytest.raises(MixsparseError, match="not a level"):
         grid.index(0.71)
+
+
+def test_module_level_genomes_keep_the_budget_in_weights():
+    """Modules of unlike sizes (SmolLM2's q, k, v, o, gate, up, down: 3, 1, 1, 3, 8, 8, 8 units of 110592
+    weights): every mutation and crossover prunes exactly the anchor's number of weights, and budget moves
+    between attention and MLP modules."""
+    import random
+
+    from mixsparse.pruner.genome import LevelOps, level_units
+    from mixsparse.pruner.levels import LevelGrid
+
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 4
+    sizes = [o * i for o, i in shapes]
+    units = level_units(sizes)
+    assert units[:7] == (3, 1, 1, 3, 8, 8, 8)
+    grid = LevelGrid.around(0.7, 0.05, 0.2, 0.0, 0.99)
+    ops = LevelOps(len(grid.levels), grid.index(0.7), units)
+
+    def pruned(genome):
+        return sum(round(grid.levels[i] * n) for i, n in zip(genome, sizes))
+
+    rng = random.Random(0)
+    population = [tuple([ops.anchor] * len(sizes))]
+    for _ in range(300):
+        a, b = rng.choice(population), rng.choice(population)
+        child = ops.mutate(ops.crossover(a, b, rng), rng, rng.randint(1, 4))
+        assert ops.spent(child) == ops.total and all(0 <= i < ops.count for i in child)
+        assert pruned(child) == pytest.approx(0.7 * sum(sizes), abs=len(sizes))
+        population.append(child)
+    mlp = [i for i, u in enumerate(units) if u == 8]
+    assert any(sum(g[i] for i in mlp) != ops.anchor * len(mlp) for g in population)  # MLP share moved
+    seeded = ops.snap([0.9, 0.5, 0.5, 0.6] + [0.7] * (len(sizes) - 4), grid.levels)
+    assert ops.spent(seeded) == ops.total and seeded[0] > ops.anchor
+    with pytest.raises(MixsparseError, match="16, 43"):
+        level_units([4096 * 4096, 11008 * 4096])
