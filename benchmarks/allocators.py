@@ -73,6 +73,9 @@ def pruned_perplexity(args, work: Path, name: str, plan: Path, metric: str) -> d
 def make_research_plan(args, work: Path, sensitivity: Path, allocator: str, target: float, metric: str) -> Path:
     """The plan file of one (allocator, target[, base]) with its cost beside it; made once, kept in --work."""
     name = f"{allocator}-{target:g}" + (f"-{metric}" if allocator == "msp" else "")
+    searched = allocator == "msp"
+    if searched and args.msp_granularity == "module":
+        name += "-module"
     plan = work / f"plan-{name}.json"
     if not plan.exists():
         started = time.perf_counter()
@@ -90,7 +93,8 @@ def make_research_plan(args, work: Path, sensitivity: Path, allocator: str, targ
             "--out",
             str(plan),
             "--overwrite",
-            *(["--generations", str(args.generations)] if args.generations is not None and allocator == "msp" else []),
+            *(["--generations", str(args.generations)] if args.generations is not None and searched else []),
+            *(["--granularity", "module"] if searched and args.msp_granularity == "module" else []),
         )
         info = json.loads(plan.read_text())
         (work / f"plan-{name}.cost.json").write_text(
@@ -415,6 +419,13 @@ def main() -> None:
     parser.add_argument("--allocators", default=",".join(ALLOCATORS), help="comma-separated research allocators")
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated base metrics")
     parser.add_argument("--generations", type=int, help="msp generations per research plan (default: the CLI's)")
+    parser.add_argument(
+        "--msp-granularity",
+        default="module",
+        choices=["block", "module"],
+        help="msp plans per decoder block, or per module (searched per block, then refined per module); the "
+        "other allocators set one ratio per block (default: %(default)s)",
+    )
     parser.add_argument("--deploy-budget", type=float, default=0.5)
     parser.add_argument(
         "--deploy-metric",
@@ -445,7 +456,9 @@ def main() -> None:
         markdown = (
             "uniform/global/OWL/Fisher plans are made once per target and applied with each base "
             "(`mixsparse prune --plan ... --metric <base>`); MSP searches once per base over that base's own levels "
-            "(`mixsparse plan --allocator msp --metric <base>`), so its fitness is the model prune then writes. "
+            f"(`mixsparse plan --allocator msp --metric <base> --granularity {args.msp_granularity}`"
+            + (", per block and then refined per module" if args.msp_granularity == "module" else "")
+            + "), so its fitness is the model prune then writes; the other allocators set one ratio per block. "
             f"WikiText-2 test perplexity on the first {args.windows} windows of "
             f"2048 tokens; dense {dense_perplexity(cells[0]):.2f}.\n\n"
             + provenance_markdown(cells)

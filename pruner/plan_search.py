@@ -86,7 +86,8 @@ def run_search(
         state.finished = False
     else:
         state = SearchState(settings=asdict(settings), fingerprint=fingerprint)
-    tokens_before = state.tokens
+    # the evaluator may have scored an earlier phase's candidates: count only this search's tokens
+    tokens_before = state.tokens - evaluator.tokens
 
     def evaluate(genome, count: int) -> float:
         return evaluator.evaluate(to_specs(genome), count)
