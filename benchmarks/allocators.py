@@ -462,7 +462,9 @@ def main() -> None:
             f"WikiText-2 test perplexity on the first {args.windows} windows of "
             f"2048 tokens; dense {dense_perplexity(cells[0]):.2f}.\n\n"
             + provenance_markdown(cells)
-            + research_markdown(cells, sorted({c["target"] for c in cells}), args.bases)
+            + research_markdown(
+                cells, sorted({c["target"] for c in cells}), [b for b in BASES if any(b in c for c in cells)]
+            )
         )
         print(markdown)
         save(
