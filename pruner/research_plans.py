@@ -220,17 +220,17 @@ def research_plan(request: PlanRequest, evidence: Evidence, progress: Progress) 
         weights = [[linears[m].weight for m in members] for members in genes.members]
         ratios, threshold = global_ratios(weights, genes.sizes, target, goal.min_ratio, goal.max_ratio)
         info["global"] = {"threshold": threshold}
-    else:
-        ratios = fisher_allocation(request, evidence, genes)
-        info["fisher_allocation"] = {"spread": request.fisher.spread}
-    counts = from_ratios(ratios, budget)
-    if request.allocator == "msp":
+    elif request.allocator == "msp":
+        # the search seeds itself from the Fisher allocation (per phase) and uniform
         ratios, info["search"] = msp_search(request, evidence, genes, budget, progress)
         # prune --plan with this metric reruns the anchored pass and keeps these levels (levels.prune_from_levels)
         info["levels"] = info["search"]["levels"]
         info["search_scores"] = f"{request.metric}'s own levels (anchored calibration pass at the target)"
     else:
-        ratios = budget.ratios(counts)
+        ratios = fisher_allocation(request, evidence, genes)
+        info["fisher_allocation"] = {"spread": request.fisher.spread}
+    if request.allocator != "msp":  # whole weights per gene, the average exactly the target
+        ratios = budget.ratios(from_ratios(ratios, budget))
     modules = specs_for(genes, ratios)
     return Plan(
         modules,

@@ -251,10 +251,20 @@ def test_bf16_fitness_follows_the_swapped_weights(tiny_llama, tmp_path, fitness)
         check(job)
 
 
-def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp_path):
+def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp_path, monkeypatch):
     """Module granularity over stored levels: modules of unlike sizes get their own grid level, and the plan
     prunes exactly the target's weights (a level step of a module counts its size). The search runs per
-    block first and refines per module from there."""
+    block first and refines per module from there, and the two phases' token counts add up to what was scored."""
+    from mixsparse.pruner.fitness import PlanEvaluator
+
+    scored = []
+    original = PlanEvaluator.evaluate
+
+    def counting(self, specs, count):
+        scored.append(self.sequences[:count].numel())
+        return original(self, specs, count)
+
+    monkeypatch.setattr(PlanEvaluator, "evaluate", counting)
     job = plan_job(tiny_llama, tmp_path / "m.json", target=0.6, metric="sparsegpt", granularity="module")
     plan = make_plan(job).plan
     grid = plan.info["levels"]["levels"]
@@ -270,6 +280,9 @@ def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp
     assert search["seed_fitness"]["block plan"] == blocks["best_fitness"]
     assert search["best_fitness"] <= blocks["best_fitness"]
     assert blocks["generations"] < search["generations"] <= blocks["generations"] + 20  # patience may stop it
+    # the phases share one evaluator: each counts only its own candidates' tokens (once counted twice)
+    assert search["evaluations"] == len(scored) and search["tokens"] == sum(scored)
+    assert blocks["tokens"] == sum(scored[: blocks["evaluations"]])
     assert job.block_state_path.is_file()
 
 
