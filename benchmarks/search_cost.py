@@ -82,10 +82,47 @@ def timed_args(report: str) -> list[str] | None:
     return words[words.index("plan") + 1 :] if "plan" in words else None
 
 
+def searched_as_now(args: list[str], plan: Path) -> bool:
+    """Whether the kept plan was searched as `mixsparse plan args` searches today: the same command means
+    another search once a default (generations, level grid, precision) has changed."""
+    from mixsparse.pruner.levels import LevelGrid
+    from mixsparse.pruner.precision import resolve
+    from mixsparse.serve.cli import build_parser
+
+    if not plan.exists():
+        return False
+    ns = build_parser().parse_args(["plan", *args])
+    search = json.loads(plan.read_text()).get("search", {})
+    settings = dict(
+        zip(
+            ("generations", "population", "offspring", "survivors", "steps", "moves", "patience", "seed"),
+            (ns.generations, ns.population, ns.offspring, ns.survivors, list(ns.steps), ns.moves, ns.patience),
+        ),
+        seed=ns.search_seed,
+    )
+    levels = search.get("levels", {})
+    grid = LevelGrid.around(
+        ns.target, ns.level_step if levels.get("stored") else ns.delta, ns.level_window, ns.min_ratio, ns.max_ratio
+    ).to_json()
+    return (
+        search.get("settings") == settings
+        and search.get("precision") == resolve(ns.search_precision, ns.device)
+        and search.get("fitness_seqlen") == ns.fitness_seqlen
+        and {k: levels.get(k) for k in grid} == grid
+    )
+
+
 def timed(log: Path, args: list[str]) -> str:
-    """The GNU time report of `mixsparse plan args`, from ``log`` if it timed exactly that command."""
+    """The GNU time report of `mixsparse plan args`, from ``log`` if it timed exactly that command, searched
+    with today's defaults."""
     command = f"mixsparse plan {shlex.join(args)}"
-    if log.exists() and (earlier := timed_args(log.read_text())) and normalised(earlier) == normalised(args):
+    plan = Path(args[args.index("--out") + 1])
+    if (
+        log.exists()
+        and (earlier := timed_args(log.read_text()))
+        and normalised(earlier) == normalised(args)
+        and searched_as_now(args, plan)
+    ):
         print(f"reusing {log} ({command})", file=sys.stderr)
         return log.read_text()
     print(f"$ {command}", file=sys.stderr, flush=True)
