@@ -253,40 +253,81 @@ def dense_perplexity(cell: dict) -> float:
     return next(cell[base]["dense"] for base in BASES if base in cell)
 
 
-def with_published_targets(cells: list[dict]) -> list[dict]:
-    """This run's cells plus the published cells of targets it did not measure, each naming the command and
-    machine that measured it, so one column can be added or refreshed without rerunning the others."""
+def with_published(cells: list[dict]) -> list[dict]:
+    """This run's measurements over the published ones, per (target, allocator, base): whatever this run did not
+    measure keeps its published number, so one column, one base or one allocator can be added or refreshed
+    without rerunning the others. Each measurement names the command and machine that made it."""
     provenance = {"command": command_line(), "machine": machine_line(machine())}
-    cells = [{**c, **provenance} for c in cells]
+    fresh = [{**c, **{b: {**c[b], **provenance} for b in BASES if b in c}} for c in cells]
     path = RESULTS / "allocators.json"
     if not path.exists():
-        return cells
+        return fresh
     published = json.loads(path.read_text())
-    measured = {c["target"] for c in cells}
     default = {"command": published["command"], "machine": machine_line(published["machine"])}
-    dense = dense_perplexity(cells[0]) if cells else None
-    # the same evaluation protocol shows as the same dense perplexity; other published columns are dropped
-    kept = [
-        {**default, **c}
-        for c in published["data"].get("research", [])
-        if c["target"] not in measured
-        and c.get("protocol") == PROTOCOL
-        and (dense is None or abs(dense_perplexity(c) - dense) <= 1e-3 * dense)
-    ]
-    return sorted(kept + cells, key=lambda c: (c["target"], ALLOCATORS.index(c["allocator"])))
+    dense = dense_perplexity(fresh[0]) if fresh else None
+    merged: dict[tuple[float, str], dict] = {}
+    for cell in published["data"].get("research", []):
+        # the same evaluation protocol shows as the same dense perplexity; other published cells are dropped
+        if cell.get("protocol") != PROTOCOL or (
+            dense is not None and abs(dense_perplexity(cell) - dense) > 1e-3 * dense
+        ):
+            continue
+        # older results named their run once per cell
+        run = {k: cell[k] for k in ("command", "machine") if k in cell} or default
+        bases = {b: {**run, **cell[b]} for b in BASES if b in cell}
+        merged[cell["target"], cell["allocator"]] = {
+            "allocator": cell["allocator"],
+            "target": cell["target"],
+            "protocol": PROTOCOL,
+            **bases,
+        }
+    for cell in fresh:
+        key = cell["target"], cell["allocator"]
+        merged[key] = {**merged.get(key, {}), **cell}
+    return sorted(merged.values(), key=lambda c: (c["target"], ALLOCATORS.index(c["allocator"])))
 
 
 def provenance_markdown(cells: list[dict]) -> str:
-    runs: dict[tuple[str, str], set[float]] = {}
+    runs: dict[tuple[str, str], dict[float, list[str]]] = {}
     for cell in cells:
-        runs.setdefault((cell["command"], cell["machine"]), set()).add(cell["target"])
+        for base in BASES:
+            if base in cell:
+                measured = runs.setdefault((cell[base]["command"], cell[base]["machine"]), {})
+                bases = measured.setdefault(cell["target"], [])
+                if base not in bases:
+                    bases.append(base)
     if len(runs) < 2:
         return ""
     lines = [
-        f"- target {', '.join(f'{t:g}' for t in sorted(targets))}: `{command}` on {where}"
-        for (command, where), targets in sorted(runs.items(), key=lambda kv: min(kv[1]))
+        "- "
+        + "; ".join(f"{t:g} {', '.join(bases)}" for t, bases in sorted(measured.items()))
+        + f": `{command}` on {where}"
+        for (command, where), measured in sorted(runs.items(), key=lambda kv: min(kv[1]))
     ]
-    return "Columns were measured in separate runs (same protocol):\n\n" + "\n".join(lines) + "\n\n"
+    return "Measured in separate runs (same protocol):\n\n" + "\n".join(lines) + "\n\n"
+
+
+def not_measured(cells: list[dict], targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)) -> str:
+    """The (target, base) pairs of the full table that lack an allocator, as the sentence under the table."""
+    missing = []
+    for target in targets:
+        for base in BASES:
+            absent = [
+                a
+                for a in ALLOCATORS
+                if not any(c["target"] == target and c["allocator"] == a and base in c for c in cells)
+            ]
+            if len(absent) == len(ALLOCATORS):
+                missing.append(f"{target:g} {base}")
+            elif absent:
+                missing.append(f"{target:g} {base} ({', '.join(absent)})")
+    if not missing:
+        return ""
+    return (
+        f"\n\nNot measured yet: {'; '.join(missing)} "
+        f"(`python benchmarks/allocators.py --windows 10 --targets <t> --bases <b> --skip-deploy --skip-front` "
+        "adds one; each MSP search takes 20-30 min on 2 cores)."
+    )
 
 
 def research_markdown(cells: list[dict], targets: list[float], bases: list[str]) -> str:
@@ -318,6 +359,7 @@ def research_markdown(cells: list[dict], targets: list[float], bases: list[str])
                         f"{cost['seconds']:.0f}",
                         str(cost["generations"]),
                         f"{cost['tokens']:,}",
+                        cost.get("precision", "float32"),
                         f"{cost.get('levels', {}).get('database_bytes', 0) / 2**30:.2f}",
                         f"{own:.3f}" if own else "-",
                         f"{msp['perplexity'] / get['uniform'][base]['perplexity']:.3f}" if "uniform" in get else "-",
@@ -347,6 +389,7 @@ def research_markdown(cells: list[dict], targets: list[float], bases: list[str])
                 "search (s)",
                 "generations",
                 "tokens evaluated",
+                "fitness matmuls",
                 "level database (GiB)",
                 "fitness set ratio",
                 "test ratio",
@@ -452,7 +495,7 @@ def main() -> None:
     # each part is its own results file (and table in BENCHMARKS.md, under the command that made it), so a run
     # that skips a part leaves that part's published numbers alone
     if not args.skip_research:
-        cells = with_published_targets(research(args, work, sensitivity))
+        cells = with_published(research(args, work, sensitivity))
         markdown = (
             "uniform/global/OWL/Fisher plans are made once per target and applied with each base "
             "(`mixsparse prune --plan ... --metric <base>`); MSP searches once per base over that base's own levels "
@@ -465,6 +508,7 @@ def main() -> None:
             + research_markdown(
                 cells, sorted({c["target"] for c in cells}), [b for b in BASES if any(b in c for c in cells)]
             )
+            + not_measured(cells)
         )
         print(markdown)
         save(
