@@ -114,7 +114,10 @@ class PlanEvaluator:
 
     @torch.no_grad()
     def _logprobs(self, count: int) -> torch.Tensor:
-        ids = self.sequences[:count].to(self.device)
+        return self._logprobs_of(self.sequences[:count].to(self.device))
+
+    @torch.no_grad()
+    def _logprobs_of(self, ids: torch.Tensor) -> torch.Tensor:
         with matmul.autocast(self.precision, self.device):
             logits = self.model(ids, use_cache=False).logits
         return torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -136,6 +139,34 @@ class PlanEvaluator:
         self.tokens += ids.numel()
         self.seconds += time.perf_counter() - start
         return value
+
+    @torch.no_grad()
+    def held_out(
+        self,
+        candidates: list[dict[str, Spec]],
+        sequences: torch.Tensor,
+        batch: int,
+        after_batch: Callable[[], None] = lambda: None,
+    ) -> list[float]:
+        """The fitness of each candidate on other ``sequences`` (equal lengths), ``batch`` sequences at a time:
+        batch by batch, so KL's dense reference is computed once per batch and never held for all of them.
+        Not counted as search work."""
+        totals = [0.0] * len(candidates)
+        for start in range(0, len(sequences), batch):
+            ids = sequences[start : start + batch].to(self.device)
+            if self.fitness == "kl":
+                self.restore()
+                reference = self._logprobs_of(ids)
+            for index, specs in enumerate(candidates):
+                self.apply(specs)
+                if self.fitness == "loss":
+                    with matmul.autocast(self.precision, self.device):
+                        value = self.model(ids, labels=ids, use_cache=False).loss.item()
+                else:
+                    value = (reference.exp() * (reference - self._logprobs_of(ids))).sum(-1).mean().item()
+                totals[index] += value * len(ids)
+            after_batch()
+        return [total / len(sequences) for total in totals]
 
     def reference(self, count: int) -> torch.Tensor:
         """Dense next-token log-probabilities for KL fitness (computed once, on the most sequences asked)."""

@@ -19,6 +19,8 @@ from mixsparse.pruner.plan_request import PlanRequest
 from mixsparse.pruner.progress import Progress
 from mixsparse.pruner.search import SearchSettings, SearchState, evolve
 
+HELD_OUT_FACTOR = 4  # held-out check sequences per sequence of the search's final step
+
 
 def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
     """Held-out sequences: other random windows of the calibration split (seed + 1)."""
@@ -27,6 +29,19 @@ def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
         samples=max(request.search.settings.steps),
         seqlen=request.search.fitness_seqlen,
         seed=request.calibration.seed + 1,
+    )
+    return data.calibration_windows(tokenizer, protocol)
+
+
+def held_out_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
+    """Sequences the search never scores (seed + 2), four times its final step: the plan is chosen among the
+    search's best and its seeds by their loss here, so a search that fits its own few sequences cannot return a
+    plan worse than where it started."""
+    protocol = replace(
+        request.calibration,
+        samples=HELD_OUT_FACTOR * max(request.search.settings.steps),
+        seqlen=request.search.fitness_seqlen,
+        seed=request.calibration.seed + 2,
     )
     return data.calibration_windows(tokenizer, protocol)
 

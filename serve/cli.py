@@ -845,6 +845,11 @@ def cmd_plan(args) -> None:
         )
         seeds = {k: v for k, v in search["seed_fitness"].items() if v is not None}
         rows.append(("seeds", ", ".join(f"{k} {v:.4f}" for k, v in seeds.items())))
+        if "held_out_check" in search:
+            check = search["held_out_check"]
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in check["scores"].items())
+            verdict = "the search's plan" if check["chosen"] == "search" else f"{check['chosen']} (the search overfit)"
+            rows.append(("held-out check", f"{scores} on {check['sequences']} other sequences: wrote {verdict}"))
     if info.get("deploy"):
         rows.append(
             (

@@ -286,6 +286,41 @@ def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp
     assert job.block_state_path.is_file()
 
 
+@pytest.mark.parametrize("granularity", ["block", "module"])
+def test_the_plan_is_the_held_out_best_of_the_search_and_its_seeds(tiny_llama, tmp_path, monkeypatch, granularity):
+    """The search's best and its seeds are scored on sequences the search never saw; the lowest held-out loss
+    is written, so a search that fit its fitness sequences falls back to the seed it started from."""
+    from mixsparse.pruner.fitness import PlanEvaluator
+    from mixsparse.pruner.plan_search import fitness_sequences, held_out_sequences
+
+    job = plan_job(tiny_llama, tmp_path / "a.json", target=0.6, metric="sparsegpt", granularity=granularity)
+    plan = make_plan(job).plan
+    check = plan.info["search"]["held_out_check"]
+    scores = check["scores"]
+    assert check["chosen"] == min(scores, key=lambda name: (scores[name], name != "search"))
+    names = {
+        "block": {"search", "fisher", "uniform"},
+        "module": {"search", "block plan", "fisher per module", "uniform"},
+    }
+    assert set(scores) == names[granularity] and check["fitness"] == "loss"
+    tokenizer = models.load(str(tiny_llama), dtype=torch.float32).tokenizer
+    held_out, fitness = held_out_sequences(job, tokenizer), fitness_sequences(job, tokenizer)
+    assert check["sequences"] == len(held_out) == 4 * len(fitness)
+    assert not any(torch.equal(row, other) for row in held_out for other in fitness)
+
+    # a search whose best generalises worse than uniform: uniform's plan is written
+    def prefers_uniform(self, candidates, sequences, batch, after_batch):
+        return [0.0 if len({spec.sparsity for spec in specs.values()}) == 1 else 1.0 for specs in candidates]
+
+    monkeypatch.setattr(PlanEvaluator, "held_out", prefers_uniform)
+    plan = make_plan(
+        plan_job(tiny_llama, tmp_path / "u.json", target=0.6, metric="sparsegpt", granularity=granularity)
+    ).plan
+    assert plan.info["search"]["held_out_check"]["chosen"] == "uniform"
+    assert {spec.sparsity for spec in plan.modules.values()} == {0.6}
+    assert plan.info["search"]["best_fitness"] < plan.info["search"]["seed_fitness"]["uniform"]
+
+
 @pytest.mark.parametrize("metric", ["sparsegpt", "wanda", "magnitude", "gblm"])
 def test_research_search_scores_what_prune_with_the_plan_produces(tiny_llama, tmp_path, metric):
     """An msp plan is searched over the base metric's own levels (an anchored calibration pass, SparseGPT with
@@ -308,8 +343,9 @@ def test_research_search_scores_what_prune_with_the_plan_produces(tiny_llama, tm
         metric == "sparsegpt"
     )
     assert not job.levels_path.exists()  # a finished search removes its database
-    ratios = {info["ratio"] for info in plan.info["genes"].values()}
-    assert len(ratios) > 1 or metric != "sparsegpt"
+    # the search's own best is not uniform (the held-out check may still write a seed on this random model)
+    best = json.loads(job.state_path.read_text())["population"][0]["genome"]
+    assert len(set(best)) > 1 or metric != "sparsegpt"
 
     # a candidate unlike the anchor: random levels (sparsegpt) or ratios (scores) per block, same budget
     evidence = gather(job, Silent(), need_fisher=False, need_stats=False, need_gradients=metric == "gblm")
@@ -461,6 +497,9 @@ def test_resume_and_corrupt_state(tiny_llama, tmp_path, capsys):
     assert main([*args, "--generations", "4", "--resume"]) == 0
     plan = json.loads((tmp_path / "p.json").read_text())
     assert plan["search"]["generations"] == 4
+    check = plan["search"]["held_out_check"]
+    printed = capsys.readouterr().out
+    assert "held-out check" in printed and f"search {check['scores']['search']:.4f}" in printed, printed
     (tmp_path / "p.search.json").write_text("{not json")
     assert main([*args, "--generations", "5", "--resume"]) == 2
     assert "is corrupt" in capsys.readouterr().err
