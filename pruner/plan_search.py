@@ -35,8 +35,8 @@ def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
 
 def held_out_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
     """Sequences the search never scores (seed + 2), four times its final step: the plan is chosen among the
-    search's best and its seeds by their loss here, so a search that fits its own few sequences cannot return a
-    plan worse than where it started."""
+    search's best and its seeds by their fitness here, so a search that fits its own few sequences cannot return
+    a plan worse on other text than where it started."""
     protocol = replace(
         request.calibration,
         samples=HELD_OUT_FACTOR * max(request.search.settings.steps),
