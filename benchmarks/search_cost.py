@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from common import markdown_table, save
@@ -87,27 +88,20 @@ def searched_as_now(args: list[str], plan: Path) -> bool:
     another search once a default (generations, level grid, precision) has changed."""
     from mixsparse.pruner.levels import LevelGrid
     from mixsparse.pruner.precision import resolve
-    from mixsparse.serve.cli import build_parser
+    from mixsparse.serve.cli import build_parser, search_options_from
 
     if not plan.exists():
         return False
     ns = build_parser().parse_args(["plan", *args])
+    options = search_options_from(ns)
     search = json.loads(plan.read_text()).get("search", {})
-    settings = dict(
-        zip(
-            ("generations", "population", "offspring", "survivors", "steps", "moves", "patience", "seed"),
-            (ns.generations, ns.population, ns.offspring, ns.survivors, list(ns.steps), ns.moves, ns.patience),
-        ),
-        seed=ns.search_seed,
-    )
     levels = search.get("levels", {})
-    grid = LevelGrid.around(
-        ns.target, ns.level_step if levels.get("stored") else ns.delta, ns.level_window, ns.min_ratio, ns.max_ratio
-    ).to_json()
+    step = options.level_step if levels.get("stored") else options.delta
+    grid = LevelGrid.around(ns.target, step, options.level_window, ns.min_ratio, ns.max_ratio).to_json()
     return (
-        search.get("settings") == settings
-        and search.get("precision") == resolve(ns.search_precision, ns.device)
-        and search.get("fitness_seqlen") == ns.fitness_seqlen
+        search.get("settings") == json.loads(json.dumps(asdict(options.settings)))
+        and search.get("precision") == resolve(options.precision, ns.device)
+        and search.get("fitness_seqlen") == options.fitness_seqlen
         and {k: levels.get(k) for k in grid} == grid
     )
 

@@ -113,14 +113,19 @@ class PlanEvaluator:
         self.apply({name: Spec.dense() for name in self.modules})
 
     @torch.no_grad()
-    def _logprobs(self, count: int) -> torch.Tensor:
-        return self._logprobs_of(self.sequences[:count].to(self.device))
-
-    @torch.no_grad()
     def _logprobs_of(self, ids: torch.Tensor) -> torch.Tensor:
         with matmul.autocast(self.precision, self.device):
             logits = self.model(ids, use_cache=False).logits
         return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+    @torch.no_grad()
+    def _fitness_of(self, ids: torch.Tensor, reference: torch.Tensor | None) -> float:
+        """The current weights' fitness on ``ids``: next-token loss, or KL(dense || current) from the dense
+        ``reference`` log-probabilities of the same ids."""
+        if self.fitness == "loss":
+            with matmul.autocast(self.precision, self.device):
+                return self.model(ids, labels=ids, use_cache=False).loss.item()
+        return (reference.exp() * (reference - self._logprobs_of(ids))).sum(-1).mean().item()
 
     @torch.no_grad()
     def evaluate(self, specs: dict[str, Spec], count: int) -> float:
@@ -128,13 +133,7 @@ class PlanEvaluator:
         start = time.perf_counter()
         self.apply(specs)
         ids = self.sequences[:count].to(self.device)
-        if self.fitness == "loss":
-            with matmul.autocast(self.precision, self.device):
-                value = self.model(ids, labels=ids, use_cache=False).loss.item()
-        else:
-            reference = self.reference(count)
-            logprobs = self._logprobs(count)
-            value = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+        value = self._fitness_of(ids, self.reference(count) if self.fitness == "kl" else None)
         self.evaluations += 1
         self.tokens += ids.numel()
         self.seconds += time.perf_counter() - start
@@ -154,25 +153,21 @@ class PlanEvaluator:
         totals = [0.0] * len(candidates)
         for start in range(0, len(sequences), batch):
             ids = sequences[start : start + batch].to(self.device)
+            reference = None
             if self.fitness == "kl":
                 self.restore()
                 reference = self._logprobs_of(ids)
             for index, specs in enumerate(candidates):
                 self.apply(specs)
-                if self.fitness == "loss":
-                    with matmul.autocast(self.precision, self.device):
-                        value = self.model(ids, labels=ids, use_cache=False).loss.item()
-                else:
-                    value = (reference.exp() * (reference - self._logprobs_of(ids))).sum(-1).mean().item()
-                totals[index] += value * len(ids)
+                totals[index] += self._fitness_of(ids, reference) * len(ids)
             after_batch()
         return [total / len(sequences) for total in totals]
 
     def reference(self, count: int) -> torch.Tensor:
-        """Dense next-token log-probabilities for KL fitness (computed once, on the most sequences asked)."""
+        """Dense next-token log-probabilities for KL fitness (computed once, on every fitness sequence)."""
         if self._reference is None or self._reference.shape[0] < count:
             saved = dict(self.current)
             self.restore()
-            self._reference = self._logprobs(max(count, self.sequences.shape[0])).to(torch.bfloat16)
+            self._reference = self._logprobs_of(self.sequences.to(self.device)).to(torch.bfloat16)
             self.apply(saved)
         return self._reference[:count].float()

@@ -22,28 +22,33 @@ from mixsparse.pruner.search import SearchSettings, SearchState, evolve
 HELD_OUT_FACTOR = 4  # held-out check sequences per sequence of the search's final step
 
 
-def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
-    """Held-out sequences: other random windows of the calibration split (seed + 1)."""
+FITNESS_SEED_OFFSET = 1  # the search scores windows of the calibration split drawn with seed + 1
+HELD_OUT_SEED_OFFSET = 2  # the held-out check, windows drawn with seed + 2 that the search never scores
+
+
+def search_windows(request: PlanRequest, tokenizer, samples: int, seed_offset: int) -> torch.Tensor:
+    """``samples`` random windows of the calibration split at the search's sequence length, drawn with the
+    calibration seed + ``seed_offset`` so they are other windows than the ones the model is calibrated on."""
     protocol = replace(
         request.calibration,
-        samples=max(request.search.settings.steps),
+        samples=samples,
         seqlen=request.search.fitness_seqlen,
-        seed=request.calibration.seed + 1,
+        seed=request.calibration.seed + seed_offset,
     )
     return data.calibration_windows(tokenizer, protocol)
+
+
+def fitness_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
+    """The sequences the search scores: as many as its final step."""
+    return search_windows(request, tokenizer, max(request.search.settings.steps), FITNESS_SEED_OFFSET)
 
 
 def held_out_sequences(request: PlanRequest, tokenizer) -> torch.Tensor:
-    """Sequences the search never scores (seed + 2), four times its final step: the plan is chosen among the
-    search's best and its seeds by their fitness here, so a search that fits its own few sequences cannot return
-    a plan worse on other text than where it started."""
-    protocol = replace(
-        request.calibration,
-        samples=HELD_OUT_FACTOR * max(request.search.settings.steps),
-        seqlen=request.search.fitness_seqlen,
-        seed=request.calibration.seed + 2,
-    )
-    return data.calibration_windows(tokenizer, protocol)
+    """Sequences the search never scores, four times its final step: the plan is chosen among the search's best
+    and its seeds by their fitness here, so a search that fits its own few sequences cannot return a plan worse
+    on other text than where it started."""
+    samples = HELD_OUT_FACTOR * max(request.search.settings.steps)
+    return search_windows(request, tokenizer, samples, HELD_OUT_SEED_OFFSET)
 
 
 def evaluator_for(

@@ -15,7 +15,14 @@ from mixsparse.pruner.levels import LevelGrid, build_levels, stores_levels
 from mixsparse.pruner.metrics import get_metric, wanda_score
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.plan_request import PlanRequest
-from mixsparse.pruner.plan_search import evaluator_for, fingerprint, held_out_sequences, run_search, search_summary
+from mixsparse.pruner.plan_search import (
+    HELD_OUT_SEED_OFFSET,
+    evaluator_for,
+    fingerprint,
+    held_out_sequences,
+    run_search,
+    search_summary,
+)
 from mixsparse.pruner.progress import Progress
 from mixsparse.pruner.spec import Spec
 
@@ -221,7 +228,7 @@ def held_out_choice(
         "fitness": request.search.fitness,
         "sequences": len(sequences),
         "seqlen": int(sequences.shape[1]),
-        "seed": request.calibration.seed + 2,
+        "seed": request.calibration.seed + HELD_OUT_SEED_OFFSET,
         "scores": fitness,
         "chosen": chosen,
     }

@@ -8,9 +8,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixsparse.pruner.search import SearchSettings
 from mixsparse.runtime.errors import MixsparseError
+
+if TYPE_CHECKING:
+    from mixsparse.pruner.plan_request import SearchOptions
 
 EPILOG = "Models: a local HF directory, a hub id, or the built-in 'smollm2-135m' (fetched once from PyPI)."
 
@@ -771,6 +775,33 @@ def cmd_sensitivity(args) -> None:
     )
 
 
+def search_options_from(args: argparse.Namespace) -> SearchOptions:
+    """The msp search options `plan` was given (benchmarks/search_cost.py reads a kept plan's with it)."""
+    from mixsparse.pruner.plan_request import SearchOptions
+
+    return SearchOptions(
+        SearchSettings(
+            args.generations,
+            args.population,
+            args.offspring,
+            args.survivors,
+            args.steps,
+            args.moves,
+            args.patience,
+            args.search_seed,
+        ),
+        args.delta,
+        args.fitness,
+        args.fitness_seqlen,
+        args.resume,
+        args.state,
+        level_step=args.level_step,
+        level_window=args.level_window,
+        precision=args.search_precision,
+        refine_generations=args.refine_generations,
+    )
+
+
 def cmd_plan(args) -> None:
     from mixsparse.pruner import data
     from mixsparse.pruner.plan_request import (
@@ -779,7 +810,6 @@ def cmd_plan(args) -> None:
         OwlOptions,
         PlanRequest,
         Research,
-        SearchOptions,
     )
     from mixsparse.pruner.planning import make_plan
     from mixsparse.pruner.progress import RichProgress
@@ -802,27 +832,7 @@ def cmd_plan(args) -> None:
         overwrite=args.overwrite,
         fisher=FisherOptions(args.fisher_samples, args.sensitivity, args.spread),
         owl=OwlOptions(args.owl_lambda, args.owl_m),
-        search=SearchOptions(
-            SearchSettings(
-                args.generations,
-                args.population,
-                args.offspring,
-                args.survivors,
-                args.steps,
-                args.moves,
-                args.patience,
-                args.search_seed,
-            ),
-            args.delta,
-            args.fitness,
-            args.fitness_seqlen,
-            args.resume,
-            args.state,
-            level_step=args.level_step,
-            level_window=args.level_window,
-            precision=args.search_precision,
-            refine_generations=args.refine_generations,
-        ),
+        search=search_options_from(args),
     )
     outcome = make_plan(job, RichProgress())
     if outcome.plan is None:

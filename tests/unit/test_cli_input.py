@@ -88,6 +88,39 @@ def test_lists_and_ranges_reach_the_commands_converted():
     assert build_parser().parse_args(["bench", "--dense", "d", "--sparse", "s"]).concurrency == (1, 4, 16, 64)
 
 
+def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settings(tmp_path, monkeypatch):
+    """benchmarks/search_cost.py reads the plan flags through the CLI's own search_options_from: a plan searched
+    with other generations, steps or precision than today's command would is measured afresh."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from mixsparse.pruner.levels import LevelGrid
+    from mixsparse.pruner.precision import resolve
+    from mixsparse.serve.cli import search_options_from
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from search_cost import searched_as_now
+
+    plan = tmp_path / "plan.json"
+    args = ["m", "--allocator", "msp", "--target", "0.7", "--metric", "wanda", "--steps", "2,8", "--out", str(plan)]
+    options = search_options_from(build_parser().parse_args(["plan", *args]))
+    assert options.settings.steps == (2, 8) and options.settings.generations == 50
+    grid = LevelGrid.around(0.7, options.delta, options.level_window, 0.0, 0.99).to_json()
+    search = {
+        "settings": json.loads(json.dumps(asdict(options.settings))),
+        "precision": resolve(options.precision, "cpu"),
+        "fitness_seqlen": options.fitness_seqlen,
+        "levels": {**grid, "stored": False},
+    }
+    assert not searched_as_now(args, plan)  # nothing kept
+    plan.write_text(json.dumps({"search": search}))
+    assert searched_as_now(args, plan)
+    for key, stale in [("settings", {**search["settings"], "generations": 30}), ("precision", "other")]:
+        plan.write_text(json.dumps({"search": {**search, key: stale}}))
+        assert not searched_as_now(args, plan), key
+
+
 def error_line(argv, capsys):
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
