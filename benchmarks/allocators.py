@@ -40,6 +40,11 @@ def cached(path: Path, compute):
     return value
 
 
+def kept_gradients(work: Path, metric: str) -> list[str]:
+    """gblm's gradient norms are computed by the first gblm command and read by the others (--gradients)."""
+    return ["--gradients", str(work / "gradients-gblm.safetensors")] if metric == "gblm" else []
+
+
 def pruned_perplexity(args, work: Path, name: str, plan: Path, metric: str) -> dict:
     def run():
         with_plan = work / f"artifact-{name}-{metric}"
@@ -56,6 +61,7 @@ def pruned_perplexity(args, work: Path, name: str, plan: Path, metric: str) -> d
             args.windows,
             "--overwrite",
             "--json",
+            *kept_gradients(work, metric),
             json_out=True,
         )
         # the artifact itself is not needed afterwards; the numbers are
@@ -95,6 +101,7 @@ def make_research_plan(args, work: Path, sensitivity: Path, allocator: str, targ
             "--overwrite",
             *(["--generations", str(args.generations)] if args.generations is not None and searched else []),
             *(["--granularity", "module"] if searched and args.msp_granularity == "module" else []),
+            *kept_gradients(work, metric),
         )
         info = json.loads(plan.read_text())
         (work / f"plan-{name}.cost.json").write_text(

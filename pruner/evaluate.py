@@ -60,16 +60,9 @@ def perplexity(
 
 def result_cache_key(model_path: str, protocol: EvaluationProtocol, dtype: torch.dtype) -> str:
     """Identifies (weights, protocol, dtype): cached dense perplexities are reused only for the same files."""
-    path = Path(model_path)
-    stamp = [
-        str(path.resolve()) if path.exists() else model_path,
-        str(dtype),
-        json.dumps(protocol.to_json(), sort_keys=True),
-    ]
-    if path.is_dir():
-        for file in sorted(path.glob("*.safetensors")):
-            info = file.stat()
-            stamp.append(f"{file.name}:{info.st_size}:{int(info.st_mtime)}")
+    from mixsparse.pruner.models import files_stamp
+
+    stamp = [files_stamp(model_path), str(dtype), json.dumps(protocol.to_json(), sort_keys=True)]
     return hashlib.sha256("|".join(stamp).encode()).hexdigest()[:24]
 
 

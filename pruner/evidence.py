@@ -10,12 +10,13 @@ import torch
 from mixsparse.pruner import data, models
 from mixsparse.pruner.adapter import ModelAdapter, adapt
 from mixsparse.pruner.fitness import activation_stats
+from mixsparse.pruner.gradient_file import GradientFile, gradient_norms
 from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.plan_request import PlanRequest
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.pruner.prune import prune_model
-from mixsparse.pruner.sensitivity import Sensitivity, fisher_traces, weight_gradients
+from mixsparse.pruner.sensitivity import Sensitivity, fisher_traces
 from mixsparse.pruner.spec import Spec
 from mixsparse.pruner.stats import GradientStats, InputStats
 from mixsparse.runtime.atomic import refuse_existing
@@ -61,12 +62,22 @@ def gather(
     if need_gradients:  # GBLM's per-weight gradient norms of the dense model, on the calibration windows
         windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
         with progress.task(f"gradient norms ({len(windows)} samples)", len(windows)) as advance:
-            evidence.gradients = weight_gradients(
-                evidence.adapter, windows, list(evidence.shapes), request.device, lambda index: advance()
+            evidence.gradients = gradient_norms(
+                evidence.adapter,
+                windows,
+                list(evidence.shapes),
+                request.device,
+                lambda index: advance(),
+                kept_gradients(request, evidence),
             )
         if evidence.stats is not None:
             evidence.stats = {n: replace(s, gradient=evidence.gradients[n]) for n, s in evidence.stats.items()}
     return evidence
+
+
+def kept_gradients(request: PlanRequest, evidence: Evidence) -> GradientFile | None:
+    dtype = next(evidence.adapter.model.parameters()).dtype
+    return GradientFile.of(request.gradients, evidence.loaded.path, request.calibration, dtype, request.device)
 
 
 def compute_sensitivity(
@@ -128,7 +139,13 @@ def base_weights_24(request: PlanRequest, evidence: Evidence, progress: Progress
         blocks = len(evidence.adapter.blocks)
         with progress.task(f"{request.metric} 2:4 weights of every group ({blocks} blocks)", blocks) as advance:
             prune_model(
-                evidence.adapter, plan, request.metric, windows, request.device, after_block=lambda index: advance()
+                evidence.adapter,
+                plan,
+                request.metric,
+                windows,
+                request.device,
+                after_block=lambda index: advance(),
+                kept_gradients=kept_gradients(request, evidence),
             )
         evidence.adapter.model.to("cpu")
         with torch.no_grad():

@@ -72,6 +72,18 @@ def resolve(model: str) -> str:
     return model  # a hub id; from_pretrained says whether the hub has it
 
 
+def files_stamp(model_path: str) -> str:
+    """Names a model's weights: its directory and each safetensors file's size and time (or the hub id), so
+    results cached for one set of weights are not taken for another's."""
+    path = Path(model_path)
+    stamp = [str(path.resolve()) if path.exists() else model_path]
+    if path.is_dir():
+        for file in sorted(path.glob("*.safetensors")):
+            info = file.stat()
+            stamp.append(f"{file.name}:{info.st_size}:{int(info.st_mtime)}")
+    return "|".join(stamp)
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

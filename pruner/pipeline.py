@@ -18,6 +18,7 @@ from mixsparse.pruner import chat_data, data, evaluate, models
 from mixsparse.pruner.adapter import ModelAdapter, adapt, fused_groups, select
 from mixsparse.pruner.card import describe_plan, describe_recovery, model_card, plan_text
 from mixsparse.pruner.export import human_bytes, module_entries, save_artifact, unique_state_dict
+from mixsparse.pruner.gradient_file import GradientFile, check_gradients
 from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.progress import Progress, Silent
@@ -49,6 +50,7 @@ class PruneJob:
     options: PruneOptions = field(default_factory=PruneOptions)
     overwrite: bool = False
     recover: RecoverOptions | None = None  # tune the kept weights to match the dense model after pruning
+    gradients: str | None = None  # gblm: keep the dense model's gradient norms in this file (gradient_file.py)
 
 
 @dataclass
@@ -197,7 +199,7 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
     """Load, calibrate, prune block by block, optionally evaluate, and write the artifact atomically."""
     if (job.sparsity is None) == (job.plan is None):
         raise MixsparseError("give exactly one of --sparsity or --plan")
-    get_metric(job.metric)
+    check_gradients(job.gradients, job.metric)
     check_device(job.device)
     refuse_existing(job.out, job.overwrite)
     if job.sparsity is not None:
@@ -243,6 +245,9 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
             job.options,
             after_block=lambda index: advance(),
             after_sample=lambda index: advance(),
+            kept_gradients=GradientFile.of(
+                job.gradients, path, job.calibration, next(loaded.model.parameters()).dtype, job.device
+            ),
         )
     loaded.model.to("cpu")
     recovery = None

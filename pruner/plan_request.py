@@ -13,7 +13,7 @@ from pathlib import Path
 from mixsparse.pruner import data
 from mixsparse.pruner import precision as matmul
 from mixsparse.pruner.fitness import FITNESS
-from mixsparse.pruner.metrics import get_metric
+from mixsparse.pruner.gradient_file import check_gradients
 from mixsparse.pruner.search import SearchSettings
 from mixsparse.pruner.spec import Spec
 from mixsparse.runtime.errors import MixsparseError
@@ -91,6 +91,7 @@ class PlanRequest:
     fisher: FisherOptions = field(default_factory=FisherOptions)
     owl: OwlOptions = field(default_factory=OwlOptions)
     search: SearchOptions = field(default_factory=SearchOptions)
+    gradients: str | None = None  # gblm: keep the dense model's gradient norms in this file (gradient_file.py)
 
     @property
     def deploy(self) -> Deployment | None:
@@ -126,7 +127,7 @@ class PlanRequest:
 
 def check(request: PlanRequest) -> None:
     """Everything that can be refused without the model, so it fails before the Fisher traces."""
-    get_metric(request.metric)
+    check_gradients(request.gradients, request.metric)
     matmul.check(request.search.precision, "search")
     if request.search.fitness not in FITNESS:
         raise MixsparseError(f"unknown fitness {request.search.fitness!r}; choose from {', '.join(FITNESS)}")

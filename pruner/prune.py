@@ -14,7 +14,7 @@ from mixsparse.pruner.adapter import ModelAdapter
 from mixsparse.pruner.calibration import run_blocks
 from mixsparse.pruner.metrics import Metric, get_metric, prune_weight
 from mixsparse.pruner.plan import Plan
-from mixsparse.pruner.sensitivity import weight_gradients
+from mixsparse.pruner.gradient_file import GradientFile, gradient_norms
 from mixsparse.pruner.stats import GradientStats, InputStats, SharedInputs
 
 
@@ -80,9 +80,11 @@ def prune_model(
     options: PruneOptions = PruneOptions(),
     after_block: Callable[[int], None] = lambda index: None,
     after_sample: Callable[[int], None] = lambda index: None,
+    kept_gradients: GradientFile | None = None,
 ) -> PruneResult:
     """Prune ``adapter.model`` in place. ``calibration`` (samples x tokens) is needed by wanda/sparsegpt/gblm;
-    gblm first takes one backward per calibration sample on the dense model (``after_sample`` after each)."""
+    gblm first takes one backward per calibration sample on the dense model (``after_sample`` after each),
+    or reads the norms from ``kept_gradients`` when an earlier command wrote them there."""
     metric = get_metric(metric_name)
     device = torch.device(device)
     if device.type == "cuda":
@@ -101,7 +103,7 @@ def prune_model(
         ratios = {n: (0.0 if s.is_dense else s.sparsity) for n, s in plan.modules.items()}
         gradients = None
         if metric.needs_gradients:
-            gradients = weight_gradients(adapter, calibration, sorted(ratios), device, after_sample)
+            gradients = gradient_norms(adapter, calibration, sorted(ratios), device, after_sample, kept_gradients)
         prune_from_levels(
             adapter,
             ratios,
@@ -128,7 +130,7 @@ def prune_model(
             raise ValueError(f"{metric.name} needs calibration data")
         gradients = None
         if metric.needs_gradients:
-            gradients = weight_gradients(adapter, calibration, sorted(targets), device, after_sample)
+            gradients = gradient_norms(adapter, calibration, sorted(targets), device, after_sample, kept_gradients)
         pruner = _SequentialPruner(plan, metric, options, timings, gradients)
 
         def on_block(index: int) -> None:

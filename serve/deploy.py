@@ -59,6 +59,7 @@ def deployment_plan(job: DeployJob, progress: Progress, show) -> str:
             metric=prune.metric,
             calibration=prune.calibration,
             device=prune.device,
+            gradients=prune.gradients,
         ),
         progress,
     )

@@ -1,0 +1,115 @@
+"""--gradients: gblm's gradient norms computed once and shared by plan and prune, with the same weights."""
+
+import pytest
+import torch
+
+from mixsparse.pruner import data, pipeline
+from mixsparse.pruner.adapter import adapt
+from mixsparse.pruner.evidence import gather
+from mixsparse.pruner.plan_request import PlanRequest, Research
+from mixsparse.pruner.progress import Silent
+from mixsparse.runtime.errors import MixsparseError
+from mixsparse.runtime.formats.hf import load_dense
+from mixsparse.serve.cli import main
+
+CALIBRATION = data.CalibrationProtocol(samples=4, seqlen=32)
+
+
+def prune(model, out, **kw):
+    job = pipeline.PruneJob(
+        model=str(model),
+        metric="gblm",
+        out=str(out),
+        sparsity="0.6",
+        calibration=CALIBRATION,
+        include=r"layers\.1\.",  # a subset: the file still holds every module's norms
+        **kw,
+    )
+    return pipeline.prune(job)
+
+
+def weights(out):
+    model, _ = load_dense(out, torch.float32)
+    return {n: m.weight.detach().clone() for n, m in adapt(model).linears().items()}
+
+
+def test_a_gradients_file_is_written_once_then_read_and_prunes_the_same_weights(tiny_llama, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from mixsparse.pruner import gradient_file
+
+    kept = tmp_path / "grads.safetensors"
+    prune(tiny_llama, tmp_path / "none")
+    prune(tiny_llama, tmp_path / "writes", gradients=str(kept))
+    with safe_open(str(kept), framework="pt") as handle:
+        assert len(list(handle.keys())) == 14  # every decoder linear, not only the pruned ones
+        assert handle.metadata()["samples"] == "4"
+    before = kept.read_bytes()
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("the norms were computed again instead of read")
+
+    monkeypatch.setattr(gradient_file, "weight_gradients", no_backward)
+    prune(tiny_llama, tmp_path / "reads", gradients=str(kept))
+    assert kept.read_bytes() == before
+    reference = weights(tmp_path / "none")
+    for out in ("writes", "reads"):
+        for name, weight in weights(tmp_path / out).items():
+            assert torch.equal(weight, reference[name]), (out, name)
+
+    # plan's evidence reads the same file: the norms it ranks with are the ones prune computed
+    request = PlanRequest(
+        str(tiny_llama), str(tmp_path / "p.json"), Research(0.6), metric="gblm", calibration=CALIBRATION
+    )
+    monkeypatch.undo()
+    computed = gather(request, Silent(), need_fisher=False, need_stats=False, need_gradients=True).gradients
+    monkeypatch.setattr(gradient_file, "weight_gradients", no_backward)
+    read = gather(
+        PlanRequest(**{**vars(request), "gradients": str(kept)}),
+        Silent(),
+        need_fisher=False,
+        need_stats=False,
+        need_gradients=True,
+    ).gradients
+    assert set(read) == set(computed)
+    assert all(torch.equal(read[n].norm, computed[n].norm) and read[n].samples == 4 for n in read)
+
+
+def test_a_gradients_file_of_other_calibration_is_refused_and_kept(tiny_llama, tmp_path):
+    kept = tmp_path / "grads.safetensors"
+    prune(tiny_llama, tmp_path / "first", gradients=str(kept))
+    before = kept.read_bytes()
+    other = pipeline.PruneJob(
+        model=str(tiny_llama),
+        metric="gblm",
+        out=str(tmp_path / "second"),
+        sparsity="0.6",
+        calibration=data.CalibrationProtocol(samples=4, seqlen=32, seed=1),
+        gradients=str(kept),
+    )
+    with pytest.raises(MixsparseError, match=r"computed from other calibration .*'seed': 0.*'seed': 1"):
+        pipeline.prune(other)
+    assert kept.read_bytes() == before and not (tmp_path / "second").exists()
+
+
+def test_a_file_that_is_not_a_gradients_file_is_refused(tiny_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    stray = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(stray))
+    with pytest.raises(MixsparseError, match="is not a mixsparse gradients file"):
+        prune(tiny_llama, tmp_path / "out", gradients=str(stray))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--metric", "wanda", "--gradients", "g.safetensors"], "--metric wanda uses none"),
+        (["--metric", "gblm", "--gradients", "g.json"], "expected a .safetensors file"),
+    ],
+)
+def test_gradients_flag_misuse_is_refused_before_any_work(tiny_llama, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code = main(["prune", str(tiny_llama), "--sparsity", "0.5", "--out", str(out), *argv])
+    assert code != 0 and message in capsys.readouterr().err
+    assert not out.exists()
