@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from mixsparse.pruner.data import EvaluationProtocol
+from mixsparse.pruner.models import files_stamp
 from mixsparse.runtime.atomic import atomic_file
 
 
@@ -60,8 +61,6 @@ def perplexity(
 
 def result_cache_key(model_path: str, protocol: EvaluationProtocol, dtype: torch.dtype) -> str:
     """Identifies (weights, protocol, dtype): cached dense perplexities are reused only for the same files."""
-    from mixsparse.pruner.models import files_stamp
-
     stamp = [files_stamp(model_path), str(dtype), json.dumps(protocol.to_json(), sort_keys=True)]
     return hashlib.sha256("|".join(stamp).encode()).hexdigest()[:24]
 

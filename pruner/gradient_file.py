@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from mixsparse.pruner.adapter import ModelAdapter
+from mixsparse.pruner.models import files_stamp
 from mixsparse.pruner.sensitivity import weight_gradients
 from mixsparse.pruner.stats import GradientStats
 from mixsparse.runtime.atomic import atomic_file, check_writable
@@ -47,8 +48,6 @@ class GradientFile:
         if path is None:
             return None
         check_writable(path)
-        from mixsparse.pruner.models import files_stamp
-
         source = {
             "model": files_stamp(model_path),
             "calibration": calibration.to_json(),
