@@ -212,7 +212,7 @@ def deployment(args, work: Path, sensitivity: Path) -> dict:
     plans["best_random"] = work / f"deploy-random-{metric}-{budget:g}.json"
     msp_info = json.loads(plans["msp"].read_text())
     fitness = {
-        "msp": msp_info["search"]["best_fitness"],
+        "msp": msp_info["search"].get("plan_fitness", msp_info["search"]["best_fitness"]),
         "least_sensitive_first": msp_info["search"]["seed_fitness"]["least_sensitive_first"],
         "best_random": randoms["best"],
     }

@@ -12,7 +12,7 @@ from mixsparse.pruner.evidence import Evidence, base_weights_24
 from mixsparse.pruner.fitness import PlanEvaluator
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.plan_request import PlanRequest
-from mixsparse.pruner.plan_search import evaluator_for, fingerprint, run_search, search_summary
+from mixsparse.pruner.plan_search import evaluator_for, fingerprint, held_out_choice, run_search, search_summary
 from mixsparse.pruner.progress import Progress
 from mixsparse.pruner.spec import Spec
 
@@ -78,9 +78,16 @@ def deploy_plan(
             state_path,
             deploy_evaluator(request, evidence, progress),
         )
-        bits = tuple(state.best["genome"])
+        candidates = {"search": tuple(state.best["genome"]), "least_sensitive_first": tuple(least_sensitive)}
+        chosen, selection = held_out_choice(request, evidence, evaluator, to_specs, candidates, progress)
+        bits = candidates[chosen]
         info["search"] = search_summary(state, request)
-        info["search"]["seed_fitness"] = {"least_sensitive_first": state.seed_fitness(least_sensitive)}
+        seed_fitness = state.seed_fitness(least_sensitive)
+        info["search"]["seed_fitness"] = {"least_sensitive_first": seed_fitness}
+        # the written plan's fitness on the search's sequences (a front point plots it)
+        info["search"]["plan_fitness"] = state.best["fitness"] if chosen == "search" else seed_fitness
+        if selection is not None:
+            info["search"]["held_out_check"] = selection
         evaluator.restore()
     linear, other = weight_bytes_split(evidence)
     achieved = budget.fraction(bits)

@@ -24,7 +24,7 @@ def pareto(request: PlanRequest, evidence: Evidence, progress: Progress) -> list
     with atomic_dir(request.out, overwrite=request.overwrite) as tmp:
         for fraction in request.deploy.budgets:
             plan = deploy_plan(request, evidence, fraction, progress, None)
-            best = plan.info.get("search", {}).get("best_fitness")
+            best = plan.info.get("search", {}).get("plan_fitness")
             if best is None:  # fisher allocator: score the least-sensitive-first choice itself
                 best = score_plan(request, evidence, plan, progress)
             name = f"plan-b{fraction:.2f}.json"

@@ -15,14 +15,7 @@ from mixsparse.pruner.levels import LevelGrid, build_levels, stores_levels
 from mixsparse.pruner.metrics import get_metric, wanda_score
 from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.plan_request import PlanRequest
-from mixsparse.pruner.plan_search import (
-    HELD_OUT_SEED_OFFSET,
-    evaluator_for,
-    fingerprint,
-    held_out_sequences,
-    run_search,
-    search_summary,
-)
+from mixsparse.pruner.plan_search import evaluator_for, fingerprint, held_out_choice, run_search, search_summary
 from mixsparse.pruner.progress import Progress
 from mixsparse.pruner.spec import Spec
 
@@ -184,11 +177,12 @@ def msp_search(
         seed_fitness = {"fisher": state.seed_fitness(seeds[0]), "uniform": state.seed_fitness(seeds[1])}
         named = {"fisher": seeds[0], "uniform": seeds[1]}
     candidates = {"search": tuple(state.best["genome"]), **{k: tuple(g) for k, g in named.items()}}
-    chosen, selection = held_out_choice(request, evidence, evaluator, final, candidates, progress)
+    chosen, selection = held_out_choice(request, evidence, evaluator, final.specs, candidates, progress)
     if not stored:
         budget.check(list(candidates[chosen]))
     summary = search_summary(state, request)
-    summary["held_out_check"] = selection
+    if selection is not None:
+        summary["held_out_check"] = selection
     if refine:
         blocks_summary = search_summary(block_state, request)
         summary["block_phase"] = blocks_summary
@@ -205,33 +199,6 @@ def msp_search(
     if stored:
         shutil.rmtree(directory, ignore_errors=True)  # a finished search needs it no more; resume would
     return final.ratios(candidates[chosen]), summary
-
-
-def held_out_choice(
-    request: PlanRequest, evidence: Evidence, evaluator, phase: _Phase, candidates: dict, progress: Progress
-) -> tuple[str, dict]:
-    """The search's best against its seeds on held-out sequences it never scored (plan_search.held_out_sequences),
-    by the search's own fitness: the lowest wins, the search's best on a tie. Where the true differences are
-    small a search can fit its few fitness sequences and end worse on other text than a seed it started from;
-    then that seed's plan is written. (It does not see the test split: at 0.5 with SparseGPT on the default
-    model the search's plan wins here and still loses to uniform on test.)"""
-    sequences = held_out_sequences(request, evidence.loaded.tokenizer)
-    distinct = list(dict.fromkeys(candidates.values()))
-    batch = max(request.search.settings.steps)
-    label = f"held-out check ({len(distinct)} plans x {len(sequences)} sequences)"
-    with progress.task(label, -(-len(sequences) // batch)) as advance:
-        held_out = evaluator.held_out([phase.specs(g) for g in distinct], sequences, batch, lambda: advance())
-    scores = dict(zip(distinct, held_out))
-    fitness = {name: scores[genome] for name, genome in candidates.items()}
-    chosen = min(candidates, key=lambda name: (fitness[name], name != "search"))
-    return chosen, {
-        "fitness": request.search.fitness,
-        "sequences": len(sequences),
-        "seqlen": int(sequences.shape[1]),
-        "seed": request.calibration.seed + HELD_OUT_SEED_OFFSET,
-        "scores": fitness,
-        "chosen": chosen,
-    }
 
 
 def research_plan(request: PlanRequest, evidence: Evidence, progress: Progress) -> Plan:

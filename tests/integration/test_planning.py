@@ -186,6 +186,36 @@ def test_deployment_plan_and_memory_target(tiny_llama, tmp_path):
     assert memory.plan.info["weight_memory"] == pytest.approx(0.9, abs=0.05)
 
 
+def test_a_deployment_plan_is_the_held_out_best_of_the_search_and_least_sensitive_first(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """As for research plans: the search's best and its seed are scored on sequences the search never saw, and
+    the seed's choice is written when it does better there (the front then plots that choice's fitness)."""
+    from mixsparse.pruner.fitness import PlanEvaluator
+
+    plan = make_plan(plan_job(tiny_llama, tmp_path / "d.json", allocator="msp", deploy=True, budget=0.5)).plan
+    search = plan.info["search"]
+    check = search["held_out_check"]
+    assert set(check["scores"]) == {"search", "least_sensitive_first"} and check["sequences"] == 4 * 2
+    assert check["chosen"] == min(check["scores"], key=lambda n: (check["scores"][n], n != "search"))
+    seed = search["seed_fitness"]["least_sensitive_first"]
+    assert search["plan_fitness"] == (search["best_fitness"] if check["chosen"] == "search" else seed)
+
+    greedy_bits = {}
+
+    def prefers_the_seed(self, candidates, sequences, batch, after_batch):
+        # candidates come as [search's best, least sensitive first]
+        greedy_bits["seed"] = {n for n, s in candidates[1].items() if not s.is_dense}
+        return [1.0, 0.0]
+
+    monkeypatch.setattr(PlanEvaluator, "held_out", prefers_the_seed)
+    plan = make_plan(plan_job(tiny_llama, tmp_path / "s.json", allocator="msp", deploy=True, budget=0.5)).plan
+    assert plan.info["search"]["held_out_check"]["chosen"] == "least_sensitive_first"
+    assert set(plan.modules) == greedy_bits["seed"]
+    assert plan.info["search"]["plan_fitness"] == plan.info["search"]["seed_fitness"]["least_sensitive_first"]
+    assert plan.info["search"]["plan_fitness"] > plan.info["search"]["best_fitness"]
+
+
 def test_deployment_fitness_scores_what_prune_with_the_plan_produces(tiny_llama, tmp_path):
     """Deployment candidates hold the base metric's own 2:4 weights (SparseGPT: with its update), so a
     candidate's fitness is the loss of exactly the model `prune --plan --metric sparsegpt` writes."""
