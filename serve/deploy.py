@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mixsparse.pruner import models, pipeline
 from mixsparse.pruner.export import human_bytes
+from mixsparse.pruner.gradient_file import check_gradients
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
@@ -196,6 +197,7 @@ def metrics_summary(text: str) -> list[tuple[str, str]]:
 def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
     """Prune or reuse, print the summary, run the server; returns its exit code."""
     prune = job.prune
+    check_gradients(prune.gradients, prune.metric)  # refused even when the artifact is reused
     if prune.out is None:
         what = f"deploy{job.budget:g}-{job.allocator}" if job.budget is not None else None
         prune.out = default_out(prune.model, prune.metric, prune.sparsity, prune.plan, what)

@@ -108,8 +108,9 @@ def test_a_file_that_is_not_a_gradients_file_is_refused(tiny_llama, tmp_path):
         (["--metric", "gblm", "--gradients", "g.json"], "expected a .safetensors file"),
     ],
 )
-def test_gradients_flag_misuse_is_refused_before_any_work(tiny_llama, tmp_path, capsys, argv, message):
+@pytest.mark.parametrize("verb", ["prune", "deploy"])
+def test_gradients_flag_misuse_is_refused_before_any_work(tiny_llama, tmp_path, capsys, argv, message, verb):
     out = tmp_path / "out"
-    code = main(["prune", str(tiny_llama), "--sparsity", "0.5", "--out", str(out), *argv])
+    code = main([verb, str(tiny_llama), "--sparsity", "0.5", "--out", str(out), *argv])
     assert code != 0 and message in capsys.readouterr().err
     assert not out.exists()
