@@ -85,6 +85,8 @@ def make_research_plan(args, work: Path, sensitivity: Path, allocator: str, targ
     plan = work / f"plan-{name}.json"
     if not plan.exists():
         started = time.perf_counter()
+        kept = kept_gradients(work, metric)
+        gradients_read = bool(kept) and Path(kept[1]).exists()
         mixsparse(
             "plan",
             args.model,
@@ -105,7 +107,11 @@ def make_research_plan(args, work: Path, sensitivity: Path, allocator: str, targ
         )
         info = json.loads(plan.read_text())
         (work / f"plan-{name}.cost.json").write_text(
-            json.dumps(info.get("search", {}) | {"command_seconds": round(time.perf_counter() - started, 1)}, indent=2)
+            json.dumps(
+                info.get("search", {})
+                | {"command_seconds": round(time.perf_counter() - started, 1), "gradients_read": gradients_read},
+                indent=2,
+            )
         )
     return plan
 
@@ -362,7 +368,7 @@ def research_markdown(cells: list[dict], targets: list[float], bases: list[str])
                     [
                         f"{target:g}",
                         base,
-                        f"{cost['command_seconds']:.0f}",
+                        f"{cost['command_seconds']:.0f}" + (" (norms read)" if cost.get("gradients_read") else ""),
                         f"{cost['seconds']:.0f}",
                         str(cost["generations"]),
                         f"{cost['tokens']:,}",
@@ -387,7 +393,9 @@ def research_markdown(cells: list[dict], targets: list[float], bases: list[str])
         + "\n".join(verdict)
         + "\n\nMSP search cost per target and base (the Fisher traces are shared and measured once). 'fitness "
         "set ratio' is MSP's perplexity over uniform's on the search's own held-out sequences, 'test ratio' the "
-        "same on the test windows: their gap is how much the search overfits its fitness set.\n\n"
+        "same on the test windows: their gap is how much the search overfits its fitness set. '(norms read)': "
+        "the GBLM plan read the gradient norms an earlier gblm command wrote (`--gradients`) instead of taking "
+        "the backward pass over the calibration windows itself.\n\n"
         + markdown_table(
             [
                 "target",
