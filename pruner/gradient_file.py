@@ -1,6 +1,6 @@
 """GBLM's gradient norms kept in a file (``--gradients FILE``), so that a plan and the prunes that apply it share
 one backward pass over the calibration windows instead of each taking their own (on the default model and 2
-cores that pass is 3 of the 4 minutes of a gblm prune; on a 1B model about half an hour).
+cores that pass is 3 of the 4 minutes of a gblm prune, and it grows with the model).
 
 The file is a safetensors file: one float32 tensor per module (the weight's shape, Σ_n g_n² under the square
 root, as ``sensitivity.weight_gradients``) and, in its metadata, what they were computed from: the model's
