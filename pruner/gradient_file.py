@@ -35,6 +35,8 @@ def check_gradients(path: str | None, metric: str) -> None:
         raise MixsparseError(f"--gradients keeps gblm's gradient norms; --metric {metric} uses none")
     if path is not None and Path(path).suffix != ".safetensors":
         raise MixsparseError(f"--gradients {path}: expected a .safetensors file")
+    if path is not None:
+        check_writable(path)  # before the model loads, not after the dense evaluation
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,6 @@ class GradientFile:
         """``None`` without a path; ``calibration`` is the data.CalibrationProtocol the windows come from."""
         if path is None:
             return None
-        check_writable(path)
         source = {
             "model": files_stamp(model_path),
             "calibration": calibration.to_json(),
@@ -72,7 +73,7 @@ def gradient_norms(
         return weight_gradients(adapter, windows, names, device, after_sample)
     path = Path(kept.path)
     if path.exists():
-        stored, samples, tokens = _read(path, kept.source)
+        stored, samples, tokens = _read(path, kept.source, names)
         missing = [n for n in names if n not in stored]
         if missing:
             raise MixsparseError(
@@ -99,7 +100,8 @@ def _write(path: Path, gradients: dict[str, GradientStats], source: dict, sample
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _read(path: Path, source: dict) -> tuple[dict[str, torch.Tensor], int, int]:
+def _read(path: Path, source: dict, names: list[str]) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The norms of those of ``names`` the file holds (only those are loaded), its samples and tokens."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -115,7 +117,8 @@ def _read(path: Path, source: dict) -> tuple[dict[str, torch.Tensor], int, int]:
                     f"gradients file {path} was computed from other {', '.join(differs)} ({details}); "
                     "pass another --gradients path, or delete the file to recompute it"
                 )
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            held = set(handle.keys())
+            tensors = {name: handle.get_tensor(name) for name in names if name in held}
             return tensors, int(metadata["samples"]), int(metadata["tokens"])
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise MixsparseError(f"cannot read gradients file {path} ({error})") from None
