@@ -12,15 +12,18 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mixsparse.pruner import models, pipeline
 from mixsparse.pruner.export import human_bytes
 from mixsparse.pruner.gradient_file import check_gradients
+from mixsparse.pruner.metrics import get_metric
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
@@ -194,22 +197,49 @@ def metrics_summary(text: str) -> list[tuple[str, str]]:
     return rows
 
 
-def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
-    """Prune or reuse, print the summary, run the server; returns its exit code."""
+@contextmanager
+def gradients_for_the_command(job: DeployJob):
+    """A deployment plan prunes every group to 2:4 with gblm, and the prune that follows does again: both need
+    the dense model's gradient norms. Without --gradients they are kept for this command only (beside the
+    artifact, where there is room for one), so the backward pass over the calibration runs once, not twice."""
+    prune = job.prune
+    planned = job.budget is not None and not Path(f"{prune.out}.plan.json").exists()
+    if prune.gradients is not None or not planned or not get_metric(prune.metric).needs_gradients:
+        yield
+        return
+    parent = Path(prune.out).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".mixsparse-gradients-", dir=parent) as tmp:
+        prune.gradients = str(Path(tmp) / "gradients.safetensors")
+        try:
+            yield
+        finally:
+            prune.gradients = None
+
+
+def prepare(job: DeployJob, progress: Progress = Silent(), show=print) -> tuple[Path, bool]:
+    """The artifact to serve (planned and pruned, or reused when made by the same request) and whether it was
+    reused; the port is checked before any work, so a busy port fails in seconds, not after the pruning."""
     prune = job.prune
     check_gradients(prune.gradients, prune.metric)  # refused even when the artifact is reused
     if prune.out is None:
         what = f"deploy{job.budget:g}-{job.allocator}" if job.budget is not None else None
         prune.out = default_out(prune.model, prune.metric, prune.sparsity, prune.plan, what)
-    if job.budget is not None:
-        check_port(job.serve.host, job.serve.port)  # before the planning
-        prune.plan, prune.sparsity = deployment_plan(job, progress, show), None
     check_port(job.serve.host, job.serve.port)
-    reused = reusable(prune)
-    if not reused:
-        prune.overwrite = prune.overwrite or Path(prune.out).exists()
-        pipeline.prune(prune, progress)
-    out = preflight(prune.out)
+    with gradients_for_the_command(job):
+        if job.budget is not None:
+            prune.plan, prune.sparsity = deployment_plan(job, progress, show), None
+            check_port(job.serve.host, job.serve.port)  # the planning took a while
+        reused = reusable(prune)
+        if not reused:
+            prune.overwrite = prune.overwrite or Path(prune.out).exists()
+            pipeline.prune(prune, progress)
+    return preflight(prune.out), reused
+
+
+def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
+    """Prune or reuse, print the summary, run the server; returns its exit code."""
+    out, reused = prepare(job, progress, show)
     show("mixsparse deploy", summary_rows(out, job.serve, reused))
     command = serve_command(replace(job.serve, model=str(out), verbose=job.verbose))
     environment = {**os.environ, **job.environment}

@@ -114,3 +114,42 @@ def test_gradients_flag_misuse_is_refused_before_any_work(tiny_llama, tmp_path, 
     code = main([verb, str(tiny_llama), "--sparsity", "0.5", "--out", str(out), *argv])
     assert code != 0 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_deploy_with_a_budget_takes_one_gradient_pass_for_its_plan_and_its_prune(tiny_llama, tmp_path, monkeypatch):
+    """deploy --budget --metric gblm plans (every group pruned to 2:4 by gblm) and then prunes: without
+    --gradients the norms are kept for the command in a temporary file beside the artifact, then removed."""
+    import socket
+
+    from mixsparse.pruner import gradient_file
+    from mixsparse.serve.deploy import DeployJob, prepare
+    from mixsparse.serve.server import ServeOptions
+
+    passes = []
+    computed = gradient_file.weight_gradients
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return computed(*args, **kwargs)
+
+    monkeypatch.setattr(gradient_file, "weight_gradients", counted)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "served" / "art"
+    job = pipeline.PruneJob(model=str(tiny_llama), metric="gblm", out=str(out), calibration=CALIBRATION)
+    deploy = DeployJob(prune=job, serve=ServeOptions(model="", port=port), budget=0.5)
+    served, reused = prepare(deploy, Silent(), show=lambda *args: None)
+    assert served == out and not reused and len(passes) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["art", "art.plan.json"]  # the norms' file is gone
+    assert job.gradients is None
+
+    # the weights are those of a prune with the same plan that computes the norms itself
+    pipeline.prune(
+        pipeline.PruneJob(
+            model=str(tiny_llama), metric="gblm", out=str(tmp_path / "ref"), plan=job.plan, calibration=CALIBRATION
+        )
+    )
+    assert len(passes) == 2
+    expected = weights(tmp_path / "ref")
+    assert all(torch.equal(w, expected[n]) for n, w in weights(out).items())
