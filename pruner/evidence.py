@@ -4,6 +4,7 @@ the input statistics of every module, and every module pruned to 2:4 by the base
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,7 @@ from mixsparse.pruner.plan import Plan
 from mixsparse.pruner.plan_request import PlanRequest
 from mixsparse.pruner.progress import Progress, Silent
 from mixsparse.pruner.prune import prune_model
-from mixsparse.pruner.sensitivity import Sensitivity, fisher_traces
+from mixsparse.pruner.sensitivity import Sensitivity, fisher_and_gradients, fisher_traces
 from mixsparse.pruner.spec import Spec
 from mixsparse.pruner.stats import GradientStats, InputStats
 from mixsparse.runtime.atomic import refuse_existing
@@ -44,10 +45,13 @@ def gather(
     request: PlanRequest, progress: Progress, need_fisher: bool, need_stats: bool, need_gradients: bool = False
 ) -> Evidence:
     evidence = load_model(request.model, request.device)
+    computed = None  # gblm's norms, when the Fisher pass computed them too
     if need_fisher:
         if request.fisher.sensitivity:
             evidence.sensitivity = Sensitivity.load(request.fisher.sensitivity)
             evidence.sensitivity.check_model(evidence.shapes)
+        elif need_gradients and shares_a_pass(request, evidence):
+            evidence.sensitivity, computed = sensitivity_and_gradients(evidence, request, progress)
         else:
             evidence.sensitivity = compute_sensitivity(
                 evidence, request.calibration, request.fisher.samples, request.device, progress
@@ -61,15 +65,14 @@ def gather(
             )
     if need_gradients:  # GBLM's per-weight gradient norms of the dense model, on the calibration windows
         windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
-        with progress.task(f"gradient norms ({len(windows)} samples)", len(windows)) as advance:
-            evidence.gradients = gradient_norms(
-                evidence.adapter,
-                windows,
-                list(evidence.shapes),
-                request.device,
-                lambda index: advance(),
-                kept_gradients(request, evidence),
-            )
+        kept, names = kept_gradients(request, evidence), list(evidence.shapes)
+        if computed is not None:
+            evidence.gradients = gradient_norms(evidence.adapter, windows, names, request.device, None, kept, computed)
+        else:
+            with progress.task(f"gradient norms ({len(windows)} samples)", len(windows)) as advance:
+                evidence.gradients = gradient_norms(
+                    evidence.adapter, windows, names, request.device, lambda index: advance(), kept
+                )
         if evidence.stats is not None:
             evidence.stats = {n: replace(s, gradient=evidence.gradients[n]) for n, s in evidence.stats.items()}
     return evidence
@@ -78,6 +81,45 @@ def gather(
 def kept_gradients(request: PlanRequest, evidence: Evidence) -> GradientFile | None:
     dtype = next(evidence.adapter.model.parameters()).dtype
     return GradientFile.of(request.gradients, evidence.loaded.path, request.calibration, dtype, request.device)
+
+
+def shares_a_pass(request: PlanRequest, evidence: Evidence) -> bool:
+    """The Fisher traces and gblm's gradient norms come from one backward pass when the Fisher windows are the
+    first of the calibration windows (the same protocol, fewer or as many samples; the seeded draw makes them a
+    prefix) and the norms are not read from a --gradients file that has them already."""
+    kept = kept_gradients(request, evidence)
+    if kept is not None and Path(kept.path).exists():
+        return False
+    samples = request.fisher.samples
+    if samples < 1 or samples > request.calibration.samples:
+        return False
+    tokenizer = evidence.loaded.tokenizer
+    fisher = data.calibration_windows(tokenizer, replace(request.calibration, samples=samples))
+    return torch.equal(fisher, data.calibration_windows(tokenizer, request.calibration)[:samples])
+
+
+def sensitivity_and_gradients(
+    evidence: Evidence, request: PlanRequest, progress: Progress
+) -> tuple[Sensitivity, dict[str, GradientStats]]:
+    windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
+    samples, names = request.fisher.samples, list(evidence.shapes)
+    title = f"Fisher traces ({samples} samples) and gradient norms ({len(windows)})"
+    with progress.task(title, len(windows)) as advance:
+        sensitivity, gradients = fisher_and_gradients(
+            evidence.adapter, windows, samples, names, names, request.device, lambda index: advance()
+        )
+    describe(sensitivity, evidence, replace(request.calibration, samples=samples))
+    return sensitivity, gradients
+
+
+def describe(sensitivity: Sensitivity, evidence: Evidence, calibration: data.CalibrationProtocol) -> None:
+    sensitivity.info.update(
+        {
+            "model": evidence.loaded.name,
+            "calibration": calibration.to_json(),
+            "loss": "mean next-token NLL per sequence",
+        }
+    )
 
 
 def compute_sensitivity(
@@ -90,13 +132,7 @@ def compute_sensitivity(
         sensitivity = fisher_traces(
             evidence.adapter, windows, list(evidence.shapes), device, after_sample=lambda index: advance()
         )
-    sensitivity.info.update(
-        {
-            "model": evidence.loaded.name,
-            "calibration": replace(calibration, samples=samples).to_json(),
-            "loss": "mean next-token NLL per sequence",
-        }
-    )
+    describe(sensitivity, evidence, replace(calibration, samples=samples))
     return sensitivity
 
 

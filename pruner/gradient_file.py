@@ -63,14 +63,18 @@ def gradient_norms(
     windows: torch.Tensor,
     names: list[str],
     device: str | torch.device,
-    after_sample: Callable[[int], None],
+    after_sample: Callable[[int], None] | None,
     kept: GradientFile | None,
+    computed: dict[str, GradientStats] | None = None,
 ) -> dict[str, GradientStats]:
     """The dense model's per-weight gradient norms of ``names`` over ``windows``: read from ``kept`` when it
     exists, else computed (for every decoder linear besides ``names``, so any later plan or prune of this model
-    finds its modules there) and written to it."""
+    finds its modules there) and written to it. ``computed``: norms of the same windows a pass already made
+    (the Fisher pass of an msp plan), holding every module the file would."""
     if kept is None:
-        return weight_gradients(adapter, windows, names, device, after_sample)
+        if computed is None:
+            return weight_gradients(adapter, windows, names, device, after_sample)
+        return {n: computed[n] for n in names}
     path = Path(kept.path)
     if path.exists():
         stored, samples, tokens = _read(path, kept.source, names)
@@ -80,13 +84,14 @@ def gradient_norms(
                 f"gradients file {path} holds no norms for {missing[0]} ({len(missing)} modules missing); "
                 "pass another --gradients path to compute a new one"
             )
-        for index in range(len(windows)):  # the pass a progress bar counts is done
+        for index in range(len(windows) if after_sample else 0):  # the pass a progress bar counts is done
             after_sample(index)
         return {n: GradientStats(stored[n], samples, tokens) for n in names}
-    every = list(dict.fromkeys([*adapter.linears(), *names]))
-    gradients = weight_gradients(adapter, windows, every, device, after_sample)
-    _write(path, gradients, kept.source, len(windows), int(windows.numel()))
-    return {n: gradients[n] for n in names}
+    if computed is None:
+        every = list(dict.fromkeys([*adapter.linears(), *names]))
+        computed = weight_gradients(adapter, windows, every, device, after_sample)
+    _write(path, computed, kept.source, len(windows), int(windows.numel()))
+    return {n: computed[n] for n in names}
 
 
 def _write(path: Path, gradients: dict[str, GradientStats], source: dict, samples: int, tokens: int) -> None:

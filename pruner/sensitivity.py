@@ -151,26 +151,8 @@ def fisher_traces(
     after_sample: Callable[[int], None] = lambda index: None,
 ) -> Sensitivity:
     """Tr of the empirical Fisher per module over ``windows`` (samples x tokens), one backward per sample."""
-    linears = adapter.linears()
-    names = list(linears) if names is None else names
-    device = torch.device(device)
-    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
-
-    def reduce(name: str, grad: torch.Tensor) -> None:
-        sums[name] += grad.double().square().sum()
-
-    start = time.perf_counter()
-    _per_sample_backward(adapter, windows, {n: linears[n].weight for n in names}, reduce, device, after_sample)
-    samples = len(windows)
-    traces = {name: float(total) / samples for name, total in sums.items()}
-    if not all(math.isfinite(t) for t in traces.values()):
-        raise MixsparseError("Fisher traces are not finite (the model's loss overflowed); try --device cpu/float32")
-    sizes = {name: linears[name].weight.numel() for name in names}
-    blocks: dict[str, list[str]] = {}
-    for name in names:
-        blocks.setdefault(f"{adapter.blocks_name}.{adapter.block_of(name)}", []).append(name)
-    info = {"samples": samples, "tokens": int(windows.numel()), "seconds": round(time.perf_counter() - start, 2)}
-    return Sensitivity(traces, sizes, blocks, info)
+    sensitivity, _ = fisher_and_gradients(adapter, windows, len(windows), names, [], device, after_sample)
+    return sensitivity
 
 
 def weight_gradients(
@@ -183,23 +165,72 @@ def weight_gradients(
     """GBLM-Pruner's per-weight gradient l2 norms over ``windows`` (samples x tokens), one backward per sample
     (as its gradient_computation.py: the mean next-token loss of one sequence per backward). ``names`` may
     include lm_head. Kept on the CPU, float32."""
+    names = list(adapter.linears()) if names is None else names
+    return fisher_and_gradients(adapter, windows, 0, [], names, device, after_sample)[1]
+
+
+def fisher_and_gradients(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    fisher_samples: int,
+    fisher_names: list[str] | None,
+    gradient_names: list[str],
+    device: str | torch.device = "cpu",
+    after_sample: Callable[[int], None] = lambda index: None,
+) -> tuple[Sensitivity | None, dict[str, GradientStats]]:
+    """The Fisher traces of ``fisher_names`` over the first ``fisher_samples`` windows and the gradient norms of
+    ``gradient_names`` over all of them, from one backward per window: an msp plan with gblm needs both, and
+    the traces' samples are then a prefix of the norms'. Each is what its own pass gives, bit for bit (the same
+    backward, the same reductions)."""
+    if fisher_samples > len(windows):
+        raise ValueError(f"{fisher_samples} Fisher samples from {len(windows)} windows")
     modules = dict(adapter.linears())
     head = adapter.lm_head()
     if head is not None:
         modules.setdefault(*head)
-    names = list(adapter.linears()) if names is None else names
+    fisher_names = list(adapter.linears()) if fisher_names is None else fisher_names
     device = torch.device(device)
-    sums = {name: torch.zeros(modules[name].weight.shape, dtype=torch.float32, device=device) for name in names}
+    traces = {name: torch.zeros((), dtype=torch.float64, device=device) for name in fisher_names}
+    norms = {n: torch.zeros(modules[n].weight.shape, dtype=torch.float32, device=device) for n in gradient_names}
+    done = [0]  # samples whose backward is complete
 
     def reduce(name: str, grad: torch.Tensor) -> None:
-        grad = grad.float()
-        sums[name].addcmul_(grad, grad)
+        if name in traces and done[0] < fisher_samples:
+            traces[name] += grad.double().square().sum()
+        if name in norms:
+            grad = grad.float()
+            norms[name].addcmul_(grad, grad)
 
-    _per_sample_backward(adapter, windows, {n: modules[n].weight for n in names}, reduce, device, after_sample)
+    def advance(index: int) -> None:
+        done[0] = index + 1
+        after_sample(index)
+
+    start = time.perf_counter()
+    # every weight either needs takes a gradient; the union is what each pass alone asks for when the names agree
+    weights = {n: modules[n].weight for n in dict.fromkeys([*fisher_names, *gradient_names])}
+    passes = len(windows) if gradient_names else fisher_samples
+    _per_sample_backward(adapter, windows[:passes], weights, reduce, device, advance)
+    sensitivity = None
+    if fisher_names and fisher_samples:
+        values = {name: float(total) / fisher_samples for name, total in traces.items()}
+        if not all(math.isfinite(t) for t in values.values()):
+            raise MixsparseError("Fisher traces are not finite (the model's loss overflowed); try --device cpu/float32")
+        sizes = {name: modules[name].weight.numel() for name in fisher_names}
+        blocks: dict[str, list[str]] = {}
+        for name in fisher_names:
+            blocks.setdefault(f"{adapter.blocks_name}.{adapter.block_of(name)}", []).append(name)
+        info = {
+            "samples": fisher_samples,
+            "tokens": int(windows[:fisher_samples].numel()),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        if passes > fisher_samples:  # the seconds are those of the shared pass
+            info["shared_with_gradient_norms"] = passes
+        sensitivity = Sensitivity(values, sizes, blocks, info)
     gradients = {}
-    for name in names:
-        norm = sums.pop(name).sqrt_().cpu()
+    for name in gradient_names:
+        norm = norms.pop(name).sqrt_().cpu()
         if not torch.isfinite(norm).all():
             raise MixsparseError(f"gradient norms of {name} are not finite (the loss overflowed); try float32")
         gradients[name] = GradientStats(norm, len(windows), int(windows.numel()))
-    return gradients
+    return sensitivity, gradients

@@ -153,3 +153,46 @@ def test_deploy_with_a_budget_takes_one_gradient_pass_for_its_plan_and_its_prune
     assert len(passes) == 2
     expected = weights(tmp_path / "ref")
     assert all(torch.equal(w, expected[n]) for n, w in weights(out).items())
+
+
+def test_an_msp_gblm_plan_takes_its_fisher_traces_and_gradient_norms_from_one_pass(tiny_llama, tmp_path, monkeypatch):
+    """The Fisher windows are the first of the calibration windows, so one backward per calibration window
+    gives both, each bit-equal to what its own pass gives; a --gradients file is written from that pass."""
+    from mixsparse.pruner import sensitivity
+    from mixsparse.pruner.plan_request import FisherOptions
+
+    def request(**kw):
+        return PlanRequest(
+            str(tiny_llama),
+            str(tmp_path / "p.json"),
+            Research(0.6),
+            metric="gblm",
+            calibration=CALIBRATION,
+            fisher=FisherOptions(samples=3),
+            **kw,
+        )
+
+    passes = []
+    backward = sensitivity._per_sample_backward
+
+    def counted(adapter, windows, *args):
+        passes.append(len(windows))
+        return backward(adapter, windows, *args)
+
+    monkeypatch.setattr(sensitivity, "_per_sample_backward", counted)
+    kept = tmp_path / "grads.safetensors"
+    shared = gather(request(gradients=str(kept)), Silent(), need_fisher=True, need_stats=False, need_gradients=True)
+    assert passes == [4] and kept.exists()  # one pass over the 4 calibration windows; the Fisher takes 3
+    assert shared.sensitivity.info["samples"] == 3 and shared.sensitivity.info["shared_with_gradient_norms"] == 4
+
+    passes.clear()
+    alone = gather(request(), Silent(), need_fisher=True, need_stats=False, need_gradients=False)
+    assert shared.sensitivity.traces == alone.sensitivity.traces  # exactly, not approximately
+    gradients = gather(request(), Silent(), need_fisher=False, need_stats=False, need_gradients=True).gradients
+    assert passes == [3, 4]
+    assert all(torch.equal(shared.gradients[n].norm, gradients[n].norm) for n in gradients)
+
+    # norms already in a file are read, and the Fisher takes its own (shorter) pass
+    passes.clear()
+    gather(request(gradients=str(kept)), Silent(), need_fisher=True, need_stats=False, need_gradients=True)
+    assert passes == [3]
