@@ -76,12 +76,17 @@ def pruned_perplexity(args, work: Path, name: str, plan: Path, metric: str) -> d
     return cached(work / f"ppl-{name}-{metric}-w{args.windows}.json", run)
 
 
-def make_research_plan(args, work: Path, sensitivity: Path, allocator: str, target: float, metric: str) -> Path:
-    """The plan file of one (allocator, target[, base]) with its cost beside it; made once, kept in --work."""
+def make_research_plan(
+    args, work: Path, sensitivity: Path, allocator: str, target: float, metric: str, variant: tuple = ()
+) -> Path:
+    """The plan file of one (allocator, target[, base]) with its cost beside it; made once, kept in --work.
+    ``variant``: (name, extra `plan` flags) of a search setting other than the defaults (fitness_variants.py)."""
     name = f"{allocator}-{target:g}" + (f"-{metric}" if allocator == "msp" else "")
     searched = allocator == "msp"
     if searched and args.msp_granularity == "module":
         name += "-module"
+    if variant:
+        name += f"-{variant[0]}"
     plan = work / f"plan-{name}.json"
     if not plan.exists():
         started = time.perf_counter()
@@ -104,6 +109,7 @@ def make_research_plan(args, work: Path, sensitivity: Path, allocator: str, targ
             *(["--generations", str(args.generations)] if args.generations is not None and searched else []),
             *(["--granularity", "module"] if searched and args.msp_granularity == "module" else []),
             *kept_gradients(work, metric),
+            *(variant[1] if variant else []),
         )
         info = json.loads(plan.read_text())
         (work / f"plan-{name}.cost.json").write_text(
