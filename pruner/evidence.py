@@ -46,25 +46,25 @@ def gather(
 ) -> Evidence:
     evidence = load_model(request.model, request.device)
     computed = None  # gblm's norms, when the Fisher pass computed them too
+    calibrated = need_gradients or need_stats
+    windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration) if calibrated else None
     if need_fisher:
         if request.fisher.sensitivity:
             evidence.sensitivity = Sensitivity.load(request.fisher.sensitivity)
             evidence.sensitivity.check_model(evidence.shapes)
-        elif need_gradients and shares_a_pass(request, evidence):
-            evidence.sensitivity, computed = sensitivity_and_gradients(evidence, request, progress)
+        elif need_gradients and shares_a_pass(request, evidence, windows):
+            evidence.sensitivity, computed = sensitivity_and_gradients(evidence, request, windows, progress)
         else:
             evidence.sensitivity = compute_sensitivity(
                 evidence, request.calibration, request.fisher.samples, request.device, progress
             )
     if need_stats:
-        windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
         blocks = len(evidence.adapter.blocks)
         with progress.task(f"activation norms ({blocks} blocks)", blocks) as advance:
             evidence.stats = activation_stats(
                 evidence.adapter, windows, list(evidence.shapes), request.device, after_block=lambda index: advance()
             )
     if need_gradients:  # GBLM's per-weight gradient norms of the dense model, on the calibration windows
-        windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
         kept, names = kept_gradients(request, evidence), list(evidence.shapes)
         if computed is not None:
             evidence.gradients = gradient_norms(evidence.adapter, windows, names, request.device, None, kept, computed)
@@ -83,7 +83,7 @@ def kept_gradients(request: PlanRequest, evidence: Evidence) -> GradientFile | N
     return GradientFile.of(request.gradients, evidence.loaded.path, request.calibration, dtype, request.device)
 
 
-def shares_a_pass(request: PlanRequest, evidence: Evidence) -> bool:
+def shares_a_pass(request: PlanRequest, evidence: Evidence, windows: torch.Tensor) -> bool:
     """The Fisher traces and gblm's gradient norms come from one backward pass when the Fisher windows are the
     first of the calibration windows (the same protocol, fewer or as many samples; the seeded draw makes them a
     prefix) and the norms are not read from a --gradients file that has them already."""
@@ -93,15 +93,13 @@ def shares_a_pass(request: PlanRequest, evidence: Evidence) -> bool:
     samples = request.fisher.samples
     if samples < 1 or samples > request.calibration.samples:
         return False
-    tokenizer = evidence.loaded.tokenizer
-    fisher = data.calibration_windows(tokenizer, replace(request.calibration, samples=samples))
-    return torch.equal(fisher, data.calibration_windows(tokenizer, request.calibration)[:samples])
+    fisher = data.calibration_windows(evidence.loaded.tokenizer, replace(request.calibration, samples=samples))
+    return torch.equal(fisher, windows[:samples])
 
 
 def sensitivity_and_gradients(
-    evidence: Evidence, request: PlanRequest, progress: Progress
+    evidence: Evidence, request: PlanRequest, windows: torch.Tensor, progress: Progress
 ) -> tuple[Sensitivity, dict[str, GradientStats]]:
-    windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration)
     samples, names = request.fisher.samples, list(evidence.shapes)
     title = f"Fisher traces ({samples} samples) and gradient norms ({len(windows)})"
     with progress.task(title, len(windows)) as advance:
