@@ -4,7 +4,9 @@ against its baselines; and the deployment quality/memory front.
 
 The allocators that do not search (uniform, global, OWL, Fisher) make one plan per target, applied with each
 base. MSP searches once per base, over that base's own levels (`mixsparse plan --metric <base>`), so what it
-scores is what `prune --plan --metric <base>` writes.
+scores is what `prune --plan --metric <base>` writes. The msp-kl row is the same search with `--fitness kl`
+(KL divergence to the dense model instead of the next-token loss); its plans are the ones fitness_variants.py's
+kl cells make, so a cell measured by either is not searched again.
 
 Every step is a `mixsparse` command in its own process (what a user would run) and its output is kept
 under --work, so an interrupted run continues where it stopped (delete --work to start over). The Fisher
@@ -27,7 +29,9 @@ from pathlib import Path
 
 from common import RESULTS, command_line, machine, machine_line, markdown_table, mixsparse, save
 
-ALLOCATORS = ("uniform", "global", "owl", "fisher", "msp")
+ALLOCATORS = ("uniform", "global", "owl", "fisher", "msp", "msp-kl")
+# the searched rows: (variant name, extra `plan` flags) of each, () for the defaults
+SEARCHES = {"msp": (), "msp-kl": ("kl", ("--fitness", "kl"))}
 BASES = ("wanda", "gblm", "sparsegpt")
 PROTOCOL = 2  # 2: MSP searched per base over its own levels; cells of other protocols are not shown beside these
 
@@ -128,13 +132,14 @@ def research(args, work: Path, sensitivity: Path) -> list[dict]:
         for allocator in args.allocators:
             cell = {"allocator": allocator, "target": target, "protocol": PROTOCOL}
             for base in args.bases:
-                # only msp's plan depends on the base (it searches the base's own levels)
-                plan = make_research_plan(
-                    args, work, sensitivity, allocator, target, base if allocator == "msp" else "wanda"
-                )
+                # only msp's plans depend on the base (it searches the base's own levels)
+                if allocator in SEARCHES:
+                    plan = make_research_plan(args, work, sensitivity, "msp", target, base, SEARCHES[allocator])
+                else:
+                    plan = make_research_plan(args, work, sensitivity, allocator, target, "wanda")
                 cell[base] = pruned_perplexity(args, work, plan.stem.removeprefix("plan-"), plan, base)
                 cost = plan.with_name(plan.stem + ".cost.json")
-                if allocator == "msp" and cost.exists():
+                if allocator in SEARCHES and cost.exists():
                     cell[base]["cost"] = json.loads(cost.read_text())
             cells.append(cell)
             print(json.dumps(cell), file=sys.stderr, flush=True)
@@ -327,8 +332,9 @@ def provenance_markdown(cells: list[dict]) -> str:
 
 
 def not_measured(cells: list[dict], targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)) -> str:
-    """The (target, base) pairs of the full table that lack an allocator, as the sentence under the table."""
-    missing = []
+    """The cells of the full table not measured yet, as the sentence under the table: whole (target, base)
+    columns first, then the single cells of each allocator."""
+    columns, rows = [], {}
     for target in targets:
         for base in BASES:
             absent = [
@@ -337,15 +343,17 @@ def not_measured(cells: list[dict], targets: tuple[float, ...] = (0.5, 0.6, 0.7,
                 if not any(c["target"] == target and c["allocator"] == a and base in c for c in cells)
             ]
             if len(absent) == len(ALLOCATORS):
-                missing.append(f"{target:g} {base}")
-            elif absent:
-                missing.append(f"{target:g} {base} ({', '.join(absent)})")
+                columns.append(f"{target:g} {base}")
+                continue
+            for allocator in absent:
+                rows.setdefault(allocator, []).append(f"{target:g} {base}")
+    missing = columns + [f"{allocator} at {', '.join(where)}" for allocator, where in rows.items()]
     if not missing:
         return ""
     return (
         f"\n\nNot measured yet: {'; '.join(missing)} "
-        f"(`python benchmarks/allocators.py --windows 10 --targets <t> --bases <b> --skip-deploy --skip-front` "
-        "adds one; each MSP search takes 20-30 min on 2 cores)."
+        f"(`python benchmarks/allocators.py --windows 10 --targets <t> --bases <b> --allocators <a> "
+        "--skip-deploy --skip-front` adds them; each MSP search takes 20-30 min on 2 cores)."
     )
 
 
@@ -363,49 +371,57 @@ def research_markdown(cells: list[dict], targets: list[float], bases: list[str])
     for target in targets:
         get = {c["allocator"]: c for c in cells if c["target"] == target}
         for base in bases:
-            msp = get.get("msp", {}).get(base)
-            if msp is None:
-                continue
-            cost = msp.get("cost", {})
-            if cost:
-                uniform_fit = cost.get("seed_fitness", {}).get("uniform")
-                own = math.exp(cost["best_fitness"] - uniform_fit) if uniform_fit is not None else None
-                costs.append(
-                    [
-                        f"{target:g}",
-                        base,
-                        f"{cost['command_seconds']:.0f}" + (" (norms read)" if cost.get("gradients_read") else ""),
-                        f"{cost['seconds']:.0f}",
-                        str(cost["generations"]),
-                        f"{cost['tokens']:,}",
-                        cost.get("precision", "float32"),
-                        f"{cost.get('levels', {}).get('database_bytes', 0) / 2**30:.2f}",
-                        f"{own:.3f}" if own else "-",
-                        f"{msp['perplexity'] / get['uniform'][base]['perplexity']:.3f}" if "uniform" in get else "-",
-                    ]
+            others = {
+                a: get[a][base]["perplexity"] for a in ("uniform", "global", "owl", "fisher") if base in get.get(a, {})
+            }
+            for searched in SEARCHES:
+                msp = get.get(searched, {}).get(base)
+                if msp is None:
+                    continue
+                cost = msp.get("cost", {})
+                if cost:
+                    uniform_fit = cost.get("seed_fitness", {}).get("uniform")
+                    # a difference of mean losses is a log perplexity ratio; of KL divergences it is not
+                    by_loss = cost.get("fitness", "loss") == "loss" and uniform_fit is not None
+                    own = math.exp(cost["best_fitness"] - uniform_fit) if by_loss else None
+                    costs.append(
+                        [
+                            f"{target:g}",
+                            base,
+                            cost.get("fitness", "loss"),
+                            f"{cost['command_seconds']:.0f}" + (" (norms read)" if cost.get("gradients_read") else ""),
+                            f"{cost['seconds']:.0f}",
+                            str(cost["generations"]),
+                            f"{cost['tokens']:,}",
+                            cost.get("precision", "float32"),
+                            f"{cost.get('levels', {}).get('database_bytes', 0) / 2**30:.2f}",
+                            f"{own:.3f}" if own else "-",
+                            f"{msp['perplexity'] / others['uniform']:.3f}" if "uniform" in others else "-",
+                        ]
+                    )
+                if not others:
+                    continue
+                ratio = f"{msp['perplexity'] / others['uniform']:.2f}x uniform" if "uniform" in others else ""
+                beaten = [a for a, v in others.items() if msp["perplexity"] < v]
+                verdict.append(
+                    f"- target {target:g}, {base}: {searched} {msp['perplexity']:.2f} ({ratio}); beats "
+                    f"{', '.join(beaten) if beaten else 'none'}"
+                    + (f"; not {', '.join(a for a in others if a not in beaten)}" if len(beaten) < len(others) else "")
                 )
-            others = {a: get[a][base]["perplexity"] for a in ("uniform", "global", "owl", "fisher") if a in get}
-            if not others:
-                continue
-            ratio = f"{msp['perplexity'] / others['uniform']:.2f}x uniform" if "uniform" in others else ""
-            beaten = [a for a, v in others.items() if msp["perplexity"] < v]
-            verdict.append(
-                f"- target {target:g}, {base}: MSP {msp['perplexity']:.2f} ({ratio}); beats "
-                f"{', '.join(beaten) if beaten else 'none'}"
-                + (f"; not {', '.join(a for a in others if a not in beaten)}" if len(beaten) < len(others) else "")
-            )
     return (
         f"{markdown_table(headers, rows)}\n\n"
         + "\n".join(verdict)
-        + "\n\nMSP search cost per target and base (the Fisher traces are shared and measured once). 'fitness "
+        + "\n\nMSP search cost per target, base and fitness (the Fisher traces are shared and measured once). 'fitness "
         "set ratio' is MSP's perplexity over uniform's on the search's own held-out sequences, 'test ratio' the "
-        "same on the test windows: their gap is how much the search overfits its fitness set. '(norms read)': "
+        "same on the test windows: their gap is how much the search overfits its fitness set (shown for the loss "
+        "fitness, whose held-out losses are log perplexities). '(norms read)': "
         "the GBLM plan read the gradient norms an earlier gblm command wrote (`--gradients`) instead of taking "
         "the backward pass over the calibration windows itself.\n\n"
         + markdown_table(
             [
                 "target",
                 "base",
+                "fitness",
                 "plan command (s)",
                 "search (s)",
                 "generations",
@@ -480,7 +496,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--targets", default="0.7,0.8,0.6,0.5", help="comma-separated average sparsities")
     parser.add_argument("--windows", default="40", help="test windows of 2048 tokens, or 'all' (quick protocol: 40)")
-    parser.add_argument("--allocators", default=",".join(ALLOCATORS), help="comma-separated research allocators")
+    parser.add_argument(
+        "--allocators",
+        default=",".join(ALLOCATORS),
+        help="comma-separated research allocators (msp-kl: msp with --fitness kl)",
+    )
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated base metrics")
     parser.add_argument("--generations", type=int, help="msp generations per research plan (default: the CLI's)")
     parser.add_argument(
@@ -523,6 +543,8 @@ def main() -> None:
             f"(`mixsparse plan --allocator msp --metric <base> --granularity {args.msp_granularity}`"
             + (", per block and then refined per module" if args.msp_granularity == "module" else "")
             + "), so its fitness is the model prune then writes; the other allocators set one ratio per block. "
+            "msp searches with the default fitness (next-token loss on held-out validation sequences), msp-kl "
+            "with `--fitness kl` (KL divergence to the dense model on the same sequences, EvoPress's fitness). "
             f"WikiText-2 test perplexity on the first {args.windows} windows of "
             f"2048 tokens; dense {dense_perplexity(cells[0]):.2f}.\n\n"
             + provenance_markdown(cells)
