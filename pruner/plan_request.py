@@ -58,6 +58,15 @@ class OwlOptions:
     multiple: float = 5.0  # M: an outlier scores above M x its layer's mean
 
 
+FITNESS_SEQLEN = 128  # tokens per held-out sequence the default selection steps are counted in
+
+
+def steps_for_seqlen(seqlen: int, steps: tuple[int, ...] = SearchSettings.steps) -> tuple[int, ...]:
+    """The default selection steps (sequences of FITNESS_SEQLEN tokens) as sequences of ``seqlen`` tokens with
+    the same tokens per step, at least one sequence each: longer sequences cost no more unless asked to."""
+    return tuple(max(1, round(count * FITNESS_SEQLEN / seqlen)) for count in steps)
+
+
 @dataclass
 class SearchOptions:
     """The msp search, and the held-out fitness that also scores a fisher deployment front."""
@@ -65,7 +74,7 @@ class SearchOptions:
     settings: SearchSettings = field(default_factory=SearchSettings)
     delta: float = 0.01
     fitness: str = "loss"
-    fitness_seqlen: int = 128
+    fitness_seqlen: int = FITNESS_SEQLEN
     resume: bool = False
     state: str | None = None  # default: beside --out, <out>.search.json
     # the level database of metrics with a weight update (levels.py): the grid's step and half-width

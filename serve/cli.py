@@ -472,14 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--steps",
         type=_listed(POSITIVE),
-        default=",".join(map(str, defaults.steps)),
-        help="held-out sequences per selection step, growing (default: %(default)s)",
+        help="held-out sequences per selection step, growing (default: "
+        f"{','.join(map(str, defaults.steps))} at {options.fitness_seqlen} tokens each; at another --fitness-seqlen "
+        "as many sequences as keep the tokens per step, e.g. 1,4 at 512)",
     )
     search.add_argument(
         "--fitness-seqlen",
         type=TOKENS,
         default=options.fitness_seqlen,
-        help="tokens per held-out sequence: many short ones overfit less than a few long ones (default: %(default)s)",
+        help="tokens per held-out sequence (default: %(default)s; the test windows are 2048). BENCHMARKS.md "
+        "compares 512-token sequences at the same tokens per step",
     )
     search.add_argument(
         "--level-step",
@@ -787,7 +789,7 @@ def cmd_sensitivity(args) -> None:
 
 def search_options_from(args: argparse.Namespace) -> SearchOptions:
     """The msp search options `plan` was given (benchmarks/search_cost.py reads a kept plan's with it)."""
-    from mixsparse.pruner.plan_request import SearchOptions
+    from mixsparse.pruner.plan_request import SearchOptions, steps_for_seqlen
 
     return SearchOptions(
         SearchSettings(
@@ -795,7 +797,7 @@ def search_options_from(args: argparse.Namespace) -> SearchOptions:
             args.population,
             args.offspring,
             args.survivors,
-            args.steps,
+            args.steps if args.steps is not None else steps_for_seqlen(args.fitness_seqlen),
             args.moves,
             args.patience,
             args.search_seed,

@@ -88,6 +88,22 @@ def test_lists_and_ranges_reach_the_commands_converted():
     assert build_parser().parse_args(["bench", "--dense", "d", "--sparse", "s"]).concurrency == (1, 4, 16, 64)
 
 
+def test_longer_fitness_sequences_keep_the_tokens_per_selection_step_unless_steps_are_given():
+    """--fitness-seqlen alone changes the length of the held-out sequences, not the tokens each selection step
+    reads (nor the search's cost): 4,16 sequences of 128 tokens become 1,4 of 512; --steps still wins."""
+    from mixsparse.serve.cli import search_options_from
+
+    def steps(*flags):
+        args = ["plan", "m", "--allocator", "msp", "--target", "0.7", "--out", "p.json", *flags]
+        return search_options_from(build_parser().parse_args(args)).settings.steps
+
+    assert steps() == (4, 16)
+    assert steps("--fitness-seqlen", "512") == (1, 4)
+    assert steps("--fitness-seqlen", "64") == (8, 32)
+    assert steps("--fitness-seqlen", "4096") == (1, 1)  # never below one sequence
+    assert steps("--fitness-seqlen", "512", "--steps", "2,8") == (2, 8)
+
+
 def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settings(tmp_path, monkeypatch):
     """benchmarks/search_cost.py reads the plan flags through the CLI's own search_options_from: a plan searched
     with other generations, steps or precision than today's command would is measured afresh."""
