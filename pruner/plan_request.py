@@ -73,13 +73,17 @@ class SearchOptions:
 
     settings: SearchSettings = field(default_factory=SearchSettings)
     delta: float = 0.01
-    fitness: str = "loss"
+    # KL to the dense model: measured better than the next-token loss in every cell compared (BENCHMARKS.md)
+    fitness: str = "kl"
     fitness_seqlen: int = FITNESS_SEQLEN
     resume: bool = False
     state: str | None = None  # default: beside --out, <out>.search.json
     # the level database of metrics with a weight update (levels.py): the grid's step and half-width
     level_step: float = 0.05
     level_window: float = 0.25
+    # seed the per-block search with the budget-exact levels of least summed cost, each block probed alone
+    # (level_probes.py); (blocks) x 8 evaluations on the first step
+    probe_seed: bool = True
     # --granularity module: generations of the per-module refinement after the per-block search
     refine_generations: int = 20
     # the fitness forward's matmuls (precision.py); bfloat16 halves a candidate's cost on a CPU with native bf16

@@ -11,6 +11,7 @@ from mixsparse.pruner.allocate import fisher_ratios, global_ratios, outlier_rati
 from mixsparse.pruner.evidence import Evidence
 from mixsparse.pruner import data
 from mixsparse.pruner.genome import Budget, Genes, LevelOps, RatioOps, from_ratios, genes_for, level_units
+from mixsparse.pruner.level_probes import cheapest_levels, probe_costs, probe_levels
 from mixsparse.pruner.levels import LevelGrid, build_levels, stores_levels
 from mixsparse.pruner.metrics import get_metric, wanda_score
 from mixsparse.pruner.plan import Plan
@@ -68,6 +69,35 @@ class _Phase:
 
     def specs(self, genome) -> dict[str, Spec]:
         return specs_for(self.genes, self.ratios(genome))
+
+    def specs_of(self, ratios: list[float]) -> dict[str, Spec]:
+        return specs_for(self.genes, ratios)
+
+
+def probed_seed(
+    request: PlanRequest, evaluator, phase: _Phase, target: float, progress: Progress
+) -> tuple[tuple, dict]:
+    """The budget-exact block levels of least summed cost, each block's cost probed alone (level_probes.py)."""
+    goal, count = request.research, request.search.settings.steps[0]
+    levels, anchor = probe_levels(target, goal.min_ratio, goal.max_ratio, phase.grid.levels if phase.stored else None)
+    genes = len(phase.genes.sizes)
+    before = evaluator.evaluations, evaluator.tokens, evaluator.seconds
+    with progress.task(
+        f"probing {genes} blocks at {len(levels) - 1} levels each", genes * (len(levels) - 1)
+    ) as advance:
+        costs = probe_costs(
+            genes, levels, anchor, target, lambda ratios: evaluator.evaluate(phase.specs_of(ratios), count), advance
+        )
+    picked = cheapest_levels(costs, anchor, level_units(phase.genes.sizes))
+    cost = {
+        "levels": levels,
+        "sequences": count,
+        "evaluations": evaluator.evaluations - before[0],
+        "tokens": evaluator.tokens - before[1],
+        "seconds": round(evaluator.seconds - before[2], 1),
+        "ratios": [levels[i] for i in picked],
+    }
+    return phase.seed(cost["ratios"]), cost
 
 
 def msp_search(
@@ -140,6 +170,17 @@ def msp_search(
         )
         return state
 
+    probed = None  # what probing the blocks cost and found, when the search was seeded by it
+
+    def probing(state_path) -> bool:
+        # a resumed phase has its population already: probing again would change nothing
+        return search.probe_seed and not (search.resume and state_path.is_file())
+
+    def probe_first(phase: _Phase, named: dict) -> tuple[dict, dict]:
+        """``named`` seeds with the probed one first: generation 0 fills its population around the first."""
+        seed, cost = probed_seed(request, evaluator, phase, target, progress)
+        return {"probed": seed, **named}, cost
+
     final = _Phase(genes, budget, grid, stored, search.delta)
     refine = goal.granularity == "module" and search.refine_generations > 0
     if refine:
@@ -151,10 +192,13 @@ def msp_search(
             stored,
             search.delta,
         )
-        block_seeds = [
-            first.seed(fisher_allocation(request, evidence, block_genes)),
-            first.seed(uniform_ratios(block_genes.sizes, target)),
-        ]
+        block_named = {
+            "fisher": first.seed(fisher_allocation(request, evidence, block_genes)),
+            "uniform": first.seed(uniform_ratios(block_genes.sizes, target)),
+        }
+        if probing(request.block_state_path):
+            block_named, probed = probe_first(first, block_named)
+        block_seeds = list(block_named.values())
         block_state = run(first, block_seeds, request.block_state_path, "block", search.settings, {})
         best_blocks = first.ratios(block_state.best["genome"])
         of_block = {m: r for members, r in zip(block_genes.members, best_blocks) for m in members}
@@ -165,17 +209,15 @@ def msp_search(
         seeds.append(final.seed(uniform))
         settings = replace(search.settings, generations=search.refine_generations)
         state = run(final, seeds, request.state_path, "module", settings, {"blocks": list(block_state.best["genome"])})
-        seed_fitness = {
-            "fisher": block_state.seed_fitness(block_seeds[0]),
-            "uniform": block_state.seed_fitness(block_seeds[1]),
-            "block plan": state.seed_fitness(seeds[0]),
-        }
+        seed_fitness = {name: block_state.seed_fitness(g) for name, g in block_named.items()}
+        seed_fitness["block plan"] = state.seed_fitness(seeds[0])
         named = {"block plan": seeds[0], "fisher per module": seeds[1], "uniform": seeds[2]}
     else:
-        seeds = [final.seed(fisher_allocation(request, evidence, genes)), final.seed(uniform)]
-        state = run(final, seeds, request.state_path, goal.granularity, search.settings, {})
-        seed_fitness = {"fisher": state.seed_fitness(seeds[0]), "uniform": state.seed_fitness(seeds[1])}
-        named = {"fisher": seeds[0], "uniform": seeds[1]}
+        named = {"fisher": final.seed(fisher_allocation(request, evidence, genes)), "uniform": final.seed(uniform)}
+        if goal.granularity == "block" and probing(request.state_path):
+            named, probed = probe_first(final, named)
+        state = run(final, list(named.values()), request.state_path, goal.granularity, search.settings, {})
+        seed_fitness = {name: state.seed_fitness(g) for name, g in named.items()}
     candidates = {"search": tuple(state.best["genome"]), **{k: tuple(g) for k, g in named.items()}}
     chosen, selection = held_out_choice(request, evidence, evaluator, final.specs, candidates, progress)
     if not stored:
@@ -188,6 +230,10 @@ def msp_search(
         summary["block_phase"] = blocks_summary
         for key in ("generations", "evaluations", "tokens", "seconds"):
             summary[key] = round(summary[key] + blocks_summary[key], 1)
+    if probed is not None:
+        summary["probed_seed"] = probed
+        for key in ("evaluations", "tokens", "seconds"):
+            summary[key] = round(summary[key] + probed[key], 1)
     summary["seed_fitness"] = seed_fitness
     summary["levels"] = {
         **grid.to_json(),

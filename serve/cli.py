@@ -500,7 +500,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--fitness",
         default=options.fitness,
         choices=["loss", "kl"],
-        help="held-out loss, or KL divergence to the dense model (default: %(default)s)",
+        help="what a candidate is scored by on the held-out sequences: kl (KL divergence from the dense model's "
+        "next-token distribution, EvoPress's fitness) or loss (the pruned model's next-token loss); same cost "
+        "(default: %(default)s)",
+    )
+    search.add_argument(
+        "--probe-seed",
+        action=argparse.BooleanOptionalAction,
+        default=options.probe_seed,
+        help="seed the per-block search with each block scored alone at levels around the target and the "
+        "budget-exact choice of least summed cost; costs 8 evaluations per block on the first step "
+        "(default: %(default)s)",
     )
     search.add_argument(
         "--refine-generations",
@@ -811,6 +821,7 @@ def search_options_from(args: argparse.Namespace) -> SearchOptions:
         level_window=args.level_window,
         precision=args.search_precision,
         refine_generations=args.refine_generations,
+        probe_seed=args.probe_seed,
     )
 
 

@@ -310,9 +310,16 @@ def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp
     assert search["seed_fitness"]["block plan"] == blocks["best_fitness"]
     assert search["best_fitness"] <= blocks["best_fitness"]
     assert blocks["generations"] < search["generations"] <= blocks["generations"] + 20  # patience may stop it
+    # the block search was seeded by probing each block alone at 8 levels around the target (and all at it),
+    # on the first step's sequences; the seed it found prunes the target's weights
+    probed = search["probed_seed"]
+    probes = probed["evaluations"]
+    assert probes == 1 + len(probed["ratios"]) * 8 and set(scored[:probes]) == {scored[0]}
+    assert sum(probed["ratios"]) / len(probed["ratios"]) == pytest.approx(0.6)
+    assert search["seed_fitness"]["probed"] is not None
     # the phases share one evaluator: each counts only its own candidates' tokens (once counted twice)
     assert search["evaluations"] == len(scored) and search["tokens"] == sum(scored)
-    assert blocks["tokens"] == sum(scored[: blocks["evaluations"]])
+    assert blocks["tokens"] == sum(scored[probes : probes + blocks["evaluations"]])
     assert job.block_state_path.is_file()
 
 
@@ -329,7 +336,7 @@ def test_the_plan_is_the_held_out_best_of_the_search_and_its_seeds(tiny_llama, t
     scores = check["scores"]
     assert check["chosen"] == min(scores, key=lambda name: (scores[name], name != "search"))
     names = {
-        "block": {"search", "fisher", "uniform"},
+        "block": {"search", "probed", "fisher", "uniform"},
         "module": {"search", "block plan", "fisher per module", "uniform"},
     }
     assert set(scores) == names[granularity] and check["fitness"] == "loss"

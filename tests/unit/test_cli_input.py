@@ -127,14 +127,24 @@ def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settin
         "settings": json.loads(json.dumps(asdict(options.settings))),
         "precision": resolve(options.precision, "cpu"),
         "fitness_seqlen": options.fitness_seqlen,
+        "fitness": options.fitness,
+        "probed_seed": {"evaluations": 1},
         "levels": {**grid, "stored": False},
     }
     assert not searched_as_now(args, plan)  # nothing kept
     plan.write_text(json.dumps({"search": search}))
     assert searched_as_now(args, plan)
-    for key, stale in [("settings", {**search["settings"], "generations": 30}), ("precision", "other")]:
+    stale_values = [
+        ("settings", {**search["settings"], "generations": 30}),
+        ("precision", "other"),
+        ("fitness", "loss"),
+    ]
+    for key, stale in stale_values:
         plan.write_text(json.dumps({"search": {**search, key: stale}}))
         assert not searched_as_now(args, plan), key
+    # a plan the search seeded without probing the blocks (before --probe-seed was the default)
+    plan.write_text(json.dumps({"search": {k: v for k, v in search.items() if k != "probed_seed"}}))
+    assert not searched_as_now(args, plan)
 
 
 def error_line(argv, capsys):
