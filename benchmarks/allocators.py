@@ -4,9 +4,10 @@ against its baselines; and the deployment quality/memory front.
 
 The allocators that do not search (uniform, global, OWL, Fisher) make one plan per target, applied with each
 base. MSP searches once per base, over that base's own levels (`mixsparse plan --metric <base>`), so what it
-scores is what `prune --plan --metric <base>` writes. The msp-kl row is the same search with `--fitness kl`
-(KL divergence to the dense model instead of the next-token loss); its plans are the ones fitness_variants.py's
-kl cells make, so a cell measured by either is not searched again.
+scores is what `prune --plan --metric <base>` writes. Three MSP rows: msp is `mixsparse plan`'s defaults (KL
+fitness); msp-loss the next-token loss fitness the table was first measured with; msp-probe msp with the search
+seeded by probing each block alone (`--probe-seed`, level_probes.py). msp's plans are the ones
+fitness_variants.py's kl cells make, so a cell measured by either is not searched again.
 
 Every step is a `mixsparse` command in its own process (what a user would run) and its output is kept
 under --work, so an interrupted run continues where it stopped (delete --work to start over). The Fisher
@@ -29,10 +30,19 @@ from pathlib import Path
 
 from common import RESULTS, command_line, machine, machine_line, markdown_table, mixsparse, save
 
-ALLOCATORS = ("uniform", "global", "owl", "fisher", "msp", "msp-kl")
-# the searched rows: (variant name, extra `plan` flags) of each, () for the defaults
-SEARCHES = {"msp": (), "msp-kl": ("kl", ("--fitness", "kl"))}
+ALLOCATORS = ("uniform", "global", "owl", "fisher", "msp-loss", "msp", "msp-probe")
+# the searched rows: (plan name suffix, `plan` flags, each named so a rerun searches what the row shows). msp is
+# the CLI's defaults (KL fitness); msp-loss the loss fitness the table was first measured with; msp-probe
+# adds the probed seed
+SEARCHES = {
+    "msp-loss": ("", ("--fitness", "loss", "--no-probe-seed")),
+    "msp": ("kl", ("--fitness", "kl", "--no-probe-seed")),
+    "msp-probe": ("kl-probe", ("--fitness", "kl", "--probe-seed")),
+}
 BASES = ("wanda", "gblm", "sparsegpt")
+# the deployment table and front were measured with the loss fitness (the CLI's default until KL replaced it):
+# pinned, so that a rerun measures what they show
+DEPLOY_FITNESS = ("--fitness", "loss")
 PROTOCOL = 2  # 2: MSP searched per base over its own levels; cells of other protocols are not shown beside these
 
 
@@ -89,7 +99,7 @@ def make_research_plan(
     searched = allocator == "msp"
     if searched and args.msp_granularity == "module":
         name += "-module"
-    if variant:
+    if variant and variant[0]:
         name += f"-{variant[0]}"
     plan = work / f"plan-{name}.json"
     if not plan.exists():
@@ -154,7 +164,7 @@ def random_baseline(args, work: Path, sensitivity: Path, budget: float) -> dict:
         from mixsparse.pruner.deployment_plans import deploy_evaluator, deployment_groups
         from mixsparse.pruner.evidence import gather
         from mixsparse.pruner.plan import Plan
-        from mixsparse.pruner.plan_request import Deployment, FisherOptions, PlanRequest
+        from mixsparse.pruner.plan_request import Deployment, FisherOptions, PlanRequest, SearchOptions
         from mixsparse.pruner.progress import Silent
         from mixsparse.pruner.spec import Spec
 
@@ -165,6 +175,7 @@ def random_baseline(args, work: Path, sensitivity: Path, budget: float) -> dict:
             allocator="msp",
             metric=args.deploy_metric,
             fisher=FisherOptions(sensitivity=str(sensitivity)),
+            search=SearchOptions(fitness=DEPLOY_FITNESS[1]),
         )
         evidence = gather(job, Silent(), need_fisher=True, need_stats=False)
         groups, sizes = deployment_groups(evidence)
@@ -221,6 +232,7 @@ def deployment(args, work: Path, sensitivity: Path) -> dict:
                 "--out",
                 str(plan),
                 "--overwrite",
+                *DEPLOY_FITNESS,
             )
             plan.with_suffix(".cost.json").write_text(
                 json.dumps({"command_seconds": round(time.perf_counter() - started, 1)}) + "\n"
@@ -263,6 +275,7 @@ def front(args, work: Path, sensitivity: Path) -> dict | None:
             "--out",
             str(out),
             "--overwrite",
+            *DEPLOY_FITNESS,
             *extra,
         )
     result = json.loads((out / "front.json").read_text())
@@ -388,7 +401,7 @@ def research_markdown(cells: list[dict], targets: list[float], bases: list[str])
                         [
                             f"{target:g}",
                             base,
-                            cost.get("fitness", "loss"),
+                            cost.get("fitness", "loss") + (" + probed seed" if "probed_seed" in cost else ""),
                             f"{cost['command_seconds']:.0f}" + (" (norms read)" if cost.get("gradients_read") else ""),
                             f"{cost['seconds']:.0f}",
                             str(cost["generations"]),
@@ -499,7 +512,8 @@ def main() -> None:
     parser.add_argument(
         "--allocators",
         default=",".join(ALLOCATORS),
-        help="comma-separated research allocators (msp-kl: msp with --fitness kl)",
+        help="comma-separated research allocators (msp: the CLI's defaults, KL fitness; msp-loss: loss fitness; "
+        "msp-probe: msp with --probe-seed)",
     )
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated base metrics")
     parser.add_argument("--generations", type=int, help="msp generations per research plan (default: the CLI's)")
@@ -543,8 +557,9 @@ def main() -> None:
             f"(`mixsparse plan --allocator msp --metric <base> --granularity {args.msp_granularity}`"
             + (", per block and then refined per module" if args.msp_granularity == "module" else "")
             + "), so its fitness is the model prune then writes; the other allocators set one ratio per block. "
-            "msp searches with the default fitness (next-token loss on held-out validation sequences), msp-kl "
-            "with `--fitness kl` (KL divergence to the dense model on the same sequences, EvoPress's fitness). "
+            "msp is `mixsparse plan`'s defaults: KL divergence to the dense model on held-out validation "
+            "sequences (EvoPress's fitness); msp-loss searches with the next-token loss on the same sequences; "
+            "msp-probe is msp with its per-block search seeded by probing each block alone (`--probe-seed`). "
             f"WikiText-2 test perplexity on the first {args.windows} windows of "
             f"2048 tokens; dense {dense_perplexity(cells[0]):.2f}.\n\n"
             + provenance_markdown(cells)

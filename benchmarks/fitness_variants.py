@@ -1,10 +1,12 @@
-"""MSP's search fitness, varied one cell at a time against the allocator table (allocators.py), which searches
-with the defaults (next-token loss on 128-token validation sequences, 4 then 16 per selection step):
+"""MSP's search fitness, varied one cell at a time against the allocator table's msp-loss row (allocators.py),
+which searched with the defaults of its day (next-token loss on 128-token validation sequences, 4 then 16 per
+selection step, no probed seed):
 
     kl     --fitness kl: KL(dense || pruned) on the same sequences (EvoPress's fitness)
     s512   --fitness-seqlen 512 --steps 1,4: a quarter as many sequences, four times as long (same tokens),
            nearer the 2048-token context of the test windows
 
+Each variant names every flag it differs in from today's CLI defaults, so a rerun searches what it shows.
 Each cell is one `mixsparse plan --allocator msp` and one `mixsparse prune --plan` in their own processes, kept
 under --work (the allocator table's, so its Fisher traces are shared); the table's uniform, Fisher and MSP
 numbers of the same cell are shown beside it from results/allocators.json. Cells of earlier runs are kept.
@@ -22,9 +24,10 @@ from allocators import make_research_plan, pruned_perplexity
 from common import RESULTS, command_line, machine, machine_line, markdown_table, mixsparse, save
 
 VARIANTS = {
-    "kl": ["--fitness", "kl"],
-    "s512": ["--fitness-seqlen", "512", "--steps", "1,4"],
+    "kl": ["--fitness", "kl", "--no-probe-seed"],
+    "s512": ["--fitness", "loss", "--no-probe-seed", "--fitness-seqlen", "512", "--steps", "1,4"],
 }
+TABLE_ROW = "msp-loss"  # the allocator table's search these vary
 
 
 def parse_cells(text: str) -> list[tuple[float, str, str]]:
@@ -42,7 +45,7 @@ def table_cell(target: float, base: str) -> dict:
     path = RESULTS / "allocators.json"
     cells = json.loads(path.read_text())["data"]["research"] if path.exists() else []
     found = {c["allocator"]: c[base]["perplexity"] for c in cells if c["target"] == target and base in c}
-    return {name: found.get(name) for name in ("uniform", "fisher", "msp")}
+    return {name: found.get(key) for name, key in (("uniform", "uniform"), ("fisher", "fisher"), ("msp", TABLE_ROW))}
 
 
 def measure(args, work: Path, target: float, base: str, variant: str) -> dict:
@@ -86,7 +89,7 @@ def markdown(cells: list[dict]) -> str:
                 f"{c['search_seconds']:.0f}",
             ]
         )
-    header = ["target", "base", "fitness variant", "MSP", "vs uniform", "table MSP (defaults)", "table Fisher"]
+    header = ["target", "base", "fitness variant", "MSP", "vs uniform", "table msp-loss", "table Fisher"]
     lines = [
         "The allocator table's search with one setting changed; test perplexity on the first "
         f"{cells[0]['windows']} windows of 2048 tokens. One search each (search seed 0): another calibration seed "

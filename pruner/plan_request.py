@@ -82,8 +82,9 @@ class SearchOptions:
     level_step: float = 0.05
     level_window: float = 0.25
     # seed the per-block search with the budget-exact levels of least summed cost, each block probed alone
-    # (level_probes.py); (blocks) x 8 evaluations on the first step
-    probe_seed: bool = True
+    # (level_probes.py); (blocks) x 8 evaluations on the first step. Off by default: it helped Wanda at 0.7
+    # (0.32x uniform vs 0.36x) and hurt SparseGPT there (0.84x vs 0.76x: the search stalled near the seed)
+    probe_seed: bool = False
     # --granularity module: generations of the per-module refinement after the per-block search
     refine_generations: int = 20
     # the fitness forward's matmuls (precision.py); bfloat16 halves a candidate's cost on a CPU with native bf16

@@ -100,6 +100,7 @@ def plan_job(
     search=FAST,
     fitness="loss",
     delta=0.01,
+    probe_seed=False,
     **kw,
 ):
     goal = Deployment(budget, memory, pareto, budgets) if deploy else Research(target, granularity)
@@ -110,7 +111,7 @@ def plan_job(
         **{
             "calibration": data.CalibrationProtocol(samples=4, seqlen=32),
             "fisher": FisherOptions(samples=3, sensitivity=sensitivity),
-            "search": SearchOptions(search, delta=delta, fitness=fitness, fitness_seqlen=32),
+            "search": SearchOptions(search, delta=delta, fitness=fitness, fitness_seqlen=32, probe_seed=probe_seed),
             **kw,
         },
     )
@@ -295,7 +296,9 @@ def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp
         return original(self, specs, count)
 
     monkeypatch.setattr(PlanEvaluator, "evaluate", counting)
-    job = plan_job(tiny_llama, tmp_path / "m.json", target=0.6, metric="sparsegpt", granularity="module")
+    job = plan_job(
+        tiny_llama, tmp_path / "m.json", target=0.6, metric="sparsegpt", granularity="module", probe_seed=True
+    )
     plan = make_plan(job).plan
     grid = plan.info["levels"]["levels"]
     ratios = {name: spec.sparsity for name, spec in plan.modules.items()}
@@ -336,7 +339,7 @@ def test_the_plan_is_the_held_out_best_of_the_search_and_its_seeds(tiny_llama, t
     scores = check["scores"]
     assert check["chosen"] == min(scores, key=lambda name: (scores[name], name != "search"))
     names = {
-        "block": {"search", "probed", "fisher", "uniform"},
+        "block": {"search", "fisher", "uniform"},
         "module": {"search", "block plan", "fisher per module", "uniform"},
     }
     assert set(scores) == names[granularity] and check["fitness"] == "loss"
