@@ -128,7 +128,6 @@ def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settin
         "precision": resolve(options.precision, "cpu"),
         "fitness_seqlen": options.fitness_seqlen,
         "fitness": options.fitness,
-        "probed_seed": {"evaluations": 1},
         "levels": {**grid, "stored": False},
     }
     assert not searched_as_now(args, plan)  # nothing kept
@@ -142,9 +141,12 @@ def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settin
     for key, stale in stale_values:
         plan.write_text(json.dumps({"search": {**search, key: stale}}))
         assert not searched_as_now(args, plan), key
-    # a plan the search seeded without probing the blocks (before --probe-seed was the default)
-    plan.write_text(json.dumps({"search": {k: v for k, v in search.items() if k != "probed_seed"}}))
+    # a plan whose search was seeded by probing the blocks is another search than one without, either way
+    plan.write_text(json.dumps({"search": {**search, "probed_seed": {"evaluations": 241}}}))
     assert not searched_as_now(args, plan)
+    assert searched_as_now([*args, "--probe-seed"], plan)
+    plan.write_text(json.dumps({"search": search}))
+    assert not searched_as_now([*args, "--probe-seed"], plan)
 
 
 def error_line(argv, capsys):
