@@ -70,9 +70,6 @@ class _Phase:
     def specs(self, genome) -> dict[str, Spec]:
         return specs_for(self.genes, self.ratios(genome))
 
-    def specs_of(self, ratios: list[float]) -> dict[str, Spec]:
-        return specs_for(self.genes, ratios)
-
 
 def probed_seed(
     request: PlanRequest, evaluator, phase: _Phase, target: float, progress: Progress
@@ -86,7 +83,12 @@ def probed_seed(
         f"probing {genes} blocks at {len(levels) - 1} levels each", genes * (len(levels) - 1)
     ) as advance:
         costs = probe_costs(
-            genes, levels, anchor, target, lambda ratios: evaluator.evaluate(phase.specs_of(ratios), count), advance
+            genes,
+            levels,
+            anchor,
+            target,
+            lambda ratios: evaluator.evaluate(specs_for(phase.genes, ratios), count),
+            advance,
         )
     picked = cheapest_levels(costs, anchor, level_units(phase.genes.sizes))
     cost = {
