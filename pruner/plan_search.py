@@ -96,17 +96,18 @@ def run_search(
     state_path: Path | None,
     evaluator: PlanEvaluator | None = None,
     settings: SearchSettings | None = None,
+    notes: dict | None = None,
 ) -> tuple[SearchState, PlanEvaluator]:
-    """Run (or, with --resume and a saved state at ``state_path``, continue) one search."""
+    """Run (or, with --resume and a saved state at ``state_path``, continue) one search. ``notes`` are kept
+    in a new search's state; a resumed one has its own."""
     settings = settings or request.search.settings
     if evaluator is None:
         evaluator = evaluator_for(request, evidence)
     # a search in phases resumes the one it stopped in: the phases before it are finished, those after unstarted
     if request.search.resume and state_path is not None and state_path.is_file():
         state = SearchState.load(state_path, fingerprint)
-        state.finished = False
     else:
-        state = SearchState(settings=asdict(settings), fingerprint=fingerprint)
+        state = SearchState(settings=asdict(settings), fingerprint=fingerprint, notes=notes or {})
     # the evaluator may have scored an earlier phase's candidates: count only this search's tokens
     tokens_before = state.tokens - evaluator.tokens
 

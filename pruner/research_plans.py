@@ -155,13 +155,23 @@ def msp_search(
     evaluator = evaluator_for(request, evidence, levels=store)
     uniform = uniform_ratios(genes.sizes, target)
 
-    def run(phase: _Phase, seeds: list, state_path, label: str, settings, extra: dict):
+    probed = None  # what probing the blocks cost and found, when the search was seeded by it
+
+    def run(phase: _Phase, named: dict, state_path, label: str, settings, extra: dict, probe: bool = False):
+        """One phase from its ``named`` seeds. With --probe-seed (``probe``) a new search is first seeded by
+        probing (first, so generation 0 fills its population around it); a resumed one finds the probed seed
+        and its cost in its state, so its plan is chosen and accounted as the search's first run was."""
+        nonlocal probed
+        notes = {}
+        if probe and search.probe_seed and not (search.resume and state_path.is_file()):
+            seed, probed = probed_seed(request, evaluator, phase, target, progress)
+            named, notes = {"probed": seed, **named}, {"probed": probed}
         state_fingerprint = {**common, "granularity": label, "genes": phase.genes.sizes, **extra}
         state, _ = run_search(
             request,
             evidence,
             phase.ops,
-            seeds,
+            list(named.values()),
             phase.specs,
             state_fingerprint,
             f"msp per {label}, target {target:g}",
@@ -169,19 +179,12 @@ def msp_search(
             state_path,
             evaluator,
             settings,
+            notes,
         )
-        return state
-
-    probed = None  # what probing the blocks cost and found, when the search was seeded by it
-
-    def probing(state_path) -> bool:
-        # a resumed phase has its population already: probing again would change nothing
-        return search.probe_seed and not (search.resume and state_path.is_file())
-
-    def probe_first(phase: _Phase, named: dict) -> tuple[dict, dict]:
-        """``named`` seeds with the probed one first: generation 0 fills its population around the first."""
-        seed, cost = probed_seed(request, evaluator, phase, target, progress)
-        return {"probed": seed, **named}, cost
+        if "probed" in state.notes and "probed" not in named:
+            probed = state.notes["probed"]
+            named = {"probed": phase.seed(probed["ratios"]), **named}
+        return state, named
 
     final = _Phase(genes, budget, grid, stored, search.delta)
     refine = goal.granularity == "module" and search.refine_generations > 0
@@ -198,27 +201,26 @@ def msp_search(
             "fisher": first.seed(fisher_allocation(request, evidence, block_genes)),
             "uniform": first.seed(uniform_ratios(block_genes.sizes, target)),
         }
-        if probing(request.block_state_path):
-            block_named, probed = probe_first(first, block_named)
-        block_seeds = list(block_named.values())
-        block_state = run(first, block_seeds, request.block_state_path, "block", search.settings, {})
+        block_state, block_named = run(
+            first, block_named, request.block_state_path, "block", search.settings, {}, probe=True
+        )
         best_blocks = first.ratios(block_state.best["genome"])
         of_block = {m: r for members, r in zip(block_genes.members, best_blocks) for m in members}
-        seeds = [
-            final.seed([of_block[m] for m in genes.labels]),
-            final.seed(fisher_allocation(request, evidence, genes)),
-        ]
-        seeds.append(final.seed(uniform))
+        named = {
+            "block plan": final.seed([of_block[m] for m in genes.labels]),
+            "fisher per module": final.seed(fisher_allocation(request, evidence, genes)),
+            "uniform": final.seed(uniform),
+        }
         settings = replace(search.settings, generations=search.refine_generations)
-        state = run(final, seeds, request.state_path, "module", settings, {"blocks": list(block_state.best["genome"])})
+        blocks = {"blocks": list(block_state.best["genome"])}
+        state, named = run(final, named, request.state_path, "module", settings, blocks)
         seed_fitness = {name: block_state.seed_fitness(g) for name, g in block_named.items()}
-        seed_fitness["block plan"] = state.seed_fitness(seeds[0])
-        named = {"block plan": seeds[0], "fisher per module": seeds[1], "uniform": seeds[2]}
+        seed_fitness["block plan"] = state.seed_fitness(named["block plan"])
     else:
         named = {"fisher": final.seed(fisher_allocation(request, evidence, genes)), "uniform": final.seed(uniform)}
-        if goal.granularity == "block" and probing(request.state_path):
-            named, probed = probe_first(final, named)
-        state = run(final, list(named.values()), request.state_path, goal.granularity, search.settings, {})
+        state, named = run(
+            final, named, request.state_path, goal.granularity, search.settings, {}, probe=goal.granularity == "block"
+        )
         seed_fitness = {name: state.seed_fitness(g) for name, g in named.items()}
     candidates = {"search": tuple(state.best["genome"]), **{k: tuple(g) for k, g in named.items()}}
     chosen, selection = held_out_choice(request, evidence, evaluator, final.specs, candidates, progress)

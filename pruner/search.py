@@ -64,6 +64,7 @@ class SearchState:
     best_since: int = 0
     finished: bool = False
     seeds: list[dict] = field(default_factory=list)  # the initial genomes and their fitness
+    notes: dict = field(default_factory=dict)  # the caller's, kept for a resume: e.g. what finding a seed cost
 
     def seed_fitness(self, genome) -> float | None:
         return next((s["fitness"] for s in self.seeds if tuple(s["genome"]) == tuple(genome)), None)
@@ -146,7 +147,10 @@ def evolve(
         _record(state, rng, start)
         on_generation(state)
 
-    while state.generation < settings.generations and not state.finished:
+    def stalled() -> bool:  # from the state, so a resumed search that patience stopped stays stopped
+        return state.generation - state.best_since >= settings.patience
+
+    while state.generation < settings.generations and not stalled():
         state.generation += 1
         moves = max(1, round(settings.moves * (1 - (state.generation - 1) / max(settings.generations, 1))))
         parents = [tuple(m["genome"]) for m in state.population]
@@ -172,8 +176,7 @@ def evolve(
         state.population = [{"genome": list(g), "fitness": f} for g, f in ranked]
         if state.best["fitness"] < best_before - 1e-9:
             state.best_since = state.generation
-        if state.generation - state.best_since >= settings.patience:
-            state.finished = True
+        state.finished = stalled()
         _record(state, rng, start)
         on_generation(state)
     state.finished = True

@@ -326,6 +326,56 @@ def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp
     assert job.block_state_path.is_file()
 
 
+def test_a_block_search_seeded_by_probes_starts_from_them_and_a_resume_probes_no_more(tiny_llama, tmp_path, monkeypatch):
+    """``--granularity block --probe-seed``: the one search is seeded by the probes (first, so generation 0
+    fills around it); a resumed search has its population already, so it probes no more, and finds the probed
+    seed (a held-out candidate) and what probing cost in its state."""
+    from dataclasses import replace
+
+    from mixsparse.pruner.fitness import PlanEvaluator
+
+    scored = []
+    original = PlanEvaluator.evaluate
+
+    def counting(self, specs, count):
+        scored.append(self.sequences[:count].numel())
+        return original(self, specs, count)
+
+    monkeypatch.setattr(PlanEvaluator, "evaluate", counting)
+    job = plan_job(tiny_llama, tmp_path / "b.json", target=0.6, metric="sparsegpt", probe_seed=True)
+    plan = make_plan(job).plan
+    search = plan.info["search"]
+    probed = search["probed_seed"]
+    probes = probed["evaluations"]
+    blocks = len(plan.info["genes"])
+    assert len(probed["ratios"]) == blocks and probes == 1 + blocks * 8
+    assert set(scored[:probes]) == {FAST.steps[0] * 32}  # the first step's sequences of fitness_seqlen tokens
+    assert sum(probed["ratios"]) / blocks == pytest.approx(0.6)
+    assert "block_phase" not in search
+    state = json.loads(job.state_path.read_text())
+    assert state["seeds"][0]["fitness"] == search["seed_fitness"]["probed"]
+    assert set(search["seed_fitness"]) == {"probed", "fisher", "uniform"}
+    assert search["evaluations"] == len(scored) and search["tokens"] == sum(scored)
+    assert search["seconds"] >= probed["seconds"]
+
+    scored.clear()
+    again = plan_job(
+        tiny_llama,
+        tmp_path / "b.json",
+        target=0.6,
+        metric="sparsegpt",
+        probe_seed=True,
+        search=replace(FAST, generations=FAST.generations + 1),
+    )
+    again.search.resume = True
+    resumed = make_plan(again).plan.info["search"]
+    assert resumed["generations"] == FAST.generations + 1
+    assert len(scored) < probes  # one generation's children, no probes
+    assert resumed["probed_seed"] == probed and resumed["seed_fitness"] == search["seed_fitness"]
+    assert "probed" in resumed["held_out_check"]["scores"]
+    assert resumed["evaluations"] == search["evaluations"] + len(scored)
+
+
 @pytest.mark.parametrize("granularity", ["block", "module"])
 def test_the_plan_is_the_held_out_best_of_the_search_and_its_seeds(tiny_llama, tmp_path, monkeypatch, granularity):
     """The search's best and its seeds are scored on sequences the search never saw; the lowest held-out loss

@@ -19,10 +19,10 @@ class Interrupted(Exception):
     pass
 
 
-def run(state=None, generations=25, path=None, stop_after=None):
+def run(state=None, generations=25, path=None, stop_after=None, patience=100):
     budget = Budget.for_target(SIZES, 0.5)
     settings = SearchSettings(
-        generations=generations, population=6, offspring=8, survivors=3, steps=(1, 2), patience=100, seed=3
+        generations=generations, population=6, offspring=8, survivors=3, steps=(1, 2), patience=patience, seed=3
     )
     state = state or SearchState(settings={}, fingerprint={"test": 1})
     seed = tuple(from_ratios([0.5] * 6, budget))
@@ -54,6 +54,19 @@ def test_resume_continues_exactly(tmp_path):
     resumed, _ = run(state=resumed_state, generations=12)
     assert resumed.best == whole.best and resumed.generation == 12
     assert [h["best"] for h in resumed.history] == [h["best"] for h in whole.history]
+
+
+def test_a_search_patience_stopped_stays_stopped_when_resumed(tmp_path):
+    """Resuming with more generations continues a search that ran out of them, not one that stopped improving:
+    for msp's block phase another generation could change the block plan the module phase's state belongs to."""
+    path = tmp_path / "state.json"
+    stopped, _ = run(generations=200, path=path, patience=2)
+    assert stopped.generation < 200 and stopped.generation - stopped.best_since == 2
+    resumed, _ = run(state=SearchState.load(path, {"test": 1}), generations=400, patience=2)
+    assert resumed.finished and resumed.generation == stopped.generation
+    assert resumed.evaluations == stopped.evaluations and resumed.best == stopped.best
+    longer, _ = run(state=SearchState.load(path, {"test": 1}), generations=400, patience=4)
+    assert longer.generation > stopped.generation  # more patience: it goes on
 
 
 @pytest.mark.parametrize(
