@@ -282,20 +282,26 @@ def test_bf16_fitness_follows_the_swapped_weights(tiny_llama, tmp_path, fitness)
         check(job)
 
 
-def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp_path, monkeypatch):
-    """Module granularity over stored levels: modules of unlike sizes get their own grid level, and the plan
-    prunes exactly the target's weights (a level step of a module counts its size). The search runs per
-    block first and refines per module from there, and the two phases' token counts add up to what was scored."""
+@pytest.fixture
+def scored(monkeypatch) -> list[int]:
+    """The tokens each fitness evaluation scores, in order."""
     from mixsparse.pruner.fitness import PlanEvaluator
 
-    scored = []
+    tokens = []
     original = PlanEvaluator.evaluate
 
     def counting(self, specs, count):
-        scored.append(self.sequences[:count].numel())
+        tokens.append(self.sequences[:count].numel())
         return original(self, specs, count)
 
     monkeypatch.setattr(PlanEvaluator, "evaluate", counting)
+    return tokens
+
+
+def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp_path, scored):
+    """Module granularity over stored levels: modules of unlike sizes get their own grid level, and the plan
+    prunes exactly the target's weights (a level step of a module counts its size). The search runs per
+    block first and refines per module from there, and the two phases' token counts add up to what was scored."""
     job = plan_job(
         tiny_llama, tmp_path / "m.json", target=0.6, metric="sparsegpt", granularity="module", probe_seed=True
     )
@@ -326,22 +332,12 @@ def test_sparsegpt_search_per_module_keeps_the_budget_in_weights(tiny_llama, tmp
     assert job.block_state_path.is_file()
 
 
-def test_a_block_search_seeded_by_probes_starts_from_them_and_a_resume_probes_no_more(tiny_llama, tmp_path, monkeypatch):
+def test_a_block_search_seeded_by_probes_starts_from_them_and_a_resume_probes_no_more(tiny_llama, tmp_path, scored):
     """``--granularity block --probe-seed``: the one search is seeded by the probes (first, so generation 0
     fills around it); a resumed search has its population already, so it probes no more, and finds the probed
     seed (a held-out candidate) and what probing cost in its state."""
     from dataclasses import replace
 
-    from mixsparse.pruner.fitness import PlanEvaluator
-
-    scored = []
-    original = PlanEvaluator.evaluate
-
-    def counting(self, specs, count):
-        scored.append(self.sequences[:count].numel())
-        return original(self, specs, count)
-
-    monkeypatch.setattr(PlanEvaluator, "evaluate", counting)
     job = plan_job(tiny_llama, tmp_path / "b.json", target=0.6, metric="sparsegpt", probe_seed=True)
     plan = make_plan(job).plan
     search = plan.info["search"]
