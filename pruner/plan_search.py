@@ -114,7 +114,8 @@ def run_search(
     def evaluate(genome, count: int) -> float:
         return evaluator.evaluate(to_specs(genome), count)
 
-    remaining = max(settings.generations - state.generation, 0) + (0 if state.population else 1)
+    remaining = 0 if state.stalled(settings.patience) else max(settings.generations - state.generation, 0)
+    remaining += 0 if state.population else 1
     with progress.task(f"search ({label})", remaining) as advance:
 
         def on_generation(current: SearchState) -> None:

@@ -66,6 +66,11 @@ class SearchState:
     seeds: list[dict] = field(default_factory=list)  # the initial genomes and their fitness
     notes: dict = field(default_factory=dict)  # the caller's, kept for a resume: e.g. what finding a seed cost
 
+    def stalled(self, patience: int) -> bool:
+        """The best has not improved for ``patience`` generations. From the state alone, so a resumed search that
+        patience stopped stays stopped (more generations continue one that ran out of them)."""
+        return self.generation - self.best_since >= patience
+
     def seed_fitness(self, genome) -> float | None:
         return next((s["fitness"] for s in self.seeds if tuple(s["genome"]) == tuple(genome)), None)
 
@@ -147,10 +152,7 @@ def evolve(
         _record(state, rng, start)
         on_generation(state)
 
-    def stalled() -> bool:  # from the state, so a resumed search that patience stopped stays stopped
-        return state.generation - state.best_since >= settings.patience
-
-    while state.generation < settings.generations and not stalled():
+    while state.generation < settings.generations and not state.stalled(settings.patience):
         state.generation += 1
         moves = max(1, round(settings.moves * (1 - (state.generation - 1) / max(settings.generations, 1))))
         parents = [tuple(m["genome"]) for m in state.population]
@@ -176,7 +178,7 @@ def evolve(
         state.population = [{"genome": list(g), "fitness": f} for g, f in ranked]
         if state.best["fitness"] < best_before - 1e-9:
             state.best_since = state.generation
-        state.finished = stalled()
+        state.finished = state.stalled(settings.patience)
         _record(state, rng, start)
         on_generation(state)
     state.finished = True
