@@ -139,7 +139,7 @@ def field(report: str, name: str) -> str:
 
 def seconds(clock: str) -> float:
     parts = [float(p) for p in clock.split(":")]
-    return sum(p * 60**i for i, p in enumerate(reversed(parts)))
+    return round(sum(p * 60**i for i, p in enumerate(reversed(parts))), 2)  # GNU time reports centiseconds
 
 
 def main() -> None:
