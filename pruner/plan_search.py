@@ -106,6 +106,8 @@ def run_search(
     # a search in phases resumes the one it stopped in: the phases before it are finished, those after unstarted
     if request.search.resume and state_path is not None and state_path.is_file():
         state = SearchState.load(state_path, fingerprint)
+        # the plan records what the search ran under: a resume may give it more generations or patience
+        state.settings = asdict(settings)
     else:
         state = SearchState(settings=asdict(settings), fingerprint=fingerprint, notes=notes or {})
     # the evaluator may have scored an earlier phase's candidates: count only this search's tokens

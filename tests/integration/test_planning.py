@@ -583,6 +583,7 @@ def test_resume_and_corrupt_state(tiny_llama, tmp_path, capsys):
     assert main([*args, "--generations", "4", "--resume"]) == 0
     plan = json.loads((tmp_path / "p.json").read_text())
     assert plan["search"]["generations"] == 4
+    assert plan["search"]["settings"]["generations"] == 4  # the settings it continued under, not the first run's
     check = plan["search"]["held_out_check"]
     printed = capsys.readouterr().out
     assert "held-out check" in printed and f"search {check['scores']['search']:.4f}" in printed, printed
