@@ -160,13 +160,13 @@ def random_baseline(args, work: Path, sensitivity: Path, budget: float) -> dict:
     """Score ``args.random`` random deployment choices with the search's own fitness; keep the best."""
 
     def run():
-        from mixsparse.pruner.deployment import DeployBudget, random_choice
-        from mixsparse.pruner.deployment_plans import deploy_evaluator, deployment_groups
-        from mixsparse.pruner.evidence import gather
-        from mixsparse.pruner.plan import Plan
-        from mixsparse.pruner.plan_request import Deployment, FisherOptions, PlanRequest, SearchOptions
-        from mixsparse.pruner.progress import Silent
-        from mixsparse.pruner.spec import Spec
+        from mixsparse.pruner.core.progress import Silent
+        from mixsparse.pruner.core.spec import Spec
+        from mixsparse.pruner.plans.dense_or_24 import deploy_evaluator, deployment_groups
+        from mixsparse.pruner.plans.evidence import gather
+        from mixsparse.pruner.plans.plan import Plan
+        from mixsparse.pruner.plans.request import Deployment, FisherOptions, PlanRequest, SearchOptions
+        from mixsparse.pruner.search.group_genome import DeployBudget, random_choice
 
         job = PlanRequest(
             args.model,
@@ -309,9 +309,7 @@ def with_published(cells: list[dict]) -> list[dict]:
             dense is not None and abs(dense_perplexity(cell) - dense) > 1e-3 * dense
         ):
             continue
-        # older results named their run once per cell
-        run = {k: cell[k] for k in ("command", "machine") if k in cell} or default
-        bases = {b: {**run, **cell[b]} for b in BASES if b in cell}
+        bases = {b: {**default, **cell[b]} for b in BASES if b in cell}
         merged[cell["target"], cell["allocator"]] = {
             "allocator": cell["allocator"],
             "target": cell["target"],

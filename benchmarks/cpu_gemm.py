@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import machine, machine_line, markdown_table, save
 
-from mixsparse.pruner.masks import mask_nm
+from mixsparse.pruner.core.masks import mask_nm
 from mixsparse.runtime import cpu_sparse
 from mixsparse.runtime.formats.packed24 import Packed24
 

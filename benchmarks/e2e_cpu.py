@@ -48,7 +48,7 @@ def build_llama_1b(directory: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from mixsparse.pruner.models import resolve
+    from mixsparse.pruner.io.models import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
     config = LlamaConfig(

@@ -15,10 +15,9 @@ import sys
 import time
 
 import torch
-
 from common import markdown_table, save
 
-from mixsparse.pruner.masks import mask_nm
+from mixsparse.pruner.core.masks import mask_nm
 from mixsparse.runtime.formats.packed24 import Packed24
 from mixsparse.runtime.reference import resident_weight_bytes
 from mixsparse.runtime.sparse_linear import SparseLinear, prepare

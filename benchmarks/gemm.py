@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RESULTS, markdown_table, save
 
-from mixsparse.pruner.masks import mask_nm
+from mixsparse.pruner.core.masks import mask_nm
 from mixsparse.runtime import kernels
 from mixsparse.runtime.formats.packed24 import Packed24
 from mixsparse.runtime.sparse_linear import SparseLinear, prepare

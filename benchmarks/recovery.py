@@ -1,4 +1,4 @@
-"""Recovery after pruning (issue 13), and the spread of the one-shot base over calibration seeds.
+"""Recovery after pruning, and the spread of the one-shot base over calibration seeds.
 
 Each point is `mixsparse prune ... --eval-windows N --json` in its own process (so its peak memory is its
 own); points are kept under --work, so an interrupted run continues where it stopped.
@@ -23,8 +23,6 @@ from pathlib import Path
 from common import markdown_table, mixsparse, save
 
 from mixsparse.runtime.machine import cpu_serving_dtype
-
-LEGACY_OPTIONS = ("epochs", "lr", "norm_lr", "batch", "target", "seed")
 
 
 def run_point(args, work: Path, key: str, flags: list[str]) -> dict:
@@ -103,35 +101,30 @@ def cases(args, work: Path) -> list[tuple[str, str, str]]:
 
 
 def recover(args, work: Path) -> None:
-    """In one process, each stage cached under --work so a starved or interrupted run continues: prune (the same
-    prune_model the CLI runs), recover (RecoveryState: resumes at the next block), perplexity of the recovered
-    model, then of the one-shot model (the same masks, before tuning)."""
-    import copy
+    """Each point is ``pipeline.prune`` with recovery and evaluation (what `mixsparse prune --recover
+    --eval-windows N` runs), in this process; a finished point is kept under --work, and an interrupted one
+    resumes at its next block from the recovery state the pipeline keeps beside its artifact."""
     import resource
-    import time
 
     import torch
 
-    from mixsparse.pruner import data, evaluate, models
-    from mixsparse.pruner.adapter import adapt
-    from mixsparse.pruner.plan import Plan
-    from mixsparse.pruner.progress import RichProgress
-    from mixsparse.pruner.prune import prune_model
-    from mixsparse.pruner.pipeline import recovery_inputs
-    from mixsparse.pruner.recover import RecoverOptions, RecoveryState, recover_model, recovery_steps
-    from mixsparse.pruner.spec import Spec
+    from mixsparse.pruner import pipeline
+    from mixsparse.pruner.core.progress import RichProgress
+    from mixsparse.pruner.io import data, models
+    from mixsparse.pruner.jobs import PruneJob
+    from mixsparse.pruner.recover.options import RecoverOptions
 
     overrides = json.loads(args.recover_options) if args.recover_options else {}
     options = RecoverOptions(**overrides)
-    options = options.resolved(models.load_tokenizer(models.resolve(args.model)))  # the tag names what runs
+    resolved = options.resolved(models.load_tokenizer(models.resolve(args.model)))  # the tag names what runs
     # named by the settings themselves, so a point measured under other defaults is never taken for this one
-    tag = f"e{options.epochs}-b{options.batch}-lr{options.lr:g}-{options.norm_lr:g}-{options.target}-s{options.seed}"
+    r = resolved
+    tag = f"e{r.epochs}-b{r.batch}-lr{r.lr:g}-{r.norm_lr:g}-{r.target}-s{r.seed}"
     # what every point had before chat data, the end-to-end step and bf16 tuning existed
-    legacy = options.data == "text" and options.distill_epochs == 0 and options.precision == "float32"
-    if not legacy:
-        tag += f"-{options.data.replace('+', '')}-d{options.distill_epochs}-{options.distill_lr:g}"
-    if options.precision != "float32":  # every point before bf16 tuning existed was float32
-        tag += f"-{options.precision}"
+    if not (resolved.data == "text" and resolved.distill_epochs == 0 and resolved.precision == "float32"):
+        tag += f"-{resolved.data.replace('+', '')}-d{resolved.distill_epochs}-{resolved.distill_lr:g}"
+    if resolved.precision != "float32":  # every point before bf16 tuning existed was float32
+        tag += f"-{resolved.precision}"
     protocol = data.EvaluationProtocol(windows=None if args.windows == "all" else int(args.windows))
     progress = RichProgress()
     points = []
@@ -144,76 +137,40 @@ def recover(args, work: Path) -> None:
         if args.table_only:  # every setting measured for this case, each a row
             for found in sorted(work.glob(f"recover-{key}-e*-w{args.windows}.json")):
                 points.append({**json.loads(found.read_text()), "label": label})
-            if not done.exists():
-                partial_point(work / f"state-{key}-{tag}", done.with_suffix(".partial.json"), metric, label, points)
             continue
         if done.exists():
             points.append({**json.loads(done.read_text()), "label": label})
             continue
-        loaded = models.load(args.model, dtype=torch.float32)
-        dense = copy.deepcopy(loaded.model)
-        adapter = adapt(loaded.model)
-        plan = Plan.load(source) if from_file else Plan.uniform(adapter.shapes(), Spec.parse(source))
-        calibration = data.calibration_windows(loaded.tokenizer, data.CalibrationProtocol())
-        pruned_file = work / f"pruned-{key}.pt"
-        if pruned_file.exists():
-            loaded.model.load_state_dict(torch.load(pruned_file, weights_only=True))
-        else:
-            prune_model(adapter, plan, metric, calibration)
-            torch.save(loaded.model.state_dict(), pruned_file)
-        one_shot_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-        request_options = options.to_json()
-        if legacy:  # the request as it was before these settings existed, so interrupted points still resume
-            request_options = {k: v for k, v in request_options.items() if k in LEGACY_OPTIONS}
-        state = RecoveryState(
-            work / f"state-{key}-{tag}",
-            {
-                "model": args.model,
-                "metric": metric,
-                **({"plan": plan.to_json()} if from_file else {"spec": source}),
-                "options": request_options,
-            },
+        out = work / f"artifact-{key}-{tag}"
+        job = PruneJob(
+            model=args.model,
+            metric=metric,
+            out=str(out),
+            sparsity=None if from_file else source,
+            plan=source if from_file else None,
+            evaluation=protocol,
+            recover=options,
+            overwrite=True,
         )
-        dense_adapter = adapt(dense)
-        generation_start = time.perf_counter()
-        options, windows = recovery_inputs(
-            options, dense_adapter, loaded.tokenizer, calibration, "cpu", state, progress
-        )
-        generation_seconds = time.perf_counter() - generation_start
-        total = recovery_steps(options, windows.shape[0], len(adapter.blocks))
-        with progress.task(f"recovering {key}", total) as advance:
-            result = recover_model(adapter, dense_adapter, plan, windows, options, state=state, after_step=advance)
-        for name, module in adapter.linears().items():  # a dense module is tuned freely, its zeros included
-            if name in plan.modules and not plan.modules[name].is_dense:
-                assert torch.equal(module.weight == 0, one_shot_state[name + ".weight"] == 0), name
-        windows = data.evaluation_windows(loaded.tokenizer, protocol)
-        partial = done.with_suffix(".partial.json")  # each perplexity is kept as soon as it is measured
-        ppl = json.loads(partial.read_text()) if partial.exists() else {}
-        for which, weights in (("recovered", None), ("one_shot", one_shot_state)):
-            if which in ppl:
-                continue
-            if weights is not None:
-                loaded.model.load_state_dict(weights)
-            with progress.task(f"perplexity ({which}, {len(windows)} windows)", len(windows)) as advance:
-                ppl[which] = evaluate.perplexity(
-                    loaded.model, windows, protocol, after_window=lambda i: advance()
-                ).perplexity
-            partial.write_text(json.dumps(ppl) + "\n")
+        summary = pipeline.prune(job, progress)
+        shutil.rmtree(out)
+        result = summary.recovery
         value = {
             "metric": metric,
             "spec": label,
-            "linear_sparsity": plan.weight_sparsity(),
-            "perplexity": ppl,
+            "linear_sparsity": summary.plan.weight_sparsity(),
+            "perplexity": {
+                "recovered": summary.perplexity["pruned"].perplexity,
+                "one_shot": summary.perplexity["one_shot"].perplexity,
+            },
             "recovery": result.to_json(),
             "recovery_seconds": sum(b.seconds for b in result.blocks)
             + (result.distill.seconds if result.distill else 0)
-            + generation_seconds,
+            + result.data_seconds,
             "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": torch.get_num_threads(),
         }
         done.write_text(json.dumps(value, indent=2) + "\n")
-        partial.unlink()
-        state.remove()
         points.append({**value, "label": label})
     rows = []
     for point in points:
@@ -254,12 +211,6 @@ def recover(args, work: Path) -> None:
         "end-to-end step; the points on 1 thread each ran pinned to one core beside another run); peak "
         "memory is the process's resident peak (dense reference and evaluation included)."
         + (
-            " A row with '-' for peak memory comes from a run that was still measuring when the table was "
-            "written (`--table-only`)."
-            if any(p.get("partial") for p in points)
-            else ""
-        )
-        + (
             " \\* resumed: some blocks were tuned by an earlier, interrupted process, often under more load "
             "(their recorded times are summed in), and the peak memory is the last process's only."
             if any(p["recovery"].get("resumed_blocks") for p in points)
@@ -283,30 +234,6 @@ def recover(args, work: Path) -> None:
     )
     save("recovery", "Recovery after pruning (prune --recover)", markdown, {"points": points}, order=11)
     print(markdown)
-
-
-def partial_point(state_dir: Path, partial: Path, metric: str, label: str, points: list) -> None:
-    """A point whose run is still measuring: its tuned blocks' records and the perplexities measured so far."""
-    import torch
-
-    if not partial.exists():
-        return
-    blocks = [
-        torch.load(f, weights_only=True)["record"]
-        for f in sorted(state_dir.glob("block-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
-    ]
-    options = json.loads(json.loads((state_dir / "state.json").read_text())["request"])["options"]
-    points.append(
-        {
-            "metric": metric,
-            "label": label,
-            "perplexity": json.loads(partial.read_text()),
-            "recovery": {"options": options, "blocks": blocks},
-            "recovery_seconds": sum(b["seconds"] for b in blocks),
-            "peak_memory_bytes": None,
-            "partial": True,
-        }
-    )
 
 
 def main() -> None:

@@ -87,8 +87,8 @@ def timed_args(report: str) -> list[str] | None:
 def searched_as_now(args: list[str], plan: Path) -> bool:
     """Whether the kept plan was searched as `mixsparse plan args` searches today: the same command means
     another search once a default (generations, level grid, precision, fitness, probed seed) has changed."""
-    from mixsparse.pruner.levels import LevelGrid
-    from mixsparse.pruner.precision import resolve
+    from mixsparse.pruner.core.levels import LevelGrid
+    from mixsparse.pruner.core.precision import resolve
     from mixsparse.serve.cli import build_parser, search_options_from
 
     if not plan.exists():

@@ -26,13 +26,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from common import RESULTS, machine, machine_line, markdown_table, save
 
 from mixsparse.serve.deploy import wait_healthy
+from mixsparse.serve.process_memory import ProcessMemory
 from mixsparse.serve.server import ServeOptions, serve_command
 
 HOST = "127.0.0.1"
@@ -68,68 +68,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
-
-
-def role(process) -> str:
-    """A readable name for a server process: vLLM names its engine processes (VLLM::EngineCore, ...)."""
-    try:
-        name = process.name()
-        cmdline = " ".join(process.cmdline())
-    except Exception:
-        return "?"
-    if "mixsparse.serve.cli" in cmdline:
-        return "api-server"
-    return name.removeprefix("VLLM::") or "?"
-
-
-class RssSampler:
-    """RSS of each process in a tree, every ``interval`` seconds, in a thread: [(t, {label: bytes})]."""
-
-    def __init__(self, pid: int, interval: float):
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.samples: list[tuple[float, dict[str, int]]] = []
-        self.labels: dict[int, str] = {}
-        self.t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> dict[str, int]:
-        import psutil
-
-        found = {}
-        try:
-            processes = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return found
-        for process in processes:
-            try:
-                rss = process.memory_info().rss
-            except psutil.Error:
-                continue
-            if process.pid not in self.labels:
-                label = role(process)
-                taken = set(self.labels.values())
-                self.labels[process.pid] = label if label not in taken else f"{label}-{process.pid}"
-            found[self.labels[process.pid]] = rss
-        self.samples.append((time.monotonic() - self.t0, found))
-        return found
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def start(self) -> "RssSampler":
-        self.sample()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 class Load:
@@ -297,7 +235,7 @@ def main() -> None:
     if model == str(DEFAULT_ARTIFACT):
         ensure_artifact(DEFAULT_ARTIFACT)
     elif not Path(model).is_dir():  # a model name (the dense baseline, e.g. smollm2-135m)
-        from mixsparse.pruner.models import resolve
+        from mixsparse.pruner.io.models import resolve
 
         model = resolve(model)
     port = free_port()
@@ -324,7 +262,7 @@ def main() -> None:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment)
     try:
         wait_healthy(url, child, timeout=600)
-        sampler = RssSampler(child.pid, args.interval).start()
+        sampler = ProcessMemory(child.pid, args.interval, keep_samples=True).start()
         print(f"server up at {url}; warm-up {args.warmup:.0f} s", file=sys.stderr, flush=True)
         warm = Load(url, "soak", args.streams, args.cancel_every, args.max_tokens, args.seed + 1)
         asyncio.run(warm.run(args.warmup))

@@ -1,80 +1,68 @@
-"""Perplexity on non-overlapping windows, and how sparse a model's linears really are."""
+"""The ``eval`` verb as a function: a model's or an artifact's perplexity (cached for unchanged files) and how
+sparse its linears are."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
 
-import torch
+from mixsparse.pruner.core.adapter import adapt
+from mixsparse.pruner.core.perplexity import Perplexity, cached, perplexity, result_cache_key, store
+from mixsparse.pruner.core.precision import check_device, compute_dtype
+from mixsparse.pruner.core.progress import Progress, Silent
+from mixsparse.pruner.core.prune import linear_sparsity
+from mixsparse.pruner.io import data, models
+from mixsparse.pruner.io.provenance import stored_dtype
 
-from mixsparse.pruner.data import EvaluationProtocol
-from mixsparse.pruner.models import files_stamp
-from mixsparse.runtime.atomic import atomic_file
+
+def run_perplexity(model, windows, protocol, device, progress: Progress, label: str) -> Perplexity:
+    model.to(device)
+    with progress.task(f"perplexity ({label}, {len(windows)} windows)", len(windows)) as advance:
+        return perplexity(model, windows, protocol, device, after_window=lambda index: advance())
+
+
+def cached_perplexity(loaded: models.LoadedModel, windows, protocol, device, progress, label) -> Perplexity:
+    """Perplexity of an unchanged model is cached per (files, protocol, dtype): dense baselines are reused."""
+    cache = models.cache_dir() / "perplexity"
+    key = result_cache_key(loaded.path, protocol, next(loaded.model.parameters()).dtype)
+    hit = cached(cache, key)
+    if hit is not None:
+        return hit
+    result = run_perplexity(loaded.model, windows, protocol, device, progress, label)
+    store(cache, key, result)
+    return result
 
 
 @dataclass
-class Perplexity:
-    perplexity: float
-    nll: float  # mean negative log-likelihood per predicted token (nats)
-    tokens: int  # tokens predicted (seqlen - 1 per window)
-    windows: int
-    seconds: float
-    protocol: dict
+class EvalSummary:
+    model: str
+    perplexity: Perplexity
+    sparsity: float  # over all decoder linears
+    artifact: bool
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {
+            "model": self.model,
+            **self.perplexity.to_json(),
+            "linear_sparsity": self.sparsity,
+            "artifact": self.artifact,
+        }
 
 
-@torch.no_grad()
-def perplexity(
-    model: torch.nn.Module,
-    windows: torch.Tensor,
-    protocol: EvaluationProtocol,
-    device: str | torch.device = "cpu",
-    after_window: Callable[[int], None] = lambda index: None,
-) -> Perplexity:
-    """exp(mean next-token NLL) over ``windows`` (n x seqlen), one window at a time."""
-    start = time.perf_counter()
-    total_nll = 0.0
-    tokens = 0
-    for index, window in enumerate(windows):
-        ids = window.unsqueeze(0).to(device)
-        logits = model(ids, use_cache=False).logits[0, :-1].float()
-        total_nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        tokens += ids.shape[1] - 1
-        after_window(index)
-    nll = total_nll / tokens
-    return Perplexity(
-        math.exp(nll),
-        nll,
-        tokens,
-        len(windows),
-        time.perf_counter() - start,
-        {**protocol.to_json(), "windows": len(windows)},
-    )
-
-
-def result_cache_key(model_path: str, protocol: EvaluationProtocol, dtype: torch.dtype) -> str:
-    """Identifies (weights, protocol, dtype): cached dense perplexities are reused only for the same files."""
-    stamp = [files_stamp(model_path), str(dtype), json.dumps(protocol.to_json(), sort_keys=True)]
-    return hashlib.sha256("|".join(stamp).encode()).hexdigest()[:24]
-
-
-def cached(cache: Path, key: str) -> Perplexity | None:
-    file = cache / f"{key}.json"
-    if not file.is_file():
-        return None
-    try:
-        return Perplexity(**json.loads(file.read_text()))
-    except (OSError, TypeError, ValueError):  # a damaged cache entry is recomputed
-        return None
-
-
-def store(cache: Path, key: str, result: Perplexity) -> None:
-    with atomic_file(cache / f"{key}.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(result.to_json()))
+def evaluate_model(
+    model: str,
+    protocol: data.EvaluationProtocol,
+    device: str = "cpu",
+    progress: Progress = Silent(),
+    use_cache: bool = True,
+) -> EvalSummary:
+    check_device(device)
+    path = models.resolve(model)
+    loaded = models.load(model, dtype=compute_dtype(device, stored_dtype(path, None)))
+    adapter = adapt(loaded.model)
+    zeros, total = linear_sparsity(adapter.linears())
+    windows = data.evaluation_windows(loaded.tokenizer, protocol)
+    if use_cache:
+        result = cached_perplexity(loaded, windows, protocol, device, progress, model)
+    else:
+        result = run_perplexity(loaded.model, windows, protocol, device, progress, model)
+    return EvalSummary(model, result, zeros / max(total, 1), loaded.artifact is not None)

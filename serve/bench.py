@@ -25,18 +25,16 @@ import contextlib
 import datetime
 import io
 import json
-import os
 import signal
 import subprocess
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mixsparse.pruner import models
-from mixsparse.pruner.progress import Progress, Silent
+from mixsparse.pruner.core.progress import Progress, Silent
+from mixsparse.pruner.io import models
 from mixsparse.runtime.atomic import atomic_dir, atomic_file, refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
@@ -44,6 +42,7 @@ from mixsparse.runtime.machine import machine
 from mixsparse.serve import report
 from mixsparse.serve.deploy import request, wait_healthy
 from mixsparse.serve.metrics import BENCH_RECORD
+from mixsparse.serve.process_memory import ProcessMemory
 from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command
 from mixsparse.serve.workload import PromptSource, Workload
 
@@ -281,64 +280,6 @@ def run_level(
     return summarise(concurrency, outputs, seconds)
 
 
-class MemorySampler:
-    """Peak RSS of a process and its children, and peak GPU memory in use, sampled in a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.5):
-        self.pid = pid
-        self.interval = interval
-        self.peak_rss = 0
-        self.peak_gpu = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._gpu = _gpu_handles()
-
-    def _sample(self) -> None:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-        except psutil.Error:
-            return
-        self.peak_rss = max(self.peak_rss, rss)
-        if self._gpu:
-            import pynvml
-
-            used = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self._gpu)
-            self.peak_gpu = max(self.peak_gpu or 0, used)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> "MemorySampler":
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-
-def _gpu_handles() -> list:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        indices = (
-            [int(i) for i in visible.split(",") if i.strip().isdigit()]
-            if visible
-            else range(pynvml.nvmlDeviceGetCount())
-        )
-        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
-    except Exception:  # no NVML (CPU machine): GPU memory is not reported
-        return []
-
-
 def weight_bytes(metrics_text: str) -> dict[str, float]:
     found = {}
     for line in metrics_text.splitlines():
@@ -407,7 +348,7 @@ def run_engine(
     server = Server(job, model, scratch / f"server-{kind}.log")
     try:
         prompts = PromptSource(tokenizer, job.workload, job.seed)
-        with MemorySampler(server.child.pid) as memory:  # from the start: loading can be the peak
+        with ProcessMemory(server.child.pid) as memory:  # from the start: loading can be the peak
             try:
                 wait_healthy(server.url, server.child, job.startup_timeout)
             except MixsparseError as error:

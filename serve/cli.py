@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixsparse.pruner.search import SearchSettings
+from mixsparse.pruner.search.evolve import SearchSettings
 from mixsparse.runtime.errors import MixsparseError
 
 if TYPE_CHECKING:
-    from mixsparse.pruner.plan_request import SearchOptions
+    from mixsparse.pruner.plans.request import SearchOptions
 
 EPILOG = "Models: a local HF directory, a hub id, or the built-in 'smollm2-135m' (fetched once from PyPI)."
 
@@ -152,8 +152,8 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_recovery(parser: argparse.ArgumentParser) -> None:
-    from mixsparse.pruner.precision import PRECISIONS
-    from mixsparse.pruner.recover import DATA, TARGETS, RecoverOptions
+    from mixsparse.pruner.core.precision import PRECISIONS
+    from mixsparse.pruner.recover.options import DATA, TARGETS, RecoverOptions
 
     defaults = RecoverOptions()
     group = parser.add_argument_group("recovery (masks frozen; zeros stay zero, 2:4 stays 2:4)")
@@ -243,7 +243,7 @@ def _add_recovery(parser: argparse.ArgumentParser) -> None:
 
 
 def _recover_options(args):
-    from mixsparse.pruner.recover import RecoverOptions
+    from mixsparse.pruner.recover.options import RecoverOptions
 
     if not args.recover:
         return None
@@ -263,8 +263,8 @@ def _recover_options(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mixsparse.pruner.metrics import METRICS
-    from mixsparse.pruner.plan_request import ALLOCATORS, DEPLOY_ALLOCATORS
+    from mixsparse.pruner.core.importance import METRICS
+    from mixsparse.pruner.plans.request import ALLOCATORS, DEPLOY_ALLOCATORS
 
     defaults = SearchSettings()
     parser = argparse.ArgumentParser(
@@ -449,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     alloc.add_argument("--min-ratio", type=RATIO, default=0.0, help="lowest ratio of any gene (default: 0)")
     alloc.add_argument("--max-ratio", type=RATIO, default=0.99, help="highest ratio of any gene (default: 0.99)")
-    from mixsparse.pruner.plan_request import SearchOptions
-    from mixsparse.pruner.precision import PRECISIONS
+    from mixsparse.pruner.core.precision import PRECISIONS
+    from mixsparse.pruner.plans.request import SearchOptions
 
     options = SearchOptions()
     search = plan.add_argument_group("MSP search")
@@ -705,11 +705,13 @@ def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def cmd_prune(args) -> None:
-    from mixsparse.pruner import data, pipeline
-    from mixsparse.pruner.progress import RichProgress
-    from mixsparse.pruner.prune import PruneOptions
+    from mixsparse.pruner import pipeline
+    from mixsparse.pruner.core.progress import RichProgress
+    from mixsparse.pruner.core.prune import PruneOptions
+    from mixsparse.pruner.io import data
+    from mixsparse.pruner.jobs import PruneJob
 
-    job = pipeline.PruneJob(
+    job = PruneJob(
         model=args.model,
         metric=args.metric,
         out=args.out,
@@ -735,11 +737,12 @@ def cmd_prune(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from mixsparse.pruner import data, pipeline
-    from mixsparse.pruner.progress import RichProgress
+    from mixsparse.pruner.core.progress import RichProgress
+    from mixsparse.pruner.evaluate import evaluate_model
+    from mixsparse.pruner.io import data
 
     protocol = data.EvaluationProtocol(args.data, args.seqlen, _count(args.windows))
-    result = pipeline.evaluate_model(args.model, protocol, args.device, RichProgress(), use_cache=not args.no_cache)
+    result = evaluate_model(args.model, protocol, args.device, RichProgress(), use_cache=not args.no_cache)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return
@@ -760,16 +763,16 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from mixsparse.pruner.export import export_dense
+    from mixsparse.pruner.io.export import export_dense
 
     out = export_dense(args.dense, args.out, args.overwrite)
     print(f"wrote {out} (plain transformers, dense weights with zeros)")
 
 
 def cmd_sensitivity(args) -> None:
-    from mixsparse.pruner import data
-    from mixsparse.pruner.evidence import sensitivity_command
-    from mixsparse.pruner.progress import RichProgress
+    from mixsparse.pruner.core.progress import RichProgress
+    from mixsparse.pruner.io import data
+    from mixsparse.pruner.plans.evidence import sensitivity_command
 
     result = sensitivity_command(
         args.model,
@@ -799,7 +802,7 @@ def cmd_sensitivity(args) -> None:
 
 def search_options_from(args: argparse.Namespace) -> SearchOptions:
     """The msp search options `plan` was given (benchmarks/search_cost.py reads a kept plan's with it)."""
-    from mixsparse.pruner.plan_request import SearchOptions, steps_for_seqlen
+    from mixsparse.pruner.plans.request import SearchOptions, steps_for_seqlen
 
     return SearchOptions(
         SearchSettings(
@@ -826,16 +829,16 @@ def search_options_from(args: argparse.Namespace) -> SearchOptions:
 
 
 def cmd_plan(args) -> None:
-    from mixsparse.pruner import data
-    from mixsparse.pruner.plan_request import (
+    from mixsparse.pruner.core.progress import RichProgress
+    from mixsparse.pruner.io import data
+    from mixsparse.pruner.plans.make import make_plan
+    from mixsparse.pruner.plans.request import (
         Deployment,
         FisherOptions,
         OwlOptions,
         PlanRequest,
         Research,
     )
-    from mixsparse.pruner.planning import make_plan
-    from mixsparse.pruner.progress import RichProgress
 
     if args.deploy or args.pareto:
         goal = Deployment(args.budget, args.memory, args.pareto, args.budgets)
@@ -863,10 +866,9 @@ def cmd_plan(args) -> None:
         print((outcome.out / "front.md").read_text())
         print(f"wrote {outcome.out}/ (front.md, front.png, front.json, one plan per budget)")
         return
-    from mixsparse.pruner.card import describe_plan
 
     info = outcome.plan.info
-    rows = [("plan", describe_plan(outcome.plan)), ("weight sparsity", f"{outcome.plan.weight_sparsity():.4f}")]
+    rows = [("plan", outcome.plan.describe()), ("weight sparsity", f"{outcome.plan.weight_sparsity():.4f}")]
     if "search" in info:
         search = info["search"]
         rows.append(
@@ -924,13 +926,14 @@ def cmd_serve(args) -> None:
 
 
 def cmd_deploy(args) -> int:
-    from mixsparse.pruner import data, pipeline
-    from mixsparse.pruner.progress import RichProgress
+    from mixsparse.pruner.core.progress import RichProgress
+    from mixsparse.pruner.io import data
+    from mixsparse.pruner.jobs import PruneJob
     from mixsparse.serve.deploy import DeployJob, deploy
 
     sparsity = args.sparsity if args.sparsity or args.plan or args.budget is not None else "2:4"
     job = DeployJob(
-        prune=pipeline.PruneJob(
+        prune=PruneJob(
             model=args.model,
             metric=args.metric,
             out=args.out,
@@ -957,7 +960,7 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_bench(args) -> None:
-    from mixsparse.pruner.progress import RichProgress
+    from mixsparse.pruner.core.progress import RichProgress
     from mixsparse.serve.bench import BenchJob, bench
     from mixsparse.serve.workload import make_workload
 

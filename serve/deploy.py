@@ -20,11 +20,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mixsparse.pruner import models, pipeline
-from mixsparse.pruner.export import human_bytes
-from mixsparse.pruner.gradient_file import check_gradients
-from mixsparse.pruner.metrics import get_metric
-from mixsparse.pruner.progress import Progress, Silent
+from mixsparse.pruner import pipeline
+from mixsparse.pruner.core.importance import get_metric
+from mixsparse.pruner.core.progress import Progress, Silent
+from mixsparse.pruner.io import models
+from mixsparse.pruner.io.export import human_bytes
+from mixsparse.pruner.io.gradient_file import check_gradients
+from mixsparse.pruner.io.provenance import request_of
+from mixsparse.pruner.jobs import PruneJob
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command
@@ -32,7 +35,7 @@ from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_co
 
 @dataclass
 class DeployJob:
-    prune: pipeline.PruneJob
+    prune: PruneJob
     serve: ServeOptions
     chat: str | None = None
     once: bool = False
@@ -46,8 +49,8 @@ class DeployJob:
 
 def deployment_plan(job: DeployJob, progress: Progress, show) -> str:
     """The plan for ``job.budget``, next to the artifact (``<out>.plan.json``): made once, then reused."""
-    from mixsparse.pruner.plan_request import Deployment, PlanRequest
-    from mixsparse.pruner.planning import make_plan
+    from mixsparse.pruner.plans.make import make_plan
+    from mixsparse.pruner.plans.request import Deployment, PlanRequest
 
     prune = job.prune
     path = Path(f"{prune.out}.plan.json")
@@ -75,7 +78,7 @@ def default_out(model: str, metric: str, sparsity: str | None, plan: str | None,
     return str(Path("runs") / f"{Path(model).name}-{metric}-{what}")
 
 
-def reusable(job: pipeline.PruneJob) -> bool:
+def reusable(job: PruneJob) -> bool:
     """True when ``job.out`` is an artifact made by exactly this request; False when it does not exist."""
     out = Path(job.out)
     if not out.exists():
@@ -88,7 +91,7 @@ def reusable(job: pipeline.PruneJob) -> bool:
         recorded = json.loads((out / "plan.json").read_text()).get("request")
     except (OSError, ValueError, AttributeError):  # missing, not UTF-8, not JSON, not an object: not reusable
         recorded = None
-    wanted = pipeline.request_of(job, models.resolve(job.model))
+    wanted = request_of(job, models.resolve(job.model))
     if recorded == json.loads(json.dumps(wanted)):
         return True
     if job.overwrite:

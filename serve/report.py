@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixsparse.pruner.export import human_bytes
+from mixsparse.pruner.io.export import human_bytes
 
 # (key, label, format, higher is better)
 LEVEL_COLUMNS = [

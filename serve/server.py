@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixsparse.runtime.errors import MixsparseError
-from mixsparse.runtime.machine import cpu_serving_dtype
 from mixsparse.runtime.formats import artifact
+from mixsparse.runtime.machine import cpu_serving_dtype
 from mixsparse.serve import cpu_runtime, engine_log
 from mixsparse.serve.guard import ENVIRONMENT as GUARD_ENVIRONMENT
 from mixsparse.serve.guard import GuardSettings

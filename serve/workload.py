@@ -49,7 +49,7 @@ class PromptSource:
     """
 
     def __init__(self, tokenizer, workload: Workload, seed: int = 0):
-        from mixsparse.pruner import data
+        from mixsparse.pruner.io import data
 
         self.tokenizer = tokenizer
         self.workload = workload

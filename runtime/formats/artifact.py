@@ -37,6 +37,7 @@ from mixsparse.runtime.atomic import atomic_dir
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats.bitmask import Bitmask
 from mixsparse.runtime.formats.packed24 import Packed24
+from mixsparse.runtime.json_files import read_json
 
 QUANT_METHOD = "mixsparse"
 FORMAT_VERSION = 2  # what this mixsparse writes
@@ -192,14 +193,7 @@ def read_config(path: str | os.PathLike) -> ArtifactConfig:
     """Parse an artifact's config and check that its files are all there at their recorded sizes."""
     path = Path(path)
     config_file = path / "config.json"
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise MixsparseError(f"{path} is not a mixsparse artifact: config.json is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MixsparseError(f"{config_file} is not valid JSON ({error})") from None
-    except OSError as error:
-        raise MixsparseError(f"cannot read {config_file} ({error.strerror})") from None
+    hf_config = read_json(config_file, "model config", f"{path} is not a mixsparse artifact: config.json is missing")
     if not isinstance(hf_config, dict) or not isinstance(hf_config.get("quantization_config") or {}, dict):
         raise MixsparseError(f"{config_file} is not a model config (a JSON object with a quantization_config object)")
     quant = hf_config.get("quantization_config") or {}

@@ -1,6 +1,6 @@
 """The packed 2:4 weight: values plus 2-bit indices, exact in both directions.
 
-Layout for a dense W of shape (out, in) with in % 4 == 0 (see DESIGN.md, Formats):
+Layout for a dense W of shape (out, in) with in % 4 == 0 (see docs/design.md, Formats):
 - ``values``: (out, in/2), W's dtype: the two kept weights of every group of 4, in index order;
 - ``meta``:   (out, ceil(in/8)), uint8: per group a nibble ``i0 | i1 << 2`` (i0 < i1), two groups
   per byte, the even group in the low nibble. When in/4 is odd the last high nibble is 0.

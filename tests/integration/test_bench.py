@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-
 from serving_helpers import free_port
 
 from mixsparse.pruner import pipeline
+from mixsparse.pruner.jobs import PruneJob
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.serve import bench as bench_module
 from mixsparse.serve.metrics import Metrics
@@ -26,7 +26,7 @@ STUB = str(Path(__file__).resolve().parent.parent / "stub_openai.py")
 @pytest.fixture(scope="module")
 def tiny_24(tmp_path_factory, tiny_llama):
     out = tmp_path_factory.mktemp("bench-art") / "tiny-24"
-    pipeline.prune(pipeline.PruneJob(model=str(tiny_llama), metric="magnitude", sparsity="2:4", out=str(out)))
+    pipeline.prune(PruneJob(model=str(tiny_llama), metric="magnitude", sparsity="2:4", out=str(out)))
     return out
 
 

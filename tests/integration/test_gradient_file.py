@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from mixsparse.pruner import data, pipeline
-from mixsparse.pruner.adapter import adapt
-from mixsparse.pruner.evidence import gather
-from mixsparse.pruner.plan_request import PlanRequest, Research
-from mixsparse.pruner.progress import Silent
+from mixsparse.pruner import pipeline
+from mixsparse.pruner.core.adapter import adapt
+from mixsparse.pruner.core.progress import Silent
+from mixsparse.pruner.io import data
+from mixsparse.pruner.jobs import PruneJob
+from mixsparse.pruner.plans.evidence import gather
+from mixsparse.pruner.plans.request import PlanRequest, Research
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats.hf import load_dense
 from mixsparse.serve.cli import main
@@ -16,7 +18,7 @@ CALIBRATION = data.CalibrationProtocol(samples=4, seqlen=32)
 
 
 def prune(model, out, **kw):
-    job = pipeline.PruneJob(
+    job = PruneJob(
         model=str(model),
         metric="gblm",
         out=str(out),
@@ -36,7 +38,7 @@ def weights(out):
 def test_a_gradients_file_is_written_once_then_read_and_prunes_the_same_weights(tiny_llama, tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from mixsparse.pruner import gradient_file
+    from mixsparse.pruner.io import gradient_file
 
     kept = tmp_path / "grads.safetensors"
     prune(tiny_llama, tmp_path / "none")
@@ -79,7 +81,7 @@ def test_a_gradients_file_of_other_calibration_is_refused_and_kept(tiny_llama, t
     kept = tmp_path / "grads.safetensors"
     prune(tiny_llama, tmp_path / "first", gradients=str(kept))
     before = kept.read_bytes()
-    other = pipeline.PruneJob(
+    other = PruneJob(
         model=str(tiny_llama),
         metric="gblm",
         out=str(tmp_path / "second"),
@@ -121,7 +123,7 @@ def test_deploy_with_a_budget_takes_one_gradient_pass_for_its_plan_and_its_prune
     --gradients the norms are kept for the command in a temporary file beside the artifact, then removed."""
     import socket
 
-    from mixsparse.pruner import gradient_file
+    from mixsparse.pruner.io import gradient_file
     from mixsparse.serve.deploy import DeployJob, prepare
     from mixsparse.serve.server import ServeOptions
 
@@ -137,7 +139,7 @@ def test_deploy_with_a_budget_takes_one_gradient_pass_for_its_plan_and_its_prune
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "served" / "art"
-    job = pipeline.PruneJob(model=str(tiny_llama), metric="gblm", out=str(out), calibration=CALIBRATION)
+    job = PruneJob(model=str(tiny_llama), metric="gblm", out=str(out), calibration=CALIBRATION)
     deploy = DeployJob(prune=job, serve=ServeOptions(model="", port=port), budget=0.5)
     served, reused = prepare(deploy, Silent(), show=lambda *args: None)
     assert served == out and not reused and len(passes) == 1
@@ -146,7 +148,7 @@ def test_deploy_with_a_budget_takes_one_gradient_pass_for_its_plan_and_its_prune
 
     # the weights are those of a prune with the same plan that computes the norms itself
     pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(tiny_llama), metric="gblm", out=str(tmp_path / "ref"), plan=job.plan, calibration=CALIBRATION
         )
     )
@@ -158,8 +160,8 @@ def test_deploy_with_a_budget_takes_one_gradient_pass_for_its_plan_and_its_prune
 def test_an_msp_gblm_plan_takes_its_fisher_traces_and_gradient_norms_from_one_pass(tiny_llama, tmp_path, monkeypatch):
     """The Fisher windows are the first of the calibration windows, so one backward per calibration window
     gives both, each bit-equal to what its own pass gives; a --gradients file is written from that pass."""
-    from mixsparse.pruner import sensitivity
-    from mixsparse.pruner.plan_request import FisherOptions
+    from mixsparse.pruner.plans import sensitivity
+    from mixsparse.pruner.plans.request import FisherOptions
 
     def request(**kw):
         return PlanRequest(

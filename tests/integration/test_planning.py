@@ -4,15 +4,18 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_llama_config
 
-from mixsparse.pruner import data, models, pipeline
-from mixsparse.pruner import precision as matmul
-from mixsparse.pruner.adapter import adapt
-from mixsparse.pruner.plan_request import Deployment, FisherOptions, PlanRequest, Research, SearchOptions
-from mixsparse.pruner.planning import make_plan
-from mixsparse.pruner.plan import Plan
-from mixsparse.pruner.search import SearchSettings
-from mixsparse.pruner.sensitivity import fisher_traces
+from mixsparse.pruner import pipeline
+from mixsparse.pruner.core import precision as matmul
+from mixsparse.pruner.core.adapter import adapt
+from mixsparse.pruner.io import data, models
+from mixsparse.pruner.jobs import PruneJob
+from mixsparse.pruner.plans.make import make_plan
+from mixsparse.pruner.plans.plan import Plan
+from mixsparse.pruner.plans.request import Deployment, FisherOptions, PlanRequest, Research, SearchOptions
+from mixsparse.pruner.plans.sensitivity import fisher_traces
+from mixsparse.pruner.search.evolve import SearchSettings
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.serve.cli import main
 
@@ -38,7 +41,7 @@ def test_fisher_traces_match_a_direct_per_parameter_computation(tiny_llama):
 
 
 def test_gblm_gradient_norms_match_autograd_per_sample(tiny_llama):
-    from mixsparse.pruner.sensitivity import weight_gradients
+    from mixsparse.pruner.plans.sensitivity import weight_gradients
 
     loaded = models.load(str(tiny_llama), dtype=torch.float64)
     adapter = adapt(loaded.model)
@@ -60,19 +63,11 @@ def test_gblm_gradient_norms_match_autograd_per_sample(tiny_llama):
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_llama):
     """4 blocks; every block but block 1 is scaled down 20x, so the output hangs on block 1."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=384,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-    )
+    # the default context and no special token ids, as this model was first measured with
+    config = tiny_llama_config(num_hidden_layers=4, max_position_embeddings=2048, bos_token_id=None, eos_token_id=None)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for index, block in enumerate(model.model.layers):
@@ -153,7 +148,7 @@ def test_every_allocator_keeps_the_budget_and_drives_prune(tiny_llama, tmp_path,
     assert plan.info["allocator"] == allocator and plan.info["calibration"]["samples"] == 4
     assert (tmp_path / "plan.png").stat().st_size > 1000
     summary = pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(tiny_llama),
             metric="sparsegpt",
             plan=str(tmp_path / "plan.json"),
@@ -174,7 +169,7 @@ def test_deployment_plan_and_memory_target(tiny_llama, tmp_path):
     qkv = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
     assert qkv in formats  # decisions are per fused group
     summary = pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(tiny_llama),
             metric="wanda",
             plan=str(tmp_path / "d.json"),
@@ -192,7 +187,7 @@ def test_a_deployment_plan_is_the_held_out_best_of_the_search_and_least_sensitiv
 ):
     """As for research plans: the search's best and its seed are scored on sequences the search never saw, and
     the seed's choice is written when it does better there (the front then plots that choice's fitness)."""
-    from mixsparse.pruner.fitness import PlanEvaluator
+    from mixsparse.pruner.search.fitness import PlanEvaluator
 
     plan = make_plan(plan_job(tiny_llama, tmp_path / "d.json", allocator="msp", deploy=True, budget=0.5)).plan
     search = plan.info["search"]
@@ -220,11 +215,11 @@ def test_a_deployment_plan_is_the_held_out_best_of_the_search_and_least_sensitiv
 def test_deployment_fitness_scores_what_prune_with_the_plan_produces(tiny_llama, tmp_path):
     """Deployment candidates hold the base metric's own 2:4 weights (SparseGPT: with its update), so a
     candidate's fitness is the loss of exactly the model `prune --plan --metric sparsegpt` writes."""
-    from mixsparse.pruner.deployment_plans import deploy_evaluator
-    from mixsparse.pruner.evidence import gather
-    from mixsparse.pruner.progress import Silent
-    from mixsparse.pruner.prune import prune_model
-    from mixsparse.pruner.spec import Spec
+    from mixsparse.pruner.core.progress import Silent
+    from mixsparse.pruner.core.prune import prune_model
+    from mixsparse.pruner.core.spec import Spec
+    from mixsparse.pruner.plans.dense_or_24 import deploy_evaluator
+    from mixsparse.pruner.plans.evidence import gather
 
     job = plan_job(tiny_llama, tmp_path / "d.json", allocator="msp", metric="sparsegpt", deploy=True, budget=1.0)
     evidence = gather(job, Silent(), need_fisher=False, need_stats=False)
@@ -254,11 +249,11 @@ def test_deployment_fitness_scores_what_prune_with_the_plan_produces(tiny_llama,
 def test_bf16_fitness_follows_the_swapped_weights(tiny_llama, tmp_path, fitness):
     """Under bf16 autocast every candidate is scored on its own weights (no cast cache keeps the previous
     candidate's), and the fitness stays close to float32's."""
-    from mixsparse.pruner.deployment_plans import deploy_evaluator
-    from mixsparse.pruner.evidence import gather
-    from mixsparse.pruner.plan_request import check
-    from mixsparse.pruner.progress import Silent
-    from mixsparse.pruner.spec import Spec
+    from mixsparse.pruner.core.progress import Silent
+    from mixsparse.pruner.core.spec import Spec
+    from mixsparse.pruner.plans.dense_or_24 import deploy_evaluator
+    from mixsparse.pruner.plans.evidence import gather
+    from mixsparse.pruner.plans.request import check
 
     def evaluator(precision):
         job = plan_job(tiny_llama, tmp_path / "d.json", allocator="msp", metric="sparsegpt", deploy=True, budget=1.0)
@@ -285,7 +280,7 @@ def test_bf16_fitness_follows_the_swapped_weights(tiny_llama, tmp_path, fitness)
 @pytest.fixture
 def scored(monkeypatch) -> list[int]:
     """The tokens each fitness evaluation scores, in order."""
-    from mixsparse.pruner.fitness import PlanEvaluator
+    from mixsparse.pruner.search.fitness import PlanEvaluator
 
     tokens = []
     original = PlanEvaluator.evaluate
@@ -376,8 +371,8 @@ def test_a_block_search_seeded_by_probes_starts_from_them_and_a_resume_probes_no
 def test_the_plan_is_the_held_out_best_of_the_search_and_its_seeds(tiny_llama, tmp_path, monkeypatch, granularity):
     """The search's best and its seeds are scored on sequences the search never saw; the lowest held-out loss
     is written, so a search that fit its fitness sequences falls back to the seed it started from."""
-    from mixsparse.pruner.fitness import PlanEvaluator
-    from mixsparse.pruner.plan_search import fitness_sequences, held_out_sequences
+    from mixsparse.pruner.search.fitness import PlanEvaluator
+    from mixsparse.pruner.search.session import fitness_sequences, held_out_sequences
 
     job = plan_job(tiny_llama, tmp_path / "a.json", target=0.6, metric="sparsegpt", granularity=granularity)
     plan = make_plan(job).plan
@@ -413,14 +408,14 @@ def test_research_search_scores_what_prune_with_the_plan_produces(tiny_llama, tm
     its weight update): the best candidate's weights and fitness are bit-equal to `prune --plan`'s model."""
     import random
 
-    from mixsparse.pruner.evidence import gather
-    from mixsparse.pruner.genome import LevelOps
-    from mixsparse.pruner.levels import LevelGrid, build_levels, stores_levels
-    from mixsparse.pruner.metrics import get_metric
-    from mixsparse.pruner.plan_search import evaluator_for
-    from mixsparse.pruner.progress import Silent
-    from mixsparse.pruner.prune import prune_model
-    from mixsparse.pruner.spec import Spec
+    from mixsparse.pruner.core.importance import get_metric
+    from mixsparse.pruner.core.levels import LevelGrid, build_levels, stores_levels
+    from mixsparse.pruner.core.progress import Silent
+    from mixsparse.pruner.core.prune import prune_model
+    from mixsparse.pruner.core.spec import Spec
+    from mixsparse.pruner.plans.evidence import gather
+    from mixsparse.pruner.search.genome import LevelOps
+    from mixsparse.pruner.search.session import evaluator_for
 
     job = plan_job(tiny_llama, tmp_path / "r.json", target=0.6, metric=metric)
     outcome = make_plan(job)
@@ -650,9 +645,9 @@ def test_gblm_plans_with_every_allocator(tiny_llama, tmp_path, allocator):
 
 
 def test_gblm_msp_ranks_by_scores_with_the_dense_gradient_norms(tiny_llama, tmp_path):
-    from mixsparse.pruner.evidence import gather
-    from mixsparse.pruner.metrics import gblm_score, wanda_score
-    from mixsparse.pruner.progress import Silent
+    from mixsparse.pruner.core.importance import gblm_score, wanda_score
+    from mixsparse.pruner.core.progress import Silent
+    from mixsparse.pruner.plans.evidence import gather
 
     job = plan_job(tiny_llama, tmp_path / "p.json", allocator="msp", target=0.6, metric="gblm")
     evidence = gather(job, Silent(), need_fisher=False, need_stats=True, need_gradients=True)

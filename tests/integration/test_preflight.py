@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixsparse.pruner import pipeline
-from mixsparse.pruner.data import CalibrationProtocol
+from mixsparse.pruner.io.data import CalibrationProtocol
+from mixsparse.pruner.jobs import PruneJob
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.serve.cli import main
@@ -21,7 +22,7 @@ PACKED = "model.layers.1.mlp.down_proj"
 def artifact_24(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("preflight") / "tiny-24"
     pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(tiny_llama),
             metric="magnitude",
             sparsity="2:4",
@@ -115,7 +116,7 @@ BITMASK = "model.layers.0.mlp.down_proj"
 def artifact_bitmask(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("preflight") / "tiny-60"
     pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(tiny_llama),
             metric="magnitude",
             sparsity="0.6",

@@ -5,17 +5,20 @@ import json
 import pytest
 import torch
 
-from mixsparse.pruner import data, pipeline
-from mixsparse.pruner.export import export_dense, human_bytes
-from mixsparse.pruner.plan import Plan
-from mixsparse.pruner.spec import Spec
+from mixsparse.pruner import pipeline
+from mixsparse.pruner.core.spec import Spec
+from mixsparse.pruner.evaluate import evaluate_model
+from mixsparse.pruner.io import data
+from mixsparse.pruner.io.export import export_dense, human_bytes
+from mixsparse.pruner.jobs import PruneJob
+from mixsparse.pruner.plans.plan import Plan
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.formats.hf import load_dense
 
 
 def job(model, out, calibration, **kw):
-    return pipeline.PruneJob(
+    return PruneJob(
         model=str(model), out=str(out), calibration=calibration, **{"metric": "wanda", "sparsity": "2:4", **kw}
     )
 
@@ -47,9 +50,9 @@ def test_every_metric_gives_exact_masks_and_a_loadable_artifact(
 
 
 def test_artifact_weights_equal_the_in_memory_pruned_model(tiny_llama, tmp_path, small_calibration):
-    from mixsparse.pruner import models
-    from mixsparse.pruner.adapter import adapt
-    from mixsparse.pruner.prune import prune_model
+    from mixsparse.pruner.core.adapter import adapt
+    from mixsparse.pruner.core.prune import prune_model
+    from mixsparse.pruner.io import models
 
     loaded = models.load(str(tiny_llama), dtype=torch.float32)
     adapter = adapt(loaded.model)
@@ -85,8 +88,8 @@ def _header_bytes(path):
 
 def test_a_group_that_is_not_all_24_is_stored_bitmask(tiny_llama, tmp_path, small_calibration):
     plan_path = tmp_path / "plan.json"
-    from mixsparse.pruner import models
-    from mixsparse.pruner.adapter import adapt
+    from mixsparse.pruner.core.adapter import adapt
+    from mixsparse.pruner.io import models
 
     shapes = adapt(models.load(str(tiny_llama)).model).shapes()
     specs = {name: Spec.parse("2:4") for name in shapes}
@@ -133,8 +136,8 @@ def test_prune_with_evaluation_records_perplexity(tiny_llama, tmp_path, small_ca
 def test_eval_of_a_model_and_its_artifact(tiny_llama, tmp_path, small_calibration):
     pipeline.prune(job(tiny_llama, tmp_path / "a", small_calibration))
     protocol = data.EvaluationProtocol(seqlen=128, windows=3)
-    dense = pipeline.evaluate_model(str(tiny_llama), protocol)
-    pruned = pipeline.evaluate_model(str(tmp_path / "a"), protocol)
+    dense = evaluate_model(str(tiny_llama), protocol)
+    pruned = evaluate_model(str(tmp_path / "a"), protocol)
     assert dense.sparsity == 0 and pruned.sparsity == pytest.approx(0.5) and pruned.artifact
     assert dense.perplexity.tokens == pruned.perplexity.tokens == 3 * 127
 
@@ -176,8 +179,8 @@ MIXED = {
 @pytest.fixture(scope="module")
 def mixed_artifact(tiny_llama, tmp_path_factory):
     """A plan of every kind: sparse enough for bitmask or not, N:M, a fully 2:4 group and a lone 2:4 module."""
-    from mixsparse.pruner import models
-    from mixsparse.pruner.adapter import adapt
+    from mixsparse.pruner.core.adapter import adapt
+    from mixsparse.pruner.io import models
 
     directory = tmp_path_factory.mktemp("mixed")
     shapes = adapt(models.load(str(tiny_llama)).model).shapes()

@@ -7,12 +7,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mixsparse.pruner import data, models, pipeline
-from mixsparse.pruner.adapter import adapt
-from mixsparse.pruner.plan import Plan
-from mixsparse.pruner.prune import prune_model
-from mixsparse.pruner.recover import RecoverOptions, RecoveryState, recover_model, recovery_steps
-from mixsparse.pruner.spec import Spec
+from mixsparse.pruner import pipeline
+from mixsparse.pruner.core.adapter import adapt
+from mixsparse.pruner.core.prune import prune_model
+from mixsparse.pruner.core.spec import Spec
+from mixsparse.pruner.io import data, models
+from mixsparse.pruner.jobs import PruneJob
+from mixsparse.pruner.plans.plan import Plan
+from mixsparse.pruner.recover.inputs import recovery_state_dir
+from mixsparse.pruner.recover.options import RecoverOptions
+from mixsparse.pruner.recover.run import recover_model, recovery_steps
+from mixsparse.pruner.recover.state import RecoveryState
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats.hf import load_dense
 from mixsparse.serve.cli import main
@@ -75,8 +80,8 @@ def test_recovered_artifact_keeps_the_one_shot_masks(tiny_llama, tmp_path, small
         calibration=small_calibration,
         evaluation=data.EvaluationProtocol(seqlen=128, windows=2),
     )
-    plain = pipeline.prune(pipeline.PruneJob(out=str(tmp_path / "plain"), **common))
-    summary = pipeline.prune(pipeline.PruneJob(out=str(tmp_path / "rec"), recover=FAST, **common))
+    plain = pipeline.prune(PruneJob(out=str(tmp_path / "plain"), **common))
+    summary = pipeline.prune(PruneJob(out=str(tmp_path / "rec"), recover=FAST, **common))
     one_shot, _ = load_dense(tmp_path / "plain", torch.float32)
     recovered, config = load_dense(tmp_path / "rec", torch.float32)
     for name in summary.plan.modules:
@@ -96,7 +101,7 @@ def test_recovered_artifact_keeps_the_one_shot_masks(tiny_llama, tmp_path, small
     assert "Recovery: masks frozen" in card and "one-shot ->" in card and "end to end" in card
     assert record["recover"]["distill"]["kl_end"] >= 0
     assert ("used by recovery" in card) == (metric == "magnitude")
-    assert not pipeline.recovery_state_dir(str(tmp_path / "rec")).exists()
+    assert not recovery_state_dir(str(tmp_path / "rec")).exists()
 
 
 def test_recovery_under_a_mixed_plan(tiny_llama, tmp_path, small_calibration):
@@ -107,7 +112,7 @@ def test_recovery_under_a_mixed_plan(tiny_llama, tmp_path, small_calibration):
     del specs["model.layers.1.self_attn.o_proj"]
     Plan(specs, shapes, {"allocator": "test"}).save(tmp_path / "plan.json")
     pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(tiny_llama),
             metric="sparsegpt",
             plan=str(tmp_path / "plan.json"),
@@ -162,10 +167,10 @@ def test_an_interrupted_recovery_resumes_at_the_next_block(tiny_llama, tmp_path,
 
 
 def test_interrupted_prune_writes_no_artifact_and_resumes(tiny_llama, tmp_path, small_calibration, monkeypatch):
-    from mixsparse.pruner import recover
+    from mixsparse.pruner.recover import run as recover
 
     out = tmp_path / "art"
-    job = pipeline.PruneJob(
+    job = PruneJob(
         model=str(tiny_llama), metric="wanda", sparsity="2:4", out=str(out), calibration=small_calibration, recover=FAST
     )
     original = recover.tune_block
@@ -180,11 +185,11 @@ def test_interrupted_prune_writes_no_artifact_and_resumes(tiny_llama, tmp_path, 
     monkeypatch.setattr(recover, "tune_block", tune_once)
     with pytest.raises(Interrupt):
         pipeline.prune(job)
-    assert not out.exists() and pipeline.recovery_state_dir(str(out)).is_dir()
+    assert not out.exists() and recovery_state_dir(str(out)).is_dir()
     monkeypatch.setattr(recover, "tune_block", original)
     summary = pipeline.prune(job)
     assert summary.recovery.resumed_blocks == 1
-    assert out.is_dir() and not pipeline.recovery_state_dir(str(out)).exists()
+    assert out.is_dir() and not recovery_state_dir(str(out)).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
@@ -226,7 +231,7 @@ def test_bfloat16_tuning_reaches_the_float32_result(tiny_llama, small_calibratio
 
 
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
-    from mixsparse.pruner import precision
+    from mixsparse.pruner.core import precision
 
     for serving, expected in (("bfloat16", "bfloat16"), ("float32", "float32")):
         monkeypatch.setattr(precision, "cpu_serving_dtype", lambda serving=serving: serving)
@@ -319,7 +324,7 @@ def test_chat_recovery_tunes_on_the_dense_models_own_answers(chat_llama, tmp_pat
     out = tmp_path / "art"
     options = RecoverOptions(epochs=1, batch=4, chat_prompts=str(prompts), chat_tokens=24)
     summary = pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(chat_llama),
             metric="wanda",
             sparsity="2:4",
@@ -339,7 +344,7 @@ def test_chat_recovery_tunes_on_the_dense_models_own_answers(chat_llama, tmp_pat
 
 
 def test_chat_windows_hold_the_prompt_and_the_answer_in_the_template(chat_llama):
-    from mixsparse.pruner.chat_data import chat_windows, conversations, recovery_windows
+    from mixsparse.pruner.recover.chat_data import chat_windows, conversations, recovery_windows
 
     loaded = models.load(str(chat_llama), dtype=torch.float32)
     tokenizer = loaded.tokenizer
@@ -385,7 +390,7 @@ def _runs(talks, length, separator):
 
 
 def test_chat_recovery_errors_name_what_is_wrong(tiny_llama, tmp_path, small_calibration):
-    from mixsparse.pruner.chat_data import load_prompts
+    from mixsparse.pruner.recover.chat_data import load_prompts
 
     assert len(load_prompts()) == 96
     with pytest.raises(MixsparseError, match="no-such-prompts.txt"):
@@ -393,7 +398,7 @@ def test_chat_recovery_errors_name_what_is_wrong(tiny_llama, tmp_path, small_cal
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(MixsparseError, match="has no prompts"):
         load_prompts(str(tmp_path / "empty.txt"))
-    job = pipeline.PruneJob(
+    job = PruneJob(
         model=str(tiny_llama),
         metric="wanda",
         sparsity="2:4",
@@ -407,7 +412,7 @@ def test_chat_recovery_errors_name_what_is_wrong(tiny_llama, tmp_path, small_cal
 
 
 def test_end_to_end_distillation_lowers_the_kl_and_keeps_every_zero(tiny_llama, small_calibration):
-    from mixsparse.pruner.recover import distill_model
+    from mixsparse.pruner.recover.distill import distill_model
 
     adapter, dense, plan, calibration = pruned(tiny_llama, small_calibration, "magnitude")
     zeros = zeros_of(adapter.linears())

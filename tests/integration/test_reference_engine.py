@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mixsparse.pruner import pipeline
+from mixsparse.pruner.jobs import PruneJob
 from mixsparse.runtime import kernels
 from mixsparse.runtime.formats.hf import load_dense
 from mixsparse.runtime.reference import load_reference, resident_weight_bytes
@@ -12,11 +13,11 @@ from mixsparse.runtime.sparse_linear import SparseLinear
 
 @pytest.fixture(scope="module")
 def artifact_24(tiny_llama, tmp_path_factory):
-    from mixsparse.pruner.data import CalibrationProtocol
+    from mixsparse.pruner.io.data import CalibrationProtocol
 
     out = tmp_path_factory.mktemp("ref") / "art"
     pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(tiny_llama),
             metric="sparsegpt",
             sparsity="2:4",

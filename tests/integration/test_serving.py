@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 import torch
+from tiny_models import tiny_llama_config
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'mixsparse[cpu]')")
 
@@ -25,7 +26,8 @@ from serving_helpers import (
 )
 
 from mixsparse.pruner import pipeline  # noqa: E402
-from mixsparse.pruner.data import CalibrationProtocol  # noqa: E402
+from mixsparse.pruner.io.data import CalibrationProtocol  # noqa: E402
+from mixsparse.pruner.jobs import PruneJob
 from mixsparse.runtime.formats import artifact  # noqa: E402
 from mixsparse.serve.cli import main  # noqa: E402
 
@@ -33,22 +35,17 @@ from mixsparse.serve.cli import main  # noqa: E402
 @pytest.fixture(scope="session")
 def servable_llama(tmp_path_factory, tiny_llama):
     """A tiny random Llama with head_dim 64 (what vLLM's CPU attention takes) and a chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("servable")
-    config = LlamaConfig(
-        vocab_size=384,
+    config = tiny_llama_config(
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
     )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -61,7 +58,7 @@ def servable_llama(tmp_path_factory, tiny_llama):
 def servable_24(servable_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("servable-art") / "tiny-24"
     pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(servable_llama),
             metric="wanda",
             sparsity="2:4",
@@ -97,17 +94,17 @@ MIXED_PLAN = {  # every way a fused GEMM can mix storages: dense + bitmask, bitm
 
 @pytest.fixture(scope="session")
 def servable_mixed(servable_llama, tmp_path_factory):
-    from mixsparse.pruner import models
-    from mixsparse.pruner.adapter import adapt
-    from mixsparse.pruner.plan import Plan
-    from mixsparse.pruner.spec import Spec
+    from mixsparse.pruner.core.adapter import adapt
+    from mixsparse.pruner.core.spec import Spec
+    from mixsparse.pruner.io import models
+    from mixsparse.pruner.plans.plan import Plan
 
     directory = tmp_path_factory.mktemp("servable-mixed")
     shapes = adapt(models.load(str(servable_llama)).model).shapes()
     Plan({n: Spec.parse(s) for n, s in MIXED_PLAN.items()}, shapes, {"allocator": "test"}).save(directory / "plan.json")
     out = directory / "tiny-mixed"
     pipeline.prune(
-        pipeline.PruneJob(
+        PruneJob(
             model=str(servable_llama),
             metric="wanda",
             sparsity=None,
@@ -310,7 +307,7 @@ def test_port_in_use(servable_24, capsys):
     assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
 
 
-# What a served run printed before issue 15 although nothing failed: Triton's bindings at exit, vLLM disabling
+# What a served run once printed although nothing failed: Triton's bindings at exit, vLLM disabling
 # Triton, the engine force-killed before releasing its semaphores, and vLLM asking for its CPU runtime.
 SPAM = (
     "nanobind: leaked",

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mixsparse.pruner.allocate import (
+from mixsparse.pruner.plans.allocators import (
     fisher_ratios,
     fit_shift,
     global_ratios,

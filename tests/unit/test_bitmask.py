@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixsparse.pruner.masks import mask_nm
+from mixsparse.pruner.core.masks import mask_nm
 from mixsparse.runtime import cpu_sparse
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import Bitmask
@@ -85,7 +85,7 @@ def test_bytes_follow_the_formula():
     assert packed.nbytes == nnz * 2 + 64 * 32 + 65 * 8 == Bitmask.stored_nbytes((64, 256), nnz, 2)
     assert packed.dense_nbytes == 64 * 256 * 2
     sparsity = 1 - nnz / dense.numel()
-    per_weight = (1 - sparsity) * 2 + 1 / 8 + 8 / 256  # DESIGN.md's bytes per weight, plus one offset per row
+    per_weight = (1 - sparsity) * 2 + 1 / 8 + 8 / 256  # docs/design.md's bytes per weight, plus one offset per row
     assert packed.nbytes / dense.numel() == pytest.approx(per_weight, abs=8 / dense.numel())
 
 

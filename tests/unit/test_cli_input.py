@@ -111,8 +111,8 @@ def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settin
     from dataclasses import asdict
     from pathlib import Path
 
-    from mixsparse.pruner.levels import LevelGrid
-    from mixsparse.pruner.precision import resolve
+    from mixsparse.pruner.core.levels import LevelGrid
+    from mixsparse.pruner.core.precision import resolve
     from mixsparse.serve.cli import search_options_from
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -220,7 +220,7 @@ def test_unreadable_input_files_are_one_line_errors(argv, named, tiny_llama, tmp
 
 
 def refuse_loading(monkeypatch):
-    from mixsparse.pruner import models
+    from mixsparse.pruner.io import models
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the cheap checks")
@@ -272,8 +272,8 @@ def test_prune_out_under_a_read_only_directory_fails_before_loading(tiny_llama, 
 
 
 def test_an_infeasible_budget_fails_before_loading(tiny_llama, tmp_path, monkeypatch):
-    from mixsparse.pruner.plan_request import Deployment, PlanRequest
-    from mixsparse.pruner.planning import make_plan
+    from mixsparse.pruner.plans.make import make_plan
+    from mixsparse.pruner.plans.request import Deployment, PlanRequest
     from mixsparse.runtime.errors import MixsparseError
 
     refuse_loading(monkeypatch)

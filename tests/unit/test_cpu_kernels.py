@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixsparse.pruner.masks import mask_nm
+from mixsparse.pruner.core.masks import mask_nm
 from mixsparse.runtime import cpu_sparse, kernels
 from mixsparse.runtime.formats import Packed24
 from mixsparse.runtime.sparse_linear import SparseLinear, prepare
@@ -199,7 +199,7 @@ logging.basicConfig(level=logging.WARNING, format="WARN %(message)s")
 {setup}
 from mixsparse.runtime.formats import Packed24
 from mixsparse.runtime.sparse_linear import SparseLinear, prepare
-from mixsparse.pruner.masks import mask_nm
+from mixsparse.pruner.core.masks import mask_nm
 w = torch.randn(32, 64) * mask_nm(torch.rand(32, 64), 2, 4)
 packed = Packed24.pack(w)
 modules = [SparseLinear(prepare(packed, "cpu")) for _ in range(3)]

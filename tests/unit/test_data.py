@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mixsparse.pruner.data import (
+from mixsparse.pruner.io.data import (
     CalibrationProtocol,
     EvaluationProtocol,
     calibration_windows,

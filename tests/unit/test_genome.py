@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixsparse.pruner.deployment import DeployBudget, DeployOps, greedy, random_choice
-from mixsparse.pruner.genome import Budget, crossover, from_ratios, genes_for, mutate
+from mixsparse.pruner.search.genome import Budget, crossover, from_ratios, genes_for, mutate
+from mixsparse.pruner.search.group_genome import DeployBudget, DeployOps, greedy, random_choice
 from mixsparse.runtime.errors import MixsparseError
 
 sizes_strategy = st.lists(st.integers(100, 5000), min_size=2, max_size=12)
@@ -86,8 +86,8 @@ def test_least_sensitive_first_takes_groups_in_order():
 def test_level_genomes_keep_the_budget_and_the_grid():
     import random
 
-    from mixsparse.pruner.genome import LevelOps
-    from mixsparse.pruner.levels import LevelGrid
+    from mixsparse.pruner.core.levels import LevelGrid
+    from mixsparse.pruner.search.genome import LevelOps
 
     grid = LevelGrid.around(0.7, 0.05, 0.2, 0.0, 0.99)
     assert grid.levels == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -114,8 +114,8 @@ def test_module_level_genomes_keep_the_budget_in_weights():
     between attention and MLP modules."""
     import random
 
-    from mixsparse.pruner.genome import LevelOps, level_units
-    from mixsparse.pruner.levels import LevelGrid
+    from mixsparse.pruner.core.levels import LevelGrid
+    from mixsparse.pruner.search.genome import LevelOps, level_units
 
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 4
     sizes = [o * i for o, i in shapes]

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from mixsparse.pruner.level_probes import cheapest_levels, probe_costs, probe_levels
+from mixsparse.pruner.search.probes import cheapest_levels, probe_costs, probe_levels
 from mixsparse.runtime.errors import MixsparseError
 
 

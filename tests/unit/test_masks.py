@@ -2,8 +2,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixsparse.pruner.masks import mask_for, mask_nm, mask_ratio, pruned_count
-from mixsparse.pruner.spec import Spec
+from mixsparse.pruner.core.masks import mask_for, mask_nm, mask_ratio, pruned_count
+from mixsparse.pruner.core.spec import Spec
 
 nm_pairs = st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (6, 8), (1, 16)])
 
@@ -65,7 +65,7 @@ def test_mask_for_dispatches_on_the_spec():
     seed=st.integers(0, 2**16),
 )
 def test_rank_thresholds_give_the_same_masks_as_mask_ratio(rows, cols, sparsity, per_row, seed):
-    from mixsparse.pruner.fitness import ranks
+    from mixsparse.pruner.core.masks import ranks
 
     scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed))  # distinct: no ties
     count = cols if per_row else rows * cols

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mixsparse.pruner.metrics import GBLM_ALPHA, METRICS, gblm_score, prune_weight, wanda_score
-from mixsparse.pruner.sparsegpt import sparsegpt_prune
-from mixsparse.pruner.spec import Spec
-from mixsparse.pruner.stats import GradientStats, InputStats, accumulate, empty_stats
+from mixsparse.pruner.core.importance import GBLM_ALPHA, METRICS, gblm_score, prune_weight, wanda_score
+from mixsparse.pruner.core.sparsegpt import sparsegpt_prune
+from mixsparse.pruner.core.spec import Spec
+from mixsparse.pruner.core.stats import GradientStats, InputStats, accumulate, empty_stats
 from mixsparse.runtime.errors import MixsparseError
 
 

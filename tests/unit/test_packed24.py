@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixsparse.pruner.masks import mask_nm
+from mixsparse.pruner.core.masks import mask_nm
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import Packed24
 

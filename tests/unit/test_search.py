@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mixsparse.pruner.genome import Budget, RatioOps, from_ratios
-from mixsparse.pruner.search import SearchSettings, SearchState, evolve
+from mixsparse.pruner.search.evolve import SearchSettings, SearchState, evolve
+from mixsparse.pruner.search.genome import Budget, RatioOps, from_ratios
 from mixsparse.runtime.errors import MixsparseError
 
 SIZES = [1000] * 6

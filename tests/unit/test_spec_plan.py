@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mixsparse.pruner.plan import Plan
-from mixsparse.pruner.spec import Spec
+from mixsparse.pruner.core.spec import Spec
+from mixsparse.pruner.plans.plan import Plan
 from mixsparse.runtime.errors import MixsparseError
 
 

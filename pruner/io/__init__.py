@@ -1,0 +1,1 @@
+"""What goes in and out: models, calibration text, artifacts (export), the model card, gradient files, plots."""
