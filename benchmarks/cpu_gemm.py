@@ -1,9 +1,10 @@
 """Dense bf16 ``F.linear`` (oneDNN) vs mixsparse's native CPU kernel on compressed weights, per shape,
 token count M and thread count, with the achieved bandwidth beside each speedup.
 
-The sparse side is ``torch.ops.mixsparse_cpu.sparse_linear`` (what serving calls) on a weight in the
-kernel's layout: 2:4 converted from the artifact's packing (56.25% of dense bf16 bytes), or a bitmask at
-an unstructured ratio (issue 11's format). Both sides run in the same dtype on the same activations.
+The sparse side is the runtime's ``sparse_linear`` (what serving calls: on CPU the op
+``torch.ops.mixsparse_cpu.sparse_linear``) on a weight in the kernel's layout: 2:4 converted from the
+artifact's packing (56.25% of dense bf16 bytes), or a bitmask at an unstructured ratio (the bitmask
+format). Both sides run in the same dtype on the same activations.
 Weights do not sit in cache: each side cycles through enough copies to exceed twice the L3 (the copies
 are distinct tensors; the count is printed), and dense/sparse calls alternate so machine noise hits both.
 GB/s is weight bytes read per second (dense: out*in*2; sparse: values + mask + offsets); the machine's
@@ -29,6 +30,8 @@ from common import machine, machine_line, markdown_table, save
 from mixsparse.pruner.core.masks import mask_nm
 from mixsparse.runtime import cpu_sparse
 from mixsparse.runtime.formats.packed24 import Packed24
+from mixsparse.runtime.sparse_linear import sparse_linear
+from mixsparse.runtime.weight import SparseWeight
 
 SHAPE_SETS = {
     # (out, in) of the default model's fused GEMMs as vLLM runs them: qkv, o, gate_up, down
@@ -82,7 +85,7 @@ def sparse_weight(shape, sparsity: str, generator) -> torch.Tensor:
     return (weight * keep).to(torch.bfloat16)
 
 
-def compress(weight: torch.Tensor, sparsity: str) -> cpu_sparse.CompressedRows:
+def compress(weight: torch.Tensor, sparsity: str) -> SparseWeight:
     if sparsity == "2:4":  # what serving does: from the artifact's packing, never unpacked
         packed = Packed24.pack(weight)
         return cpu_sparse.from_packed24(packed.values, packed.meta, packed.shape)
@@ -104,14 +107,14 @@ def bench_shape(
         torch.set_num_threads(count)
         for m in tokens:
             x = torch.randn(m, shape[1], generator=generator).to(torch.bfloat16)
-            variants = {"sparse": lambda c: cpu_sparse.linear(x, c)}
-            if sweep:
+            variants = {"sparse": lambda c: sparse_linear(x, c)}
+            if sweep:  # the kernel's test hook: the same op with its path forced
                 variants = {
                     "rows": lambda c: module.sparse_linear_with(
-                        "best", x, c.values, c.offsets, c.mask, None, shape[0], tile_min_tokens=1 << 40
+                        "best", x, c.values, c.mask, c.offsets, None, shape[0], tile_min_tokens=1 << 40
                     ),
                     "tiles": lambda c: module.sparse_linear_with(
-                        "best", x, c.values, c.offsets, c.mask, None, shape[0], tile_min_tokens=0
+                        "best", x, c.values, c.mask, c.offsets, None, shape[0], tile_min_tokens=0
                     ),
                 }
             times = {"dense": [], **{name: [] for name in variants}}

@@ -1,7 +1,8 @@
 """Dense vs 2:4 linear layers, per weight shape and token count, for every backend this machine has.
 
-The sparse path is what serving runs on CUDA: a packed 2:4 weight prepared by ``mixsparse.runtime.prepare``
-and called through the registered op ``torch.ops.mixsparse.sparse_linear``; times are CUDA events around each
+The sparse path is what serving runs on CUDA: a packed 2:4 weight prepared by ``prepare`` and run by
+``sparse_linear`` (runtime/sparse_linear.py), through the registered op ``torch.ops.mixsparse.sparse_linear``
+(a ``SparseLinear`` module per backend); times are CUDA events around each
 call (median of repeats, after warm-up). The CPU kernel has its own benchmark: benchmarks/cpu_gemm.py.
 
     python benchmarks/gemm.py                          # all shapes, M = 1..8192

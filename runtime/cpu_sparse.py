@@ -1,8 +1,9 @@
 """The native CPU kernels for compressed sparse weights (``torch.ops.mixsparse_cpu.sparse_linear``).
 
 Built by ``make install`` from csrc/cpu (setup.py); this module loads them once, says why when it cannot,
-and converts weights into the layout they read: per row the kept values in column order (rows one after
-another), a bitmask (bit j of byte b = column 8b + j), and row offsets into the values. A packed 2:4
+and converts weights into the layout they read, a ``SparseWeight`` of backend cpu_sparse: per row the kept
+values in column order (rows one after another), a bitmask (bit j of byte b = column 8b + j), and row
+offsets into the values. Layers run it through ``runtime.sparse_linear.sparse_linear``. A packed 2:4
 weight converts without ever being unpacked: its values are already the kept weights in column order,
 and each meta nibble ``i0 | i1 << 2`` becomes the mask nibble ``1 << i0 | 1 << i1`` at the same place,
 so the prepared weight has the artifact's size (56.25% of dense in bf16/fp16).
@@ -18,12 +19,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats.bitmask import Bitmask  # the one pack/unpack of this layout
+from mixsparse.runtime.weight import CPU_SPARSE, SparseWeight
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +64,13 @@ def isa() -> str | None:
 
 def _register_fake() -> None:
     @torch.library.register_fake("mixsparse_cpu::sparse_linear")
-    def _(x, values, offsets, mask, bias, out_features):
+    def _(x, values, mask, offsets, bias, out_features):
         return x.new_empty((*x.shape[:-1], out_features))
 
 
-@dataclass(frozen=True)
-class CompressedRows:
-    """A weight in the kernel's layout: flat kept values, row offsets into them, and the bitmask."""
-
-    values: torch.Tensor  # (nnz,) in the compute dtype
-    offsets: torch.Tensor  # (out + 1,) int64
-    mask: torch.Tensor  # (out, ceil(in / 8)) uint8
-    shape: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.values, self.offsets, self.mask))
+def compressed(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, shape: tuple[int, int]) -> SparseWeight:
+    """The kernel's weight from its three tensors (contiguous, as the op requires)."""
+    return SparseWeight(CPU_SPARSE, values.contiguous(), shape, mask=mask.contiguous(), offsets=offsets.contiguous())
 
 
 def _nibble_table() -> torch.Tensor:
@@ -100,7 +92,7 @@ _TABLE = _nibble_table()
 
 def from_packed24(
     values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None
-) -> CompressedRows:
+) -> SparseWeight:
     """The kernel layout of a packed 2:4 weight (values (out, in/2), meta (out, ceil(in/8))), no dense copy."""
     out_features, in_features = shape
     dtype = dtype or values.dtype
@@ -110,22 +102,20 @@ def from_packed24(
     if in_features % 8:  # in/4 odd: the last byte holds one group, its high nibble must stay empty
         mask[:, -1] &= 0x0F
     offsets = torch.arange(out_features + 1, dtype=torch.int64) * (in_features // 2)
-    return CompressedRows(
-        values.to(dtype).reshape(-1).contiguous(), offsets, mask.contiguous(), (out_features, in_features)
-    )
+    return compressed(values.to(dtype).reshape(-1), mask, offsets, (out_features, in_features))
 
 
-def from_dense(weight: torch.Tensor, dtype: torch.dtype | None = None) -> CompressedRows:
+def from_dense(weight: torch.Tensor, dtype: torch.dtype | None = None) -> SparseWeight:
     """The kernel layout of any dense weight: its non-zeros are kept (tests and benchmarks use this)."""
     return Bitmask.pack(weight.to(dtype or weight.dtype)).to_rows()
 
 
-def unpack(rows: CompressedRows) -> torch.Tensor:
+def unpack(weight: SparseWeight) -> torch.Tensor:
     """The dense weight (exact): for checks, never on the serving path."""
-    return Bitmask.from_rows(rows).unpack()
+    return Bitmask.from_rows(weight).unpack()
 
 
-def join(parts: list[CompressedRows]) -> CompressedRows:
+def join(parts: list[SparseWeight]) -> SparseWeight:
     """Row blocks stacked into one weight (vLLM's fused q/k/v and gate/up): one kernel call for the group."""
     if len(parts) == 1:
         return parts[0]
@@ -142,16 +132,9 @@ def join(parts: list[CompressedRows]) -> CompressedRows:
         [part.offsets[:-1] + start for part, start in zip(parts, starts)]
         + [torch.tensor([starts[-1]], dtype=torch.int64)]
     )
-    return CompressedRows(
+    return compressed(
         torch.cat([p.values for p in parts]),
-        offsets,
         torch.cat([p.mask for p in parts]),
+        offsets,
         (sum(p.shape[0] for p in parts), in_features.pop()),
     )
-
-
-def linear(x: torch.Tensor, rows: CompressedRows, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The op on a compressed weight (loads the kernels on first use; MixsparseError where they cannot run)."""
-    if load()[0] is None:
-        raise MixsparseError(f"the native CPU kernels cannot run here: {load()[1]}")
-    return torch.ops.mixsparse_cpu.sparse_linear(x, rows.values, rows.offsets, rows.mask, bias, rows.shape[0])

@@ -1,10 +1,11 @@
-"""The GEMM backends for a packed 2:4 weight, each on plain tensors.
+"""The GEMM backends for a packed 2:4 weight, each on plain tensors (a ``SparseWeight``'s fields).
 
 - ``dense``:      the weight unpacked once (exact); F.linear. Everywhere.
 - ``cusparselt``: ``torch._cslt_compress`` once, ``torch._cslt_sparse_mm`` per call. CUDA sm80+.
 - ``cutlass``:    torch's CUTLASS semi-structured layout (packed + meta), ``torch._sparse_semi_structured_mm``.
 - ``cpu_sparse``: mixsparse's native CPU kernel (runtime/cpu_sparse.py): the weight stays compressed
   (kept values + bitmask + row offsets); built by ``make install``. Any shape, float32/bfloat16/float16.
+  Its C++ op is called by ``runtime.sparse_linear.sparse_linear`` itself; ``linear`` here runs the others.
 
 The sparse layouts are device-specific and never written to disk. Capabilities are checked once per
 process and device: compute capability, the op schemas (they changed across torch versions), and a
@@ -22,11 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from mixsparse.runtime import cpu_sparse
+from mixsparse.runtime.weight import CPU_SPARSE, CUSPARSELT, CUTLASS, DENSE, SparseWeight
 
 log = logging.getLogger(__name__)
 
-DENSE, CUSPARSELT, CUTLASS, CPU_SPARSE = "dense", "cusparselt", "cutlass", "cpu_sparse"
-BACKEND_IDS = {DENSE: 0, CUSPARSELT: 1, CUTLASS: 2, CPU_SPARSE: 3}
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -58,46 +58,45 @@ def _pad_rows(x2d: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x2d, (0, 0, 0, missing)) if missing else x2d
 
 
-def compress(backend: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(weight, meta, offsets) in ``backend``'s layout for a sparse dense weight already on its device."""
+def compress(backend: str, dense: torch.Tensor) -> SparseWeight:
+    """A sparse dense weight already on its device, in ``backend``'s layout."""
+    shape = tuple(dense.shape)
     if backend == DENSE:
-        return dense.contiguous(), None, None
+        return SparseWeight(DENSE, dense.contiguous(), shape)
     if backend == CPU_SPARSE:
-        rows = cpu_sparse.from_dense(dense)
-        return rows.values, rows.mask, rows.offsets
+        return cpu_sparse.from_dense(dense)
     if backend == CUSPARSELT:
-        return torch._cslt_compress(dense.contiguous()), None, None
+        return SparseWeight(CUSPARSELT, torch._cslt_compress(dense.contiguous()), shape)
     if backend == CUTLASS:
         from torch.sparse import SparseSemiStructuredTensorCUTLASS
 
         wrapped = SparseSemiStructuredTensorCUTLASS.from_dense(dense.contiguous())
-        return wrapped.packed, wrapped.meta, None
+        return SparseWeight(CUTLASS, wrapped.packed, shape, meta=wrapped.meta)
     raise ValueError(f"unknown backend {backend!r}")
 
 
 def linear(
     backend: str,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    values: torch.Tensor,
     meta: torch.Tensor | None,
-    offsets: torch.Tensor | None,
     bias: torch.Tensor | None,
     out_features: int,
 ) -> torch.Tensor:
-    """y = x Wᵀ + b for x of shape (..., in_features)."""
+    """y = x Wᵀ + b for x of shape (..., in_features) on the dense, cuSPARSELt or CUTLASS backend."""
     if backend == DENSE:
-        return torch.nn.functional.linear(x, weight, bias)
-    if backend == CPU_SPARSE:
-        return torch.ops.mixsparse_cpu.sparse_linear(x, weight, offsets, meta, bias, out_features)
+        return torch.nn.functional.linear(x, values, bias)
     leading = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     tokens = x2d.shape[0]
     padded = _pad_rows(x2d)
     if backend == CUSPARSELT:
         # (N,K)·(K,M) with the result transposed in the epilogue: (M, N) without an extra copy
-        y = torch._cslt_sparse_mm(weight, padded.t(), transpose_result=True)
-    else:
-        y = torch._sparse_semi_structured_mm(weight, meta, padded.t()).t()
+        y = torch._cslt_sparse_mm(values, padded.t(), transpose_result=True)
+    elif backend == CUTLASS:
+        y = torch._sparse_semi_structured_mm(values, meta, padded.t()).t()
+    else:  # the CPU kernel's weight has no meta: sparse_linear calls its C++ op instead
+        raise ValueError(f"backend {backend!r} does not run through this op")
     y = y[:tokens]
     if bias is not None:
         y = y + bias
@@ -152,8 +151,8 @@ def _self_test(backend: str, device: torch.device) -> str | None:
         weight = (groups * keep).reshape(128, 256).to(device, torch.bfloat16)
         x = torch.randn(2, 13, 256, generator=generator).to(device, torch.bfloat16)
         bias = torch.randn(128, generator=generator).to(device, torch.bfloat16)
-        packed, meta, offsets = compress(backend, weight)
-        got = linear(backend, x, packed, meta, offsets, bias, 128).float()
+        prepared = compress(backend, weight)
+        got = linear(backend, x, prepared.values, prepared.meta, bias, 128).float()
         want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
         error = ((got - want).norm() / want.norm()).item()
     except Exception as exception:  # any failure means: do not use it

@@ -1,4 +1,10 @@
-"""A packed 2:4 module prepared once for its device, and the nn.Module that runs it.
+"""The one sparse-linear entry point: a weight prepared once for its device, the function that runs it,
+and the nn.Module that holds it.
+
+``prepare`` turns a packed 2:4 or bitmask weight into a ``SparseWeight`` (runtime/weight.py);
+``sparse_linear(x, weight, bias)`` runs it, on the CPU kernel's op, the registered CUDA/dense op, or the
+exact dense fallback; ``SparseLinear`` and the vLLM plugin keep the weight object from load on and call
+``sparse_linear``, nothing else.
 
 On CPU, ``prepare`` converts the artifact's values/meta straight into the native kernel's compressed
 layout (never unpacked, same bytes as on disk); where the kernels are not built, the exact dense fallback
@@ -10,38 +16,39 @@ warning per shape) or older GPUs, the exact dense fallback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mixsparse.runtime import cpu_sparse, kernels, ops  # ops: registers torch.ops.mixsparse.sparse_linear
+from mixsparse.runtime import cpu_sparse, kernels, ops
 from mixsparse.runtime.atomic import atomic_file
 from mixsparse.runtime.cache import cache_dir
 from mixsparse.runtime.formats.bitmask import Bitmask
 from mixsparse.runtime.formats.packed24 import Packed24
+from mixsparse.runtime.weight import BACKEND_IDS, CPU_SPARSE, DENSE, SparseWeight
 
 log = logging.getLogger(__name__)
 
 TUNING_TOKENS = (16, 256, 2048)  # decode-, mixed- and prefill-like token counts
+_CPU_SPARSE_ID = BACKEND_IDS[CPU_SPARSE]
 
 
-@dataclass
-class Prepared:
-    backend: str
-    weight: torch.Tensor
-    meta: torch.Tensor | None
-    out_features: int
-    in_features: int
-    offsets: torch.Tensor | None = None  # cpu_sparse: row offsets into the flat kept values
+def sparse_linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Wᵀ + b for x of shape (..., in_features), whatever backend ``weight`` was prepared for.
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes resident on the device for this weight."""
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.meta, self.offsets) if t is not None)
+    Only plain tensors reach the registered ops, so this traces under torch.compile and captures in CUDA
+    graphs. A cpu_sparse weight needs the native kernels loaded (``prepare`` only makes one where they are).
+    """
+    if weight.backend_id == _CPU_SPARSE_ID:
+        # its C++ op directly: a Python op layer would cost every layer of every decode step
+        return torch.ops.mixsparse_cpu.sparse_linear(
+            x, weight.values, weight.mask, weight.offsets, bias, weight.shape[0]
+        )
+    return ops.sparse_linear(x, weight.values, weight.meta, bias, weight.shape[0], weight.backend_id)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,27 +63,27 @@ def _warn_unsupported(shape: tuple[int, int]) -> None:
 
 def candidates(device: torch.device, shape: tuple[int, int], dtype: torch.dtype) -> tuple[str, ...]:
     backends = kernels.available(str(device))
-    if backends == (kernels.DENSE,):
+    if backends == (DENSE,):
         return backends
     if device.type == "cpu":
         if dtype not in cpu_sparse.DTYPES:
             log.warning(
                 "CPU sparse kernels take float32/bfloat16/float16, not %s: using the exact dense fallback", dtype
             )
-            return (kernels.DENSE,)
+            return (DENSE,)
         return backends  # any shape
     if dtype not in kernels.SPARSE_DTYPES:
         log.warning("2:4 kernels take float16/bfloat16, not %s: using the exact dense fallback", dtype)
-        return (kernels.DENSE,)
+        return (DENSE,)
     if not kernels.shape_supported(*shape):
         _warn_unsupported(tuple(shape))
-        return (kernels.DENSE,)
+        return (DENSE,)
     return backends
 
 
 def prepare(
     packed: Packed24 | Bitmask, device: str | torch.device, dtype: torch.dtype | None = None, backend: str = "auto"
-) -> Prepared:
+) -> SparseWeight:
     """A packed 2:4 or bitmask weight ready for its device: compressed on the CPU kernel, else as below."""
     device = torch.device(device)
     dtype = dtype or packed.dtype
@@ -85,29 +92,26 @@ def prepare(
     options = candidates(device, packed.shape, dtype)
     if backend == "auto" and device.type == "cpu":
         backend = options[0]  # the CPU kernel picks streaming or tiles per call: nothing to time here
-    if backend == kernels.CPU_SPARSE and backend in options:
-        rows = cpu_sparse.from_packed24(packed.values.cpu(), packed.meta.cpu(), packed.shape, dtype)
-        return Prepared(backend, rows.values, rows.mask, *packed.shape, offsets=rows.offsets)
+    if backend == CPU_SPARSE and backend in options:
+        return cpu_sparse.from_packed24(packed.values.cpu(), packed.meta.cpu(), packed.shape, dtype)
     dense = Packed24(packed.values.to(device), packed.meta.to(device), packed.shape).unpack().to(dtype)
     if backend == "auto":
         backend = choose(dense, options) if len(options) > 1 else options[0]
     elif backend not in options:
         raise ValueError(f"backend {backend!r} is not available here (available: {', '.join(options)})")
-    weight, meta, offsets = kernels.compress(backend, dense)
-    return Prepared(backend, weight, meta, *packed.shape, offsets=offsets)
+    return kernels.compress(backend, dense)
 
 
-def _prepare_bitmask(weight: Bitmask, device: torch.device, dtype: torch.dtype, backend: str) -> Prepared:
+def _prepare_bitmask(weight: Bitmask, device: torch.device, dtype: torch.dtype, backend: str) -> SparseWeight:
     """Any sparsity: the CPU kernel where it runs, else the exact dense fallback (the CUDA kernels take 2:4 only)."""
-    options = candidates(device, weight.shape, dtype) if device.type == "cpu" else (kernels.DENSE,)
+    options = candidates(device, weight.shape, dtype) if device.type == "cpu" else (DENSE,)
     if backend == "auto":
         backend = options[0]
     elif backend not in options:
         raise ValueError(f"backend {backend!r} is not available here (available: {', '.join(options)})")
-    if backend == kernels.CPU_SPARSE:
-        rows = weight.to_rows(dtype)
-        return Prepared(backend, rows.values, rows.mask, *weight.shape, offsets=rows.offsets)
-    return Prepared(kernels.DENSE, weight.unpack().to(device, dtype), None, *weight.shape)
+    if backend == CPU_SPARSE:
+        return weight.to_rows(dtype)
+    return SparseWeight(DENSE, weight.unpack().to(device, dtype), weight.shape)
 
 
 def _tuning_file(device: torch.device) -> str:
@@ -128,7 +132,7 @@ def choose(dense: torch.Tensor, options: tuple[str, ...]) -> str:
         return table[key]["backend"]
     timings = {backend: time_backend(backend, dense) for backend in options}
     # each backend's time relative to dense, summed over the token counts: no single regime dominates
-    score = {b: sum(t / d for t, d in zip(times, timings[kernels.DENSE])) for b, times in timings.items()}
+    score = {b: sum(t / d for t, d in zip(times, timings[DENSE])) for b, times in timings.items()}
     best = min(score, key=score.get)
     table[key] = {
         "backend": best,
@@ -143,17 +147,18 @@ def choose(dense: torch.Tensor, options: tuple[str, ...]) -> str:
 
 def time_backend(backend: str, dense: torch.Tensor, repeats: int = 20) -> list[float]:
     """Median milliseconds of y = x Wᵀ at each of TUNING_TOKENS, with CUDA events, after warm-up."""
-    weight, meta, offsets = kernels.compress(backend, dense)
+    # the backend's own GEMM, not the registered op around it: the choice is between kernels
+    weight = kernels.compress(backend, dense)
     results = []
     for tokens in TUNING_TOKENS:
         x = torch.randn(tokens, dense.shape[1], device=dense.device, dtype=dense.dtype)
         for _ in range(3):
-            kernels.linear(backend, x, weight, meta, offsets, None, dense.shape[0])
+            kernels.linear(backend, x, weight.values, weight.meta, None, dense.shape[0])
         times = []
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            kernels.linear(backend, x, weight, meta, offsets, None, dense.shape[0])
+            kernels.linear(backend, x, weight.values, weight.meta, None, dense.shape[0])
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -162,28 +167,34 @@ def time_backend(backend: str, dense: torch.Tensor, repeats: int = 20) -> list[f
 
 
 class SparseLinear(nn.Module):
-    """Drop-in for nn.Linear with a prepared 2:4 weight; forward is ``torch.ops.mixsparse.sparse_linear``."""
+    """Drop-in for nn.Linear with a prepared weight; forward is ``sparse_linear``.
 
-    def __init__(self, prepared: Prepared, bias: torch.Tensor | None = None):
+    The weight's tensors are also buffers (named as its fields), so ``.to()``, ``buffers()`` and resident
+    byte counts see them; ``_apply`` keeps the weight object on the buffers ``.to()`` leaves behind.
+    """
+
+    def __init__(self, weight: SparseWeight, bias: torch.Tensor | None = None):
         super().__init__()
-        self.backend = prepared.backend
-        self.backend_id = kernels.BACKEND_IDS[prepared.backend]
-        self.in_features, self.out_features = prepared.in_features, prepared.out_features
-        self.register_buffer("weight", prepared.weight)
-        self.register_buffer("meta", prepared.meta)
-        self.register_buffer("offsets", prepared.offsets)
+        self.backend = weight.backend
+        self.out_features, self.in_features = weight.shape
+        for name, tensor in weight.tensors.items():
+            self.register_buffer(name, tensor)
         self.register_buffer("bias", bias)
+        self.sparse_weight = weight
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.sparse_weight = dataclasses.replace(
+            self.sparse_weight, **{name: getattr(self, name) for name in SparseWeight.TENSORS}
+        )
+        return self
 
     @property
     def resident_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in (self.weight, self.meta, self.offsets) if b is not None)
+        return self.sparse_weight.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == kernels.CPU_SPARSE:  # the C++ op directly: no Python op layer per call
-            return torch.ops.mixsparse_cpu.sparse_linear(
-                x, self.weight, self.offsets, self.meta, self.bias, self.out_features
-            )
-        return ops.sparse_linear(x, self.weight, self.meta, self.offsets, self.bias, self.backend_id, self.out_features)
+        return sparse_linear(x, self.sparse_weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"

@@ -1,6 +1,6 @@
 """The vLLM plugin: quantization method "mixsparse", so artifacts load in vLLM with no extra flag.
 
-A thin adapter (STYLE.md §8). The ``vllm.general_plugins`` entry point calls ``register()`` in every vLLM
+A thin adapter (docs/design.md, Serving). The ``vllm.general_plugins`` entry point calls ``register()`` in every vLLM
 process, which registers the config idempotently (importing this module registers nothing); the class lives
 at module level because vLLM pickles the config into its engine and worker processes. The quantization
 config is parsed by ``artifact.parse_quantization`` (as ``mixsparse`` itself reads it); what each process
@@ -12,8 +12,8 @@ mix bitmask / packed / dense (one joined weight on the CPU kernel), vLLM's unqua
 compressed. Packed weights load through vLLM's own weight loaders (tensor-parallel sharding included: the
 packed dims are input dims, which the loaders narrow by the parameter's own width). After loading, on CPU
 the packed weight is converted in place into the native kernel's compressed layout (no dense copy is ever
-made) and run through ``torch.ops.mixsparse_cpu.sparse_linear``; on CUDA sm80+ it is unpacked on the
-device, compressed for a 2:4 kernel and run through ``torch.ops.mixsparse.sparse_linear``. Where no
+made); on CUDA sm80+ it is unpacked on the device and compressed for a 2:4 kernel. Either way the layer
+keeps the prepared ``SparseWeight`` and runs it through ``runtime.sparse_linear.sparse_linear``. Where no
 kernel can run it is kept dense and run by vLLM's own dense GEMM (exact; one warning says why).
 """
 
@@ -28,11 +28,12 @@ from vllm.model_executor.layers.quantization import get_quantization_config, reg
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.parameter import ModelWeightParameter
 
-from mixsparse.runtime import kernels, ops, resident
+from mixsparse.runtime import resident
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.formats.packed24 import Packed24
-from mixsparse.runtime.sparse_linear import prepare
+from mixsparse.runtime.sparse_linear import prepare, sparse_linear
+from mixsparse.runtime.weight import DENSE, SparseWeight
 
 log = logging.getLogger(__name__)
 UNLOADED = 0xFF  # meta nibble 0xF means i0 == i1 == 3: impossible in a real packing, so it marks unloaded rows
@@ -124,36 +125,23 @@ class _PreparedMethod(LinearMethodBase):
         self.prefix = prefix
         self.dense_method: UnquantizedLinearMethod | None = None
 
-    def _install(self, layer: torch.nn.Module, prepared, dense_bytes: int) -> None:
-        if prepared.backend == kernels.DENSE:
+    def _install(self, layer: torch.nn.Module, weight: SparseWeight, dense_bytes: int) -> None:
+        if weight.backend == DENSE:
             # vLLM's dense path (oneDNN prepacking on CPU): the fallback is as fast as a dense model
-            layer.register_parameter("weight", torch.nn.Parameter(prepared.weight, requires_grad=False))
+            layer.register_parameter("weight", torch.nn.Parameter(weight.values, requires_grad=False))
             self.dense_method = UnquantizedLinearMethod()
             self.dense_method.process_weights_after_loading(layer)
         else:
-            layer.register_buffer("mixsparse_weight", prepared.weight, persistent=False)
-            layer.register_buffer("mixsparse_meta", prepared.meta, persistent=False)
-            layer.register_buffer("mixsparse_offsets", prepared.offsets, persistent=False)
-        layer.mixsparse_backend = kernels.BACKEND_IDS[prepared.backend]
-        layer.mixsparse_cpu = prepared.backend == kernels.CPU_SPARSE
-        resident.report(self.prefix, prepared.nbytes, dense_bytes, prepared.backend)
+            # buffers too, so what walks the layer's state (device moves, memory accounting) sees the tensors
+            for name, tensor in weight.tensors.items():
+                layer.register_buffer(f"mixsparse_{name}", tensor, persistent=False)
+            layer.mixsparse_weight = weight  # built once here: apply only reads it
+        resident.report(self.prefix, weight.nbytes, dense_bytes, weight.backend)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.dense_method is not None:
             return self.dense_method.apply(layer, x, bias)
-        if layer.mixsparse_cpu:  # the C++ op directly: no Python op layer on every call of the decode loop
-            return torch.ops.mixsparse_cpu.sparse_linear(
-                x, layer.mixsparse_weight, layer.mixsparse_offsets, layer.mixsparse_meta, bias, layer.mixsparse_shape[0]
-            )
-        return ops.sparse_linear(
-            x,
-            layer.mixsparse_weight,
-            layer.mixsparse_meta,
-            layer.mixsparse_offsets,
-            bias,
-            layer.mixsparse_backend,
-            layer.mixsparse_shape[0],
-        )
+        return sparse_linear(x, layer.mixsparse_weight, bias)
 
 
 class Sparse24LinearMethod(_PreparedMethod):

@@ -2,7 +2,7 @@
 // include no torch or std headers: an inline function compiled with AVX-512 flags in one file could
 // otherwise be merged by the linker into the portable code, and run on a CPU without AVX-512.
 //
-// The weight format every kernel reads (bitmask-compressed rows; DESIGN.md, Formats):
+// The weight format every kernel reads (bitmask-compressed rows, as runtime/formats/bitmask.py stores them):
 //   values:  the kept weights of each row in column order, rows one after another (flat);
 //   offsets: out_features + 1 int64, row n's values are values[offsets[n] .. offsets[n + 1]);
 //   mask:    out_features x mask_stride bytes, bit j of byte b (LSB first) = column 8b + j is kept.

@@ -137,11 +137,13 @@ struct Tuning {
 
 Tuning default_tuning(const IsaKernels* isa) { return {isa == &kPortable ? 4 : 64, 2 * 1024 * 1024}; }
 
+// The arguments are a SparseWeight's fields (runtime/weight.py) in the order the registered CUDA/dense op
+// torch.ops.mixsparse.sparse_linear takes them: x, values, the index (here mask, then offsets), bias, out.
 at::Tensor sparse_linear_with(const IsaKernels* isa, Tuning tuning, const at::Tensor& x, const at::Tensor& values,
-                              const at::Tensor& offsets, const at::Tensor& mask,
+                              const at::Tensor& mask, const at::Tensor& offsets,
                               const c10::optional<at::Tensor>& bias, int64_t out_features) {
-  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && offsets.device().is_cpu() && mask.device().is_cpu(),
-              "mixsparse.sparse_linear (CPU): x, values, offsets and mask must be CPU tensors");
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && mask.device().is_cpu() && offsets.device().is_cpu(),
+              "mixsparse.sparse_linear (CPU): x, values, mask and offsets must be CPU tensors");
   TORCH_CHECK(x.dim() >= 1, "mixsparse.sparse_linear: x must have at least one dimension");
   TORCH_CHECK(values.scalar_type() == x.scalar_type(), "mixsparse.sparse_linear: values are ", values.scalar_type(),
               " but x is ", x.scalar_type(), " (prepare the weight in the activation dtype)");
@@ -187,7 +189,8 @@ at::Tensor sparse_linear_with(const IsaKernels* isa, Tuning tuning, const at::Te
     return y.reshape(out_shape);
   }
 
-  // tiles of rows: a multiple of 16, within kTileBytes, and at least 4 per thread when N allows it
+  // tiles of rows: a multiple of 16 (or all N) whose dense copy fits tuning.tile_bytes, though never under 16
+  // rows, and small enough for about 4 tiles per thread where N allows it, so the threads stay balanced
   const int64_t element = x.element_size();
   const int64_t by_cache = std::max<int64_t>(16, tuning.tile_bytes / (K * element) / 16 * 16);
   const int64_t by_threads = std::max<int64_t>(16, (N / (4 * at::get_num_threads()) + 15) / 16 * 16);
@@ -207,16 +210,16 @@ at::Tensor sparse_linear_with(const IsaKernels* isa, Tuning tuning, const at::Te
   return y.reshape(out_shape);
 }
 
-at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
-                         const at::Tensor& mask, const c10::optional<at::Tensor>& bias, int64_t out_features) {
-  return sparse_linear_with(best_kernels(), {-1, -1}, x, values, offsets, mask, bias, out_features);
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                         const at::Tensor& offsets, const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  return sparse_linear_with(best_kernels(), {-1, -1}, x, values, mask, offsets, bias, out_features);
 }
 
 }  // namespace
 }  // namespace mixsparse
 
 TORCH_LIBRARY(mixsparse_cpu, m) {
-  m.def("sparse_linear(Tensor x, Tensor values, Tensor offsets, Tensor mask, Tensor? bias, int out_features) -> Tensor");
+  m.def("sparse_linear(Tensor x, Tensor values, Tensor mask, Tensor offsets, Tensor? bias, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixsparse_cpu, CPU, m) { m.impl("sparse_linear", &mixsparse::sparse_linear); }
@@ -231,14 +234,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return names;
   }, "The variants this build can run on this CPU");
   module.def("sparse_linear_with",
-             [](const std::string& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& offsets,
-                const at::Tensor& mask, const c10::optional<at::Tensor>& bias, int64_t out_features,
+             [](const std::string& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                const at::Tensor& offsets, const c10::optional<at::Tensor>& bias, int64_t out_features,
                 int64_t tile_min_tokens, int64_t tile_bytes) {
                return mixsparse::sparse_linear_with(mixsparse::kernels_named(isa), {tile_min_tokens, tile_bytes}, x,
-                                                    values, offsets, mask, bias, out_features);
+                                                    values, mask, offsets, bias, out_features);
              },
-             pybind11::arg("isa"), pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("offsets"),
-             pybind11::arg("mask"), pybind11::arg("bias"), pybind11::arg("out_features"),
+             pybind11::arg("isa"), pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("mask"),
+             pybind11::arg("offsets"), pybind11::arg("bias"), pybind11::arg("out_features"),
              pybind11::arg("tile_min_tokens") = -1, pybind11::arg("tile_bytes") = -1,
              "The op on a named variant ('portable', 'avx512') with optional tuning (-1: the default), "
              "for tests and benchmarks");

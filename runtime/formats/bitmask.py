@@ -1,6 +1,6 @@
 """The bitmask-compressed weight: any sparsity (unstructured or N:M), exact in both directions.
 
-Layout for a dense W of shape (out, in), any ``in`` (see DESIGN.md, Formats); it is exactly what the
+Layout for a dense W of shape (out, in), any ``in`` (see docs/design.md, Formats); it is exactly what the
 native CPU kernel reads (csrc/cpu/sparse_kernels.h), so a loaded weight needs no conversion there:
 - ``values``:  (nnz,), W's dtype: the non-zero weights of each row in column order, rows one after another;
 - ``mask``:    (out, ceil(in/8)), uint8: bit j of byte b (LSB first) is set when column 8b + j is kept;
@@ -13,14 +13,11 @@ At sparsity s a bf16 layer costs (1 - s)·2 + 1/8 + 8/in bytes per weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from mixsparse.runtime.errors import MixsparseError
-
-if TYPE_CHECKING:
-    from mixsparse.runtime.cpu_sparse import CompressedRows
+from mixsparse.runtime.weight import CPU_SPARSE, SparseWeight
 
 _BITS = torch.arange(8, dtype=torch.uint8)
 
@@ -132,13 +129,14 @@ class Bitmask:
     def dense_nbytes(self) -> int:
         return self.shape[0] * self.shape[1] * self.values.element_size()
 
-    def to_rows(self, dtype: torch.dtype | None = None) -> "CompressedRows":
+    def to_rows(self, dtype: torch.dtype | None = None) -> SparseWeight:
         """The native CPU kernel's weight: the same three tensors, values in ``dtype`` (default: as stored)."""
-        from mixsparse.runtime.cpu_sparse import CompressedRows
-
         values = self.values if dtype is None else self.values.to(dtype)
-        return CompressedRows(values.contiguous(), self.offsets.contiguous(), self.mask.contiguous(), self.shape)
+        return SparseWeight(
+            CPU_SPARSE, values.contiguous(), self.shape, mask=self.mask.contiguous(), offsets=self.offsets.contiguous()
+        )
 
     @classmethod
-    def from_rows(cls, rows: "CompressedRows") -> "Bitmask":
-        return cls(rows.values, rows.mask, rows.offsets, tuple(rows.shape))
+    def from_rows(cls, weight: SparseWeight) -> "Bitmask":
+        """The bitmask of a native CPU kernel's weight (the same tensors)."""
+        return cls(weight.values, weight.mask, weight.offsets, tuple(weight.shape))

@@ -48,6 +48,8 @@ def test_prepared_weight_is_at_most_0_6_of_dense(backend):
     packed = random_24(4096, 4096)
     prepared = prepare(packed, "cuda", torch.bfloat16, backend=backend)
     assert prepared.nbytes <= 0.6 * packed.dense_nbytes
+    assert (prepared.meta is not None) == (backend == kernels.CUTLASS)  # cuSPARSELt keeps its index inside values
+    assert prepared.mask is None and prepared.offsets is None
 
 
 def test_op_captures_in_a_cuda_graph():

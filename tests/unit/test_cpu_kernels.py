@@ -1,9 +1,10 @@
 """The native CPU kernels (torch.ops.mixsparse_cpu.sparse_linear) against F.linear on the unpacked weight.
 
 Every variant this CPU can run (portable always, avx512 where the CPU reports it) and both paths (streaming
-rows for few tokens, dense tiles + GEMM for many) are driven through the same op the runtime calls, over
-random shapes, token counts, dtypes, sparsities and bias. The fallback when the kernels cannot run is
-checked in a fresh process, where its one warning is observable.
+rows for few tokens, dense tiles + GEMM for many) are driven through the kernel's test hook, and the default
+variant and path through the runtime's entry point (``sparse_linear``), over random shapes, token counts,
+dtypes, sparsities and bias. The fallback when the kernels cannot run is checked in a fresh process, where
+its one warning is observable.
 """
 
 import subprocess
@@ -13,11 +14,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixsparse.pruner.core.masks import mask_nm
 from mixsparse.runtime import cpu_sparse, kernels
-from mixsparse.runtime.formats import Packed24
-from mixsparse.runtime.sparse_linear import SparseLinear, prepare
+from mixsparse.runtime.formats import Bitmask, Packed24
+from mixsparse.runtime.sparse_linear import SparseLinear, prepare, sparse_linear
 
 ext, why_not = cpu_sparse.load()
 needs_kernels = pytest.mark.skipif(ext is None, reason=f"native CPU kernels unavailable: {why_not}")
@@ -69,9 +71,12 @@ def test_kernel_matches_f_linear_on_the_unpacked_weight(
     bias = torch.randn(rows, generator=generator).to(dtype) if with_bias else None
     compressed = cpu_sparse.from_dense(weight)
     tile_from = {"auto": -1, "rows": 1 << 30, "tiles": 0}[path]
-    y = ext.sparse_linear_with(
-        variant, x, compressed.values, compressed.offsets, compressed.mask, bias, rows, tile_min_tokens=tile_from
-    )
+    if path == "auto" and variant == ext.isa():  # what the runtime runs: through its entry point
+        y = sparse_linear(x, compressed, bias)
+    else:
+        y = ext.sparse_linear_with(
+            variant, x, compressed.values, compressed.mask, compressed.offsets, bias, rows, tile_min_tokens=tile_from
+        )
     assert y.dtype == dtype and y.shape == (tokens, rows)
     assert_matches_dense(y, x, weight, bias)
 
@@ -88,7 +93,7 @@ def test_streaming_path_at_panel_token_counts(variant, tokens, rows, cols):
     bias = torch.randn(rows, generator=generator).to(torch.bfloat16)
     compressed = cpu_sparse.from_dense(weight)
     y = ext.sparse_linear_with(
-        variant, x, compressed.values, compressed.offsets, compressed.mask, bias, rows, tile_min_tokens=1 << 30
+        variant, x, compressed.values, compressed.mask, compressed.offsets, bias, rows, tile_min_tokens=1 << 30
     )
     assert_matches_dense(y, x, weight, bias)
 
@@ -106,7 +111,7 @@ def test_2of4_layers_of_model_shapes(dtype, tokens):
         x = torch.randn(2, tokens, cols, generator=generator).to(dtype)[:, : (tokens + 1) // 2]  # odd M, a view
         bias = torch.randn(rows, generator=generator).to(dtype)
         for b in (None, bias):
-            y = cpu_sparse.linear(x, compressed, b)
+            y = sparse_linear(x, compressed, b)
             assert y.shape == (*x.shape[:-1], rows)
             assert_matches_dense(y.reshape(-1, rows), x.reshape(-1, cols), weight, b)
 
@@ -144,9 +149,9 @@ def test_rows_are_bitwise_identical_across_thread_counts():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_sparse.linear(x, compressed)
+        one = sparse_linear(x, compressed)
         torch.set_num_threads(2)
-        two = cpu_sparse.linear(x, compressed)
+        two = sparse_linear(x, compressed)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -156,11 +161,11 @@ def test_rows_are_bitwise_identical_across_thread_counts():
 def test_bad_arguments_name_the_argument():
     compressed = cpu_sparse.from_dense(sparse_weight(8, 16, 0.5, torch.float32, torch.Generator().manual_seed(0)))
     with pytest.raises(RuntimeError, match="values are Float but x is BFloat16"):
-        cpu_sparse.linear(torch.randn(2, 16).to(torch.bfloat16), compressed)
+        sparse_linear(torch.randn(2, 16).to(torch.bfloat16), compressed)
     with pytest.raises(RuntimeError, match=r"mask must be uint8 of shape \[8, 3\]"):
-        cpu_sparse.linear(torch.randn(2, 20), compressed)
+        sparse_linear(torch.randn(2, 20), compressed)
     with pytest.raises(RuntimeError, match="bias must be 1-D of out_features = 8"):
-        cpu_sparse.linear(torch.randn(2, 16), compressed, torch.randn(7))
+        sparse_linear(torch.randn(2, 16), compressed, torch.randn(7))
 
 
 @needs_kernels
@@ -169,11 +174,11 @@ def test_op_has_a_fake_implementation_and_passes_opcheck():
 
     compressed = cpu_sparse.from_dense(sparse_weight(64, 128, 0.5, torch.float32, torch.Generator().manual_seed(0)))
     with FakeTensorMode(allow_non_fake_inputs=True):
-        y = cpu_sparse.linear(torch.empty(7, 3, 128), compressed)
+        y = sparse_linear(torch.empty(7, 3, 128), compressed)
     assert y.shape == (7, 3, 64)
     torch.library.opcheck(
         torch.ops.mixsparse_cpu.sparse_linear.default,
-        (torch.randn(4, 128), compressed.values, compressed.offsets, compressed.mask, torch.randn(64), 64),
+        (torch.randn(4, 128), compressed.values, compressed.mask, compressed.offsets, torch.randn(64), 64),
     )
 
 
@@ -227,6 +232,48 @@ def test_without_the_kernels_the_exact_dense_fallback_runs_with_one_warning(setu
     assert len(warnings) == 1 and "exact dense fallback" in warnings[0] and reason in warnings[0], warnings
 
 
+class RecordOps(TorchDispatchMode):
+    """The ops a call dispatches, outermost only (an op's own inner ops run with the mode off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bitmask", "2:4", "dense"])
+def test_the_entry_point_runs_every_kind_of_weight_like_f_linear(kind, dtype):
+    """A bitmask and a 2:4 weight run on the CPU kernel's op, a dense-fallback weight on the registered op."""
+    if kind != "dense" and ext is None:
+        pytest.skip(f"native CPU kernels unavailable: {why_not}")
+    generator = torch.Generator().manual_seed(7)
+    if kind == "bitmask":
+        dense = sparse_weight(48, 100, 0.7, dtype, generator)
+        weight = prepare(Bitmask.pack(dense), "cpu")
+    else:
+        dense = sparse_weight(48, 96, 0.5, dtype, generator, pattern="2:4")
+        weight = prepare(Packed24.pack(dense), "cpu", backend="auto" if kind == "2:4" else kernels.DENSE)
+    expected = {"bitmask": kernels.CPU_SPARSE, "2:4": kernels.CPU_SPARSE, "dense": kernels.DENSE}[kind]
+    assert weight.backend == expected and weight.shape == tuple(dense.shape)
+    assert weight.meta is None  # the CPU kernel reads a 2:4 weight as a bitmask
+    assert (weight.mask is None) == (weight.offsets is None) == (kind == "dense")
+    x = torch.randn(3, 5, dense.shape[1], generator=generator).to(dtype)
+    for bias in (None, torch.randn(48, generator=generator).to(dtype)):
+        with RecordOps() as record:
+            y = sparse_linear(x, weight, bias)
+        assert record.names == ["mixsparse::sparse_linear" if kind == "dense" else "mixsparse_cpu::sparse_linear"]
+        assert y.shape == (3, 5, 48) and y.dtype == dtype
+        if kind == "dense":
+            assert torch.equal(y, torch.nn.functional.linear(x, dense, bias))
+        else:
+            assert_matches_dense(y.reshape(15, 48), x.reshape(15, -1), dense, bias)
+        assert torch.equal(SparseLinear(weight, bias)(x), y)
+
+
 def test_joined_members_are_one_weight_with_the_members_rows():
     """vLLM's fused GEMMs: members of different sparsities joined into one compressed weight, exactly."""
     generator = torch.Generator().manual_seed(3)
@@ -239,4 +286,4 @@ def test_joined_members_are_one_weight_with_the_members_rows():
     assert torch.equal(cpu_sparse.unpack(joined), torch.cat(members))
     if ext is not None:
         x = torch.randn(3, 40, generator=generator).to(torch.bfloat16)
-        assert_matches_dense(cpu_sparse.linear(x, joined), x, torch.cat(members), None)
+        assert_matches_dense(sparse_linear(x, joined), x, torch.cat(members), None)

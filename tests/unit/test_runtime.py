@@ -1,11 +1,12 @@
-"""Backends, the registered op, and SparseLinear on CPU (the CUDA kernels are tested in tests/gpu)."""
+"""Backends, the registered op, the weight object and SparseLinear on CPU (CUDA kernels: tests/gpu)."""
 
 import pytest
 import torch
 
 from mixsparse.runtime import kernels, ops
 from mixsparse.runtime.formats import Packed24
-from mixsparse.runtime.sparse_linear import SparseLinear, candidates, prepare
+from mixsparse.runtime.sparse_linear import SparseLinear, candidates, prepare, sparse_linear
+from mixsparse.runtime.weight import BACKEND_IDS, SparseWeight
 
 
 def random_packed(out_features=64, in_features=128, dtype=torch.float32, seed=0):
@@ -35,19 +36,12 @@ def test_op_has_a_fake_implementation_for_compile():
 
     with FakeTensorMode():
         x, w = torch.empty(7, 3, 128), torch.empty(64, 128)
-        y = ops.sparse_linear(x, w, None, None, None, kernels.BACKEND_IDS[kernels.DENSE], 64)
+        y = ops.sparse_linear(x, w, None, None, 64, BACKEND_IDS[kernels.DENSE])
+        assert sparse_linear(x, SparseWeight(kernels.DENSE, w, (64, 128))).shape == (7, 3, 64)
     assert y.shape == (7, 3, 64)
     torch.library.opcheck(
         ops.sparse_linear,
-        (
-            torch.randn(4, 128),
-            torch.randn(64, 128),
-            None,
-            None,
-            torch.randn(64),
-            kernels.BACKEND_IDS[kernels.DENSE],
-            64,
-        ),
+        (torch.randn(4, 128), torch.randn(64, 128), None, torch.randn(64), 64, BACKEND_IDS[kernels.DENSE]),
     )
 
 
@@ -56,6 +50,28 @@ def test_module_compiles_without_graph_breaks():
     compiled = torch.compile(module, backend="eager", fullgraph=True)
     x = torch.randn(2, 128)
     assert torch.equal(compiled(x), module(x))
+
+
+def test_a_moved_module_runs_on_its_moved_tensors():
+    """.to() replaces the buffers: the weight object the forward reads must follow them."""
+    packed = random_packed()
+    module = SparseLinear(prepare(packed, "cpu", backend=kernels.DENSE), torch.randn(64))
+    module.to(torch.float64)
+    assert module.sparse_weight.values is module.values and module.values.dtype == torch.float64
+    x = torch.randn(2, 128, dtype=torch.float64)
+    assert torch.equal(module(x), torch.nn.functional.linear(x, packed.unpack().double(), module.bias))
+
+
+def test_a_weight_names_what_its_backend_needs():
+    values = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        SparseWeight("tpu", values, (8, 16))
+    with pytest.raises(ValueError, match="a cpu_sparse weight needs mask, offsets"):
+        SparseWeight(kernels.CPU_SPARSE, values.reshape(-1), (8, 16))
+    with pytest.raises(ValueError, match="a cutlass weight needs meta"):
+        SparseWeight(kernels.CUTLASS, values, (8, 16))
+    weight = SparseWeight(kernels.DENSE, values, (8, 16))
+    assert (weight.out_features, weight.in_features, weight.nbytes) == (8, 16, 8 * 16 * 4)
 
 
 def test_shape_limits():
