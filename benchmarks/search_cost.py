@@ -19,55 +19,95 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import markdown_table, save
+
+if TYPE_CHECKING:
+    from mixsparse.pruner.plans.request import PlanRequest
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"
 
 
-def plans(work: Path) -> dict[str, list[str]]:
+def plans(work: Path) -> dict[str, PlanRequest]:
     from e2e_cpu import build_llama_1b
 
+    from mixsparse.pruner.io.data import CalibrationProtocol
+    from mixsparse.pruner.plans.request import FisherOptions, PlanRequest, Research, SearchOptions
+    from mixsparse.pruner.search.evolve import SearchSettings
+
     return {
-        "smollm2": [
-            "smollm2-135m",
-            "--allocator",
-            "msp",
-            "--target",
-            "0.7",
-            "--metric",
-            "sparsegpt",
-            "--out",
-            str(work / "msp70-sgpt.json"),
-        ],
-        "llama-1b": [
+        "smollm2": PlanRequest(
+            "smollm2-135m", str(work / "msp70-sgpt.json"), Research(0.7), allocator="msp", metric="sparsegpt"
+        ),
+        "llama-1b": PlanRequest(
             str(build_llama_1b(RUNS / "llama-1b-random")),
-            "--allocator",
-            "msp",
-            "--target",
-            "0.7",
-            "--metric",
-            "wanda",
-            "--fisher-samples",
-            "2",
-            "--samples",
-            "8",
-            "--generations",
-            "2",
-            "--population",
-            "2",
-            "--offspring",
-            "2",
-            "--survivors",
-            "1",
-            "--steps",
-            "1,2",
-            "--out",
             str(work / "llama1b-msp70-wanda.json"),
-        ],
+            Research(0.7),
+            allocator="msp",
+            metric="wanda",
+            calibration=CalibrationProtocol(samples=8),
+            fisher=FisherOptions(samples=2),
+            search=SearchOptions(SearchSettings(generations=2, population=2, offspring=2, survivors=1, steps=(1, 2))),
+        ),
     }
+
+
+# The `mixsparse plan` flags of the request fields these plans set, in the order the kept logs' commands name
+# them (a log is reused only for the very same command): (flag, field path, named even at its default).
+FLAGS = [
+    ("--allocator", "allocator", True),
+    ("--target", "goal.target", True),
+    ("--metric", "metric", True),
+    ("--fisher-samples", "fisher.samples", False),
+    ("--samples", "calibration.samples", False),
+    ("--generations", "search.settings.generations", False),
+    ("--population", "search.settings.population", False),
+    ("--offspring", "search.settings.offspring", False),
+    ("--survivors", "search.settings.survivors", False),
+    ("--steps", "search.settings.steps", False),
+    ("--probe-seed", "search.probe_seed", False),
+]
+
+
+def _get(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _with(obj, path: str, value):
+    head, _, rest = path.partition(".")
+    return replace(obj, **{head: _with(getattr(obj, head), rest, value) if rest else value})
+
+
+def _flag_value(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def plan_args(request: PlanRequest) -> list[str]:
+    """The `mixsparse plan` arguments that ask for ``request``: each plan is measured as its own process, as a
+    user runs it. Refuses a request that differs from the defaults in a field FLAGS cannot name, which would
+    otherwise be measured as another search than the one asked for."""
+    from mixsparse.pruner.plans.request import PlanRequest, Research
+
+    default = PlanRequest(request.model, request.out, Research())
+    named = default
+    args = [request.model]
+    for flag, path, always in FLAGS:
+        value = _get(request, path)
+        named = _with(named, path, value)
+        if not always and value == _get(default, path):
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            args += [flag, _flag_value(value)]
+    if named != request:
+        raise SystemExit(f"search_cost.py cannot name every setting of {request} as a `mixsparse plan` flag")
+    return [*args, "--out", request.out]
 
 
 def normalised(args: list[str]) -> list[str]:
@@ -84,24 +124,24 @@ def timed_args(report: str) -> list[str] | None:
     return words[words.index("plan") + 1 :] if "plan" in words else None
 
 
-def searched_as_now(args: list[str], plan: Path) -> bool:
-    """Whether the kept plan was searched as `mixsparse plan args` searches today: the same command means
-    another search once a default (generations, level grid, precision, fitness, probed seed) has changed."""
+def searched_as_now(request: PlanRequest) -> bool:
+    """Whether the plan kept at ``request.out`` was searched as ``request`` searches today: the same command
+    means another search once a default (generations, level grid, precision, fitness, probed seed) has
+    changed."""
     from mixsparse.pruner.core.levels import LevelGrid
     from mixsparse.pruner.core.precision import resolve
-    from mixsparse.serve.cli import build_parser, search_options_from
 
+    plan = Path(request.out)
     if not plan.exists():
         return False
-    ns = build_parser().parse_args(["plan", *args])
-    options = search_options_from(ns)
+    options, goal = request.search, request.research
     search = json.loads(plan.read_text()).get("search", {})
     levels = search.get("levels", {})
     step = options.level_step if levels.get("stored") else options.delta
-    grid = LevelGrid.around(ns.target, step, options.level_window, ns.min_ratio, ns.max_ratio).to_json()
+    grid = LevelGrid.around(goal.target, step, options.level_window, goal.min_ratio, goal.max_ratio).to_json()
     return (
         search.get("settings") == json.loads(json.dumps(asdict(options.settings)))
-        and search.get("precision") == resolve(options.precision, ns.device)
+        and search.get("precision") == resolve(options.precision, request.device)
         and search.get("fitness_seqlen") == options.fitness_seqlen
         and search.get("fitness", "loss") == options.fitness
         and ("probed_seed" in search) == options.probe_seed
@@ -109,16 +149,16 @@ def searched_as_now(args: list[str], plan: Path) -> bool:
     )
 
 
-def timed(log: Path, args: list[str]) -> str:
-    """The GNU time report of `mixsparse plan args`, from ``log`` if it timed exactly that command, searched
-    with today's defaults."""
+def timed(log: Path, request: PlanRequest) -> str:
+    """The GNU time report of the `mixsparse plan` command for ``request``, from ``log`` if it timed exactly
+    that command, searched with today's defaults."""
+    args = plan_args(request)
     command = f"mixsparse plan {shlex.join(args)}"
-    plan = Path(args[args.index("--out") + 1])
     if (
         log.exists()
         and (earlier := timed_args(log.read_text()))
         and normalised(earlier) == normalised(args)
-        and searched_as_now(args, plan)
+        and searched_as_now(request)
     ):
         print(f"reusing {log} ({command})", file=sys.stderr)
         return log.read_text()
@@ -153,13 +193,13 @@ def main() -> None:
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     rows, data = [], {}
-    for name, plan_args in chosen.items():
+    for name, request in chosen.items():
         log = work / {"smollm2": "msp70-sgpt.log", "llama-1b": "llama1b.log"}[name]
-        report = timed(log, plan_args)
-        info = json.loads(Path(plan_args[plan_args.index("--out") + 1]).read_text())
+        report = timed(log, request)
+        info = json.loads(Path(request.out).read_text())
         search = info["search"]
         point = {
-            "command": f"mixsparse plan {shlex.join(plan_args)}".replace(f"{RUNS.parent}/", ""),
+            "command": f"mixsparse plan {shlex.join(plan_args(request))}".replace(f"{RUNS.parent}/", ""),
             "wall_seconds": seconds(field(report, "Elapsed (wall clock) time (h:mm:ss or m:ss)")),
             "cpu_percent": field(report, "Percent of CPU this job got"),
             "peak_rss_bytes": int(field(report, "Maximum resident set size (kbytes)")) * 1024,

@@ -91,7 +91,7 @@ def test_lists_and_ranges_reach_the_commands_converted():
 def test_longer_fitness_sequences_keep_the_tokens_per_selection_step_unless_steps_are_given():
     """--fitness-seqlen alone changes the length of the held-out sequences, not the tokens each selection step
     reads (nor the search's cost): 4,16 sequences of 128 tokens become 1,4 of 512; --steps still wins."""
-    from mixsparse.serve.cli import search_options_from
+    from mixsparse.serve.cli.plan import search_options_from
 
     def steps(*flags):
         args = ["plan", "m", "--allocator", "msp", "--target", "0.7", "--out", "p.json", *flags]
@@ -105,22 +105,28 @@ def test_longer_fitness_sequences_keep_the_tokens_per_selection_step_unless_step
 
 
 def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settings(tmp_path, monkeypatch):
-    """benchmarks/search_cost.py reads the plan flags through the CLI's own search_options_from: a plan searched
-    with other generations, steps or precision than today's command would is measured afresh."""
+    """benchmarks/search_cost.py states each plan as a PlanRequest and times the `mixsparse plan` command that
+    asks for it: the CLI must parse that command back to the very request, and a plan searched with other
+    generations, steps or precision than the request's is measured afresh."""
     import json
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
     from pathlib import Path
 
     from mixsparse.pruner.core.levels import LevelGrid
     from mixsparse.pruner.core.precision import resolve
-    from mixsparse.serve.cli import search_options_from
+    from mixsparse.pruner.plans.request import PlanRequest, Research, SearchOptions
+    from mixsparse.pruner.search.evolve import SearchSettings
+    from mixsparse.serve.cli.plan import plan_request
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from search_cost import searched_as_now
+    from search_cost import plan_args, searched_as_now
 
     plan = tmp_path / "plan.json"
-    args = ["m", "--allocator", "msp", "--target", "0.7", "--metric", "wanda", "--steps", "2,8", "--out", str(plan)]
-    options = search_options_from(build_parser().parse_args(["plan", *args]))
+    options = SearchOptions(SearchSettings(steps=(2, 8)))
+    request = PlanRequest("m", str(plan), Research(0.7), allocator="msp", metric="wanda", search=options)
+    args = plan_args(request)
+    assert args == ["m", *"--allocator msp --target 0.7 --metric wanda --steps 2,8 --out".split(), str(plan)]
+    assert plan_request(build_parser().parse_args(["plan", *args])) == request
     assert options.settings.steps == (2, 8) and options.settings.generations == 50
     grid = LevelGrid.around(0.7, options.delta, options.level_window, 0.0, 0.99).to_json()
     search = {
@@ -130,9 +136,9 @@ def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settin
         "fitness": options.fitness,
         "levels": {**grid, "stored": False},
     }
-    assert not searched_as_now(args, plan)  # nothing kept
+    assert not searched_as_now(request)  # nothing kept
     plan.write_text(json.dumps({"search": search}))
-    assert searched_as_now(args, plan)
+    assert searched_as_now(request)
     stale_values = [
         ("settings", {**search["settings"], "generations": 30}),
         ("precision", "other"),
@@ -140,13 +146,15 @@ def test_a_kept_search_cost_plan_is_reused_only_when_searched_with_todays_settin
     ]
     for key, stale in stale_values:
         plan.write_text(json.dumps({"search": {**search, key: stale}}))
-        assert not searched_as_now(args, plan), key
+        assert not searched_as_now(request), key
     # a plan whose search was seeded by probing the blocks is another search than one without, either way
+    probed = replace(request, search=replace(options, probe_seed=True))
+    assert plan_request(build_parser().parse_args(["plan", *plan_args(probed)])) == probed
     plan.write_text(json.dumps({"search": {**search, "probed_seed": {"evaluations": 241}}}))
-    assert not searched_as_now(args, plan)
-    assert searched_as_now([*args, "--probe-seed"], plan)
+    assert not searched_as_now(request)
+    assert searched_as_now(probed)
     plan.write_text(json.dumps({"search": search}))
-    assert not searched_as_now([*args, "--probe-seed"], plan)
+    assert not searched_as_now(probed)
 
 
 def error_line(argv, capsys):

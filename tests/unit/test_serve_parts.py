@@ -48,7 +48,7 @@ def test_the_serve_command_line_parses_back_to_its_options(options):
     assert command[1:3] == ["-m", "mixsparse.serve.cli"]
     args, extra = cli.build_parser().parse_known_args(command[3:])
     args.vllm_args = extra
-    assert args.verb == "serve" and cli._serve_options(args, args.model) == options
+    assert args.verb == "serve" and cli.common.serve_options(args, args.model) == options
 
 
 def test_port_in_use_is_a_clear_error():
