@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench asan clean-venv
+.PHONY: install test test-fast demo bench asan clean-venv
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# The fast tier while developing: no vLLM server, no built-in model, no search or recovery (about a minute);
+# `make test` (what CI runs) runs everything.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The built-in model, served with half of its decoder linear weights in 2:4: a deployment plan puts the
 # least Fisher-sensitive fused groups in 2:4 (all-2:4 costs this 135M model too much quality to chat), SparseGPT

@@ -11,6 +11,13 @@ from tiny_models import build_tiny_llama
 _USER_CACHE = os.environ.get("MIXSPARSE_CACHE") or str(Path.home() / ".cache" / "mixsparse")
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test of the built-in model is a slow one too (it converts the model once, then runs it)."""
+    for item in items:
+        if item.get_closest_marker("default_model"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """No test writes into the user's cache (perplexity results, models) unless it asks for the default model."""

@@ -20,6 +20,8 @@ from mixsparse.serve import bench as bench_module
 from mixsparse.serve.metrics import Metrics
 from mixsparse.serve.workload import PromptSource, make_workload
 
+pytestmark = pytest.mark.slow  # bench starts vLLM servers (stubbed or real)
+
 STUB = str(Path(__file__).resolve().parent.parent / "stub_openai.py")
 
 

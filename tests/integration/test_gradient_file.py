@@ -14,6 +14,8 @@ from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats.hf import load_dense
 from mixsparse.serve.cli import main
 
+pytestmark = pytest.mark.slow  # GBLM's gradient passes, plan and deploy
+
 CALIBRATION = data.CalibrationProtocol(samples=4, seqlen=32)
 
 

@@ -19,6 +19,8 @@ from mixsparse.pruner.search.evolve import SearchSettings
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.serve.cli import main
 
+pytestmark = pytest.mark.slow  # MSP searches and Fisher passes on tiny models
+
 FAST = SearchSettings(generations=3, population=3, offspring=4, survivors=2, steps=(1, 2), seed=0)
 
 

@@ -22,6 +22,8 @@ from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats.hf import load_dense
 from mixsparse.serve.cli import main
 
+pytestmark = pytest.mark.slow  # recovery tunes every block
+
 FAST = RecoverOptions(epochs=2, batch=2, lr=1e-3, norm_lr=1e-3)
 
 

@@ -31,6 +31,8 @@ from mixsparse.pruner.jobs import PruneJob
 from mixsparse.runtime.formats import artifact  # noqa: E402
 from mixsparse.serve.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test starts a vLLM server
+
 
 @pytest.fixture(scope="session")
 def servable_llama(tmp_path_factory, tiny_llama):
