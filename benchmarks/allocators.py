@@ -6,7 +6,7 @@ The allocators that do not search (uniform, global, OWL, Fisher) make one plan p
 base. MSP searches once per base, over that base's own levels (`mixsparse plan --metric <base>`), so what it
 scores is what `prune --plan --metric <base>` writes. Three MSP rows: msp is `mixsparse plan`'s defaults (KL
 fitness); msp-loss the next-token loss fitness the table was first measured with; msp-probe msp with the search
-seeded by probing each block alone (`--probe-seed`, level_probes.py). msp's plans are the ones
+seeded by probing each block alone (`--probe-seed`, pruner/search/probes.py). msp's plans are the ones
 fitness_variants.py's kl cells make, so a cell measured by either is not searched again.
 
 Every step is a `mixsparse` command in its own process (what a user would run) and its output is kept
