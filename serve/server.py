@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixsparse.runtime.errors import MixsparseError
-from mixsparse.runtime.formats import artifact
+from mixsparse.runtime.formats import artifact, hf
 from mixsparse.runtime.machine import cpu_serving_dtype
 from mixsparse.serve import cpu_runtime, engine_log
 from mixsparse.serve.guard import ENVIRONMENT as GUARD_ENVIRONMENT
@@ -70,6 +70,7 @@ def preflight(model: str, tokenizer: bool = True) -> Path:
     if artifact.is_artifact(path):
         config = artifact.read_config(path)
         headers = artifact.check_headers(config)
+        hf.check_shapes(config, headers)
         artifact.check_meta(config)
         check_modules(config, headers)
     else:

@@ -206,6 +206,12 @@ def read_config(path: str | os.PathLike) -> ArtifactConfig:
     if not files:
         raise MixsparseError(f"{path}: quantization_config records no weight files")
     for name, size in files.items():
+        # judged by the name, not the resolved path, so files that are symlinks (as in the HF cache) stay fine
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise MixsparseError(
+                f"{path}: quantization_config.files names {name!r}, outside the artifact directory; an artifact's "
+                f"weight files are named relative to it"
+            )
         file = path / name
         if not file.is_file():
             raise MixsparseError(f"{path}: weight file {name} is missing")
@@ -235,7 +241,14 @@ def load_tensors(config: ArtifactConfig) -> dict[str, torch.Tensor]:
 
 
 def check_tensors(config: ArtifactConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Each recorded module has its tensors, at the recorded shapes."""
+    """Each recorded module has its tensors, at the recorded shapes; every floating tensor is in the recorded
+    dtype."""
+    for key, tensor in sorted(tensors.items()):
+        if tensor.is_floating_point() and tensor.dtype != config.dtype:
+            raise MixsparseError(
+                f"{config.path}: tensor {key} is stored as {dtype_name(tensor.dtype)}, but the artifact records "
+                f"dtype {dtype_name(config.dtype)}"
+            )
     for name, entry in config.modules.items():
         if entry.storage == PACKED24:
             missing = [k for k in (f"{name}.values", f"{name}.meta") if k not in tensors]
@@ -259,6 +272,7 @@ def check_tensors(config: ArtifactConfig, tensors: dict[str, torch.Tensor]) -> N
 
 
 _FLOAT_DTYPES = ("BF16", "F16", "F32")
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 _DTYPE_BYTES = {
     "BF16": 2,
     "F16": 2,
@@ -290,8 +304,16 @@ def tensor_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], s
 
 
 def check_headers(config: ArtifactConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every recorded module's tensors exist with the shapes its entry implies (headers only)."""
+    """Every recorded module's tensors exist with the shapes its entry implies, and every floating tensor is
+    stored in the artifact's recorded dtype (headers only)."""
     headers = tensor_headers(config)
+    stored = SAFETENSORS_DTYPES[config.dtype]
+    for key, (_, dtype) in sorted(headers.items()):
+        if dtype in _FLOAT_DTYPES and dtype != stored:
+            raise MixsparseError(
+                f"{config.path}: tensor {key} is stored as {dtype}, but the artifact records dtype "
+                f"{dtype_name(config.dtype)} ({stored}); its bytes would be read as another type"
+            )
     for name, entry in config.modules.items():
         out_features, in_features = entry.shape
         if entry.storage == PACKED24:

@@ -34,6 +34,21 @@ def empty_model(hf_config, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
+def check_shapes(config: artifact.ArtifactConfig, headers: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """Every stored tensor that the model keeps as itself (norms, embeddings, dense weights) has the shape the
+    model's config gives it; from the files' headers and a skeleton on the meta device, so nothing is loaded."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(plain_config(config)).state_dict()
+    for key, (shape, _) in sorted(headers.items()):
+        if key in expected and tuple(shape) != tuple(expected[key].shape):
+            raise MixsparseError(
+                f"{config.path}: tensor {key} has shape {list(shape)}, its config makes it "
+                f"{list(expected[key].shape)} (artifact does not match its config)"
+            )
+
+
 def load_dense(path: str | os.PathLike, dtype: torch.dtype | None = None):
     """Load an artifact as a transformers model whose weights are dense (zeros where pruned)."""
     config = artifact.read_config(path)
@@ -46,7 +61,14 @@ def load_dense(path: str | os.PathLike, dtype: torch.dtype | None = None):
 
 def load_state(model, state: dict[str, torch.Tensor], source, allowed_missing: set[str] = frozenset()) -> None:
     """Load ``state`` into ``model``; only weights tied to another (e.g. lm_head) or ``allowed_missing``
-    may be absent."""
+    may be absent, and every tensor must have the shape the model's config gives it."""
+    expected = model.state_dict()
+    for key, tensor in sorted(state.items()):
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise MixsparseError(
+                f"{source}: tensor {key} has shape {list(tensor.shape)}, its config makes it "
+                f"{list(expected[key].shape)} (artifact does not match its config)"
+            )
     result = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = {name for name, param in model.named_parameters(remove_duplicate=False)} - {

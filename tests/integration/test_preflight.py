@@ -170,3 +170,59 @@ def test_bitmask_modules_are_checked(case, artifact_bitmask, tmp_path):
     with pytest.raises(MixsparseError) as error:
         preflight(str(broken))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+NORM = "model.layers.0.input_layernorm.weight"
+
+
+def outside_file(path):
+    """The weight file moved one directory up, and quantization_config.files pointing there."""
+    (path.parent / "elsewhere").mkdir()
+    (path / "model.safetensors").rename(path.parent / "elsewhere" / "model.safetensors")
+    edit_config(
+        lambda c: c["quantization_config"].__setitem__(
+            "files", {"../elsewhere/model.safetensors": c["quantization_config"]["files"]["model.safetensors"]}
+        )
+    )(path)
+
+
+# each broken artifact, and what serve, eval and export must say about it in one line
+EVERY_READER = {
+    "a norm stored 2-D": (
+        edit_tensors(lambda t: t.__setitem__(NORM, t[NORM].reshape(1, -1))),
+        f"tensor {NORM} has shape [1, 64]",
+    ),
+    "packed values stored as F16": (
+        edit_tensors(lambda t: t.__setitem__(f"{PACKED}.values", t[f"{PACKED}.values"].view(torch.float16))),
+        f"tensor {PACKED}.values is stored as",
+    ),
+    "the embedding stored as F16": (
+        edit_tensors(
+            lambda t: t.__setitem__("model.embed_tokens.weight", t["model.embed_tokens.weight"].view(torch.float16))
+        ),
+        "tensor model.embed_tokens.weight is stored as",
+    ),
+    "a weight file outside the artifact": (outside_file, "outside the artifact directory"),
+}
+
+
+@pytest.mark.parametrize("reader", ["eval", "export", "serve"])
+@pytest.mark.parametrize("case", EVERY_READER)
+def test_every_reader_refuses_a_tensor_or_file_the_config_does_not_describe(
+    case, reader, artifact_24, tmp_path, capsys
+):
+    from serving_helpers import free_port
+
+    edit, message = EVERY_READER[case]
+    broken = tmp_path / "artifact" / "broken"
+    shutil.copytree(artifact_24, broken)
+    edit(broken)
+    command = {
+        "eval": ["eval", "ppl", str(broken), "--windows", "1", "--seqlen", "32"],
+        "export": ["export", "--dense", str(broken), str(tmp_path / "plain")],
+        "serve": ["serve", str(broken), "--port", str(free_port())],
+    }[reader]
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "plain").exists()
