@@ -25,7 +25,6 @@ import contextlib
 import datetime
 import io
 import json
-import signal
 import subprocess
 import time
 import warnings
@@ -40,7 +39,7 @@ from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.machine import machine
 from mixsparse.serve import report
-from mixsparse.serve.deploy import request, wait_healthy
+from mixsparse.serve.deploy import request, stop, wait_healthy
 from mixsparse.serve.metrics import BENCH_RECORD
 from mixsparse.serve.process_memory import ProcessMemory
 from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command
@@ -330,13 +329,7 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.alive():
-            self.child.send_signal(signal.SIGINT)
-            try:
-                self.child.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait()
+        stop(self.child)
         self.log.close()
 
 

@@ -149,14 +149,46 @@ def summary_rows(out: Path, options: ServeOptions, reused: bool) -> list[tuple[s
     return rows
 
 
+class ServerRefused(MixsparseError):
+    """The server answered with an HTTP error; the message is its own one-line reason."""
+
+
 def request(url: str, payload: dict | None = None, api_key: str | None = None, timeout: float = 600.0):
     data = json.dumps(payload).encode() if payload is not None else None
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as reply:
-        body = reply.read().decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as reply:
+            body = reply.read().decode()
+    except urllib.error.HTTPError as error:
+        raise ServerRefused(f"the server refused {url} ({error.code}): {refusal_reason(error)}") from None
     return json.loads(body) if payload is not None else body
+
+
+def refusal_reason(error: urllib.error.HTTPError) -> str:
+    """The first line of the reason an OpenAI-compatible server gives ({"error": {"message": ...}}, or vLLM's
+    older {"message": ...}), else the HTTP reason phrase."""
+    try:
+        body = json.loads(error.read().decode(errors="replace"))
+        detail = body.get("error", body)
+        message = detail.get("message") if isinstance(detail, dict) else detail
+    except (ValueError, AttributeError, OSError):
+        message = None
+    return (str(message or error.reason).strip().splitlines() or [""])[0]
+
+
+def stop(child: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Stop a server as Ctrl-C would, so vLLM takes its engine and helper processes (multiprocessing's
+    resource tracker included) with it; kill it only if it does not stop within ``timeout``."""
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGINT)
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def wait_healthy(url: str, child: subprocess.Popen, timeout: float) -> None:
@@ -167,7 +199,7 @@ def wait_healthy(url: str, child: subprocess.Popen, timeout: float) -> None:
         try:
             request(f"{url}/health", timeout=5)
             return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ServerRefused):
             time.sleep(1)
     raise MixsparseError(f"the server did not become ready within {timeout:.0f} s")
 
@@ -275,15 +307,12 @@ def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
             ]
             show("first answer", rows + metrics_summary(request(f"{url}/metrics", api_key=job.serve.api_key)))
             if job.once:
-                child.send_signal(signal.SIGINT)
-                child.wait(timeout=120)
+                stop(child)
                 return 0  # the answer came back; how vLLM exits on SIGINT does not matter
             print(f"serving at {url} - Ctrl-C to stop", flush=True)
         return child.wait()
     except KeyboardInterrupt:
-        child.send_signal(signal.SIGINT)
-        child.wait(timeout=120)
+        stop(child)
         return 0
     finally:
-        if child.poll() is None:
-            child.kill()
+        stop(child)  # on an error too: a killed server leaves vLLM's helper processes behind

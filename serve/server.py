@@ -263,6 +263,8 @@ def serve(options: ServeOptions) -> None:
         if options.log_file
         else engine_log.default_log(options.served_name or path.name, options.port)
     )
+    if not options.verbose:
+        check_log_file(log)
     start = time.monotonic()
     if options.verbose:
         failure = run_vllm(options, path, print, log=None, start=start)
@@ -274,6 +276,16 @@ def serve(options: ServeOptions) -> None:
         where = "" if options.verbose else f" (full log: {log})"
         raise MixsparseError(f"the vLLM server stopped: {engine_log.error_line(text) or failure}{where}")
     print("mixsparse serve: stopped", flush=True)
+
+
+def check_log_file(log: Path) -> None:
+    """Fail in one line, before vLLM starts, where the log cannot be written."""
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a"):
+            pass
+    except OSError as error:
+        raise MixsparseError(f"--log-file {log}: cannot write it ({error.strerror})") from None
 
 
 def run_vllm(options: ServeOptions, path: Path, write, log: Path | None, start: float) -> str | None:

@@ -1,6 +1,11 @@
 """Server pieces that need no running server: flags, port checks, preflight, metrics arithmetic."""
 
+import http.server
+import json
 import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
@@ -83,3 +88,74 @@ def test_token_counters_are_read_from_the_registry():
     prompt.labels("1").inc(2)
     generation.labels("0").inc(9)
     assert vllm_token_counters(registry) == (7, 9)
+
+
+def test_an_unwritable_log_file_is_one_line_before_vllm_starts(tiny_llama, tmp_path, capsys):
+    from mixsparse.serve.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    log = tmp_path / "a-file" / "serve.log"  # under a file: unwritable even for root
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["serve", str(tiny_llama), "--port", str(port), "--log-file", str(log)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--log-file {log}: cannot write it" in err[0], err
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """Answers every POST as vLLM does a request over its limits."""
+
+    def do_POST(self):
+        body = json.dumps(
+            {
+                "error": {
+                    "message": "max_tokens is too large: 1000000000000.\nsecond line",
+                    "type": "BadRequestError",
+                    "code": 400,
+                }
+            }
+        ).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_refused_request_relays_the_server_reason_in_one_line():
+    from mixsparse.serve.deploy import ServerRefused, request
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+        with pytest.raises(ServerRefused) as error:
+            request(url, {"max_tokens": 10**12})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(error.value) == f"the server refused {url} (400): max_tokens is too large: 1000000000000."
+
+
+def test_a_stopped_server_gets_ctrl_c_first(tmp_path):
+    """deploy and bench stop their server as Ctrl-C would (vLLM then takes its helper processes with it)."""
+    from mixsparse.serve.deploy import stop
+
+    marker = tmp_path / "interrupted"
+    script = (
+        "import sys, time\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    stop(child, timeout=30)
+    assert child.returncode == 0 and marker.exists()
