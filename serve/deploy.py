@@ -30,7 +30,7 @@ from mixsparse.pruner.io.provenance import request_of
 from mixsparse.pruner.jobs import PruneJob
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
-from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command
+from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command, serve_environment
 
 
 @dataclass
@@ -277,7 +277,7 @@ def deploy(job: DeployJob, progress: Progress = Silent(), show=print) -> int:
     out, reused = prepare(job, progress, show)
     show("mixsparse deploy", summary_rows(out, job.serve, reused))
     command = serve_command(replace(job.serve, model=str(out), verbose=job.verbose))
-    environment = {**os.environ, **job.environment}
+    environment = {**os.environ, **job.environment, **serve_environment(job.serve)}
     if not job.verbose:
         environment.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     child = subprocess.Popen(command, env=environment)

@@ -43,10 +43,13 @@ class GuardSettings:
         return ("/health", "/metrics") if self.public_metrics else ("/health",)
 
 
+API_KEY_ENVIRONMENT = "VLLM_API_KEY"  # vLLM's own: it reads the key from there when --api-key is not given
+
+
 def api_keys(scope) -> list[str]:
     """The keys vLLM itself was started with: ``--api-key`` (several allowed), else ``VLLM_API_KEY``."""
     args = getattr(getattr(scope.get("app"), "state", None), "args", None)
-    return [key for key in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if key]
+    return [key for key in (getattr(args, "api_key", None) or [os.environ.get(API_KEY_ENVIRONMENT)]) if key]
 
 
 def violation(body: bytes, settings: GuardSettings) -> str | None:

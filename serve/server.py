@@ -24,8 +24,8 @@ from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact, hf
 from mixsparse.runtime.machine import cpu_serving_dtype
 from mixsparse.serve import cpu_runtime, engine_log
+from mixsparse.serve.guard import API_KEY_ENVIRONMENT, GuardSettings
 from mixsparse.serve.guard import ENVIRONMENT as GUARD_ENVIRONMENT
-from mixsparse.serve.guard import GuardSettings
 
 CPU_DEFAULTS = {"--enforce-eager": None, "--no-enable-prefix-caching": None}  # and --dtype: cpu_serving_dtype()
 CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "2"}
@@ -189,7 +189,6 @@ def serve_command(options: ServeOptions) -> list[str]:
         str(options.port),
         "--metrics-window",
         str(options.metrics_window),
-        *(["--api-key", options.api_key] if options.api_key else []),
         *(["--served-model-name", options.served_name] if options.served_name else []),
         *(["--log-file", options.log_file] if options.log_file else []),
         "--max-n",
@@ -199,6 +198,12 @@ def serve_command(options: ServeOptions) -> list[str]:
         *(["--public-metrics"] if guard.public_metrics else []),
         *options.vllm_args,
     ]
+
+
+def serve_environment(options: ServeOptions) -> dict[str, str]:
+    """What a child started with :func:`serve_command` needs in its environment: the API key travels there,
+    not on the command line, where every user of the machine could read it (``ps``)."""
+    return {API_KEY_ENVIRONMENT: options.api_key} if options.api_key else {}
 
 
 def vllm_argv(options: ServeOptions, path: Path, cuda: bool) -> list[str]:

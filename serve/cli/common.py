@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from mixsparse.runtime.errors import MixsparseError
 
@@ -238,8 +239,16 @@ def add_server(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server (other flags are passed to vLLM)")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     group.add_argument("--port", type=PORT, default=8000, help="port (default: %(default)s)")
-    group.add_argument(
-        "--api-key", help="require this bearer token on every route but /health (and /metrics with --public-metrics)"
+    keys = group.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key",
+        help="require this bearer token on every route but /health (and /metrics with --public-metrics); it is "
+        "then visible in `ps` and your shell history: --api-key-file or VLLM_API_KEY keep it out of both",
+    )
+    keys.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="as --api-key, the token read from this file (its first line); default: VLLM_API_KEY if set",
     )
     group.add_argument(
         "--public-metrics",
@@ -274,6 +283,25 @@ def add_server(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def api_key(args) -> str | None:
+    """--api-key, else the first line of --api-key-file, else VLLM_API_KEY (what vLLM itself reads)."""
+    from mixsparse.serve.guard import API_KEY_ENVIRONMENT
+
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).expanduser().read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not text"
+            raise MixsparseError(f"--api-key-file {args.api_key_file}: cannot read it ({reason})") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise MixsparseError(f"--api-key-file {args.api_key_file}: its first line is empty")
+        return key
+    return os.environ.get(API_KEY_ENVIRONMENT) or None
+
+
 def serve_options(args, model: str | None):
     """The server :func:`add_server`'s flags ask for; ``model`` is None where deploy fills it in once pruned."""
     from mixsparse.serve.guard import GuardSettings
@@ -283,7 +311,7 @@ def serve_options(args, model: str | None):
         model,
         args.host,
         args.port,
-        args.api_key,
+        api_key(args),
         args.served_model_name,
         args.metrics_window,
         list(args.vllm_args),

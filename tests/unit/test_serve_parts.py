@@ -14,7 +14,14 @@ from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.machine import cpu_serving_dtype
 from mixsparse.serve.guard import GuardSettings
 from mixsparse.serve.metrics import Rates, vllm_token_counters
-from mixsparse.serve.server import ServeOptions, check_port, preflight, serve_command, vllm_argv
+from mixsparse.serve.server import (
+    ServeOptions,
+    check_port,
+    preflight,
+    serve_command,
+    serve_environment,
+    vllm_argv,
+)
 
 
 def test_cpu_defaults_are_added_unless_overridden(tmp_path):
@@ -46,10 +53,15 @@ def test_cpu_defaults_are_added_unless_overridden(tmp_path):
         ),
     ],
 )
-def test_the_serve_command_line_parses_back_to_its_options(options):
+def test_the_serve_command_line_parses_back_to_its_options(options, monkeypatch):
     from mixsparse.serve import cli
 
     command = serve_command(options)
+    # the key travels in the child's environment, never on its command line (ps shows that to every user)
+    assert options.api_key is None or options.api_key not in " ".join(command)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    for key, value in serve_environment(options).items():
+        monkeypatch.setenv(key, value)
     assert command[1:3] == ["-m", "mixsparse.serve.cli"]
     args, extra = cli.build_parser().parse_known_args(command[3:])
     args.vllm_args = extra
@@ -159,3 +171,28 @@ def test_a_stopped_server_gets_ctrl_c_first(tmp_path):
     assert child.stdout.readline().strip() == "ready"
     stop(child, timeout=30)
     assert child.returncode == 0 and marker.exists()
+
+
+def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from mixsparse.serve.cli import build_parser
+    from mixsparse.serve.cli.common import serve_options
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+
+    def key(*flags):
+        args, extra = build_parser().parse_known_args(["serve", "m", *flags])
+        args.vllm_args = extra
+        return serve_options(args, "m").api_key
+
+    (tmp_path / "key").write_text("from-file\nignored\n")
+    assert key("--api-key-file", str(tmp_path / "key")) == "from-file"
+    assert key() is None
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    assert key() == "from-env" and key("--api-key", "given") == "given"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(MixsparseError, match="its first line is empty"):
+        key("--api-key-file", str(tmp_path / "empty"))
+    with pytest.raises(MixsparseError, match="cannot read it"):
+        key("--api-key-file", str(tmp_path / "missing"))
+    with pytest.raises(SystemExit):
+        key("--api-key", "a", "--api-key-file", str(tmp_path / "key"))
