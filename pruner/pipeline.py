@@ -22,6 +22,7 @@ from mixsparse.pruner.io.card import model_card, plan_text
 from mixsparse.pruner.io.export import module_entries, save_artifact, unique_state_dict
 from mixsparse.pruner.io.gradient_file import GradientFile, check_gradients
 from mixsparse.pruner.io.provenance import request_of, stored_dtype
+from mixsparse.pruner.io.sizes import check_windows, hidden_size
 from mixsparse.pruner.jobs import PruneJob, PruneSummary
 from mixsparse.pruner.plans.plan import Plan
 from mixsparse.pruner.recover import chat_data
@@ -83,6 +84,8 @@ def prune(job: PruneJob, progress: Progress = Silent()) -> PruneSummary:
         chat_data.load_prompts(job.recover.chat_prompts)  # a bad prompt file fails before hours of work
     start = time.perf_counter()
     path = models.resolve(job.model)
+    if get_metric(job.metric).needs_calibration or job.recover is not None:
+        check_windows("--samples", job.calibration.samples, job.calibration.seqlen, hidden_size(path))
     stored = stored_dtype(path, job.dtype)
     loaded = models.load(job.model, dtype=compute_dtype(job.device, stored))
     wants_chat = job.recover is not None and job.recover.data == "text+chat"

@@ -16,6 +16,7 @@ from mixsparse.pruner.core.spec import Spec
 from mixsparse.pruner.core.stats import GradientStats, InputStats, activation_stats
 from mixsparse.pruner.io import data, models
 from mixsparse.pruner.io.gradient_file import GradientFile, gradient_norms
+from mixsparse.pruner.io.sizes import check_windows, hidden_size
 from mixsparse.pruner.plans.plan import Plan
 from mixsparse.pruner.plans.request import PlanRequest
 from mixsparse.pruner.plans.sensitivity import Sensitivity, fisher_and_gradients, fisher_traces
@@ -43,9 +44,14 @@ def load_model(model: str, device: str) -> Evidence:
 def gather(
     request: PlanRequest, progress: Progress, need_fisher: bool, need_stats: bool, need_gradients: bool = False
 ) -> Evidence:
+    calibrated = need_gradients or need_stats
+    path = models.resolve(request.model)
+    if calibrated:
+        check_windows("--samples", request.calibration.samples, request.calibration.seqlen, hidden_size(path))
+    if need_fisher and not request.fisher.sensitivity:  # one sequence at a time: only its ids are held at once
+        check_windows("--fisher-samples", request.fisher.samples, request.calibration.seqlen)
     evidence = load_model(request.model, request.device)
     computed = None  # gblm's norms, when the Fisher pass computed them too
-    calibrated = need_gradients or need_stats
     windows = data.calibration_windows(evidence.loaded.tokenizer, request.calibration) if calibrated else None
     if need_fisher:
         if request.fisher.sensitivity:
@@ -146,6 +152,7 @@ def sensitivity_command(
     refuse_existing(out, overwrite)
     if plot:
         refuse_existing(plot, overwrite)
+    check_windows("--samples", samples, calibration.seqlen)
     sensitivity = compute_sensitivity(load_model(model, device), calibration, samples, device, progress)
     sensitivity.save(out, overwrite)
     if plot:

@@ -345,3 +345,42 @@ def test_export_of_an_artifact_without_tokenizer_files_fails(tiny_llama, tmp_pat
         file.unlink()
     message = error_line(["export", "--dense", str(art), str(tmp_path / "plain")], capsys)
     assert f"{art} has no tokenizer files" in message and not (tmp_path / "plain").exists()
+
+
+HUGE = "1000000000000"
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (
+            ["prune", "{model}", "--metric", "wanda", "--sparsity", "0.5", "--samples", HUGE, "--out", "{out}"],
+            "--samples",
+        ),
+        (["sensitivity", "{model}", "--samples", HUGE, "--out", "{out}"], "--samples"),
+        (
+            ["plan", "{model}", "--allocator", "fisher", "--target", "0.5", "--fisher-samples", HUGE, "--out", "{out}"],
+            "--fisher-samples",
+        ),
+        (
+            ["plan", "{model}", "--allocator", "owl", "--target", "0.5", "--samples", HUGE, "--out", "{out}"],
+            "--samples",
+        ),
+    ],
+)
+def test_a_size_the_machine_cannot_hold_is_refused_before_loading(argv, flag, tiny_llama, tmp_path, capsys):
+    argv = [a.format(model=tiny_llama, out=tmp_path / "out") for a in argv]
+    message = error_line(argv, capsys)
+    assert message.startswith(f"mixsparse: error: {flag} {HUGE}: ") and "this machine has" in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_window_memory_counts_hidden_states_where_the_runner_holds_them():
+    from mixsparse.pruner.io.sizes import check_windows
+    from mixsparse.runtime.errors import MixsparseError
+
+    need = 1000 * 512 * (8 + 2 * 4 * 576)  # ids + one block's float32 inputs and outputs
+    check_windows("--samples", 1000, 512, 576, available=need)
+    with pytest.raises(MixsparseError, match="hidden states"):
+        check_windows("--samples", 1000, 512, 576, available=need - 1)
+    check_windows("--fisher-samples", 1000, 512, available=1000 * 512 * 8)  # ids alone
