@@ -38,7 +38,7 @@ from mixsparse.runtime.atomic import atomic_dir, atomic_file, refuse_existing
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact
 from mixsparse.runtime.machine import machine
-from mixsparse.serve import report
+from mixsparse.serve import report, vllm_version
 from mixsparse.serve.deploy import request, stop, wait_healthy
 from mixsparse.serve.metrics import BENCH_RECORD
 from mixsparse.serve.process_memory import ProcessMemory
@@ -127,6 +127,7 @@ def check_job(job: BenchJob) -> tuple[Path, Path]:
 def vllm_benchmarks():
     """(request functions by backend, RequestFuncInput, RequestFuncOutput, calculate_metrics) of vLLM's benchmark
     library; importing it takes seconds (it imports vLLM), so bench does it once, before the servers start."""
+    vllm_version.check()
     try:
         from vllm.benchmarks.lib.endpoint_request_func import ASYNC_REQUEST_FUNCS, RequestFuncInput, RequestFuncOutput
         from vllm.benchmarks.serve import calculate_metrics

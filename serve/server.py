@@ -23,7 +23,7 @@ from pathlib import Path
 from mixsparse.runtime.errors import MixsparseError
 from mixsparse.runtime.formats import artifact, hf
 from mixsparse.runtime.machine import cpu_serving_dtype
-from mixsparse.serve import cpu_runtime, engine_log
+from mixsparse.serve import cpu_runtime, engine_log, vllm_version
 from mixsparse.serve.guard import API_KEY_ENVIRONMENT, GuardSettings
 from mixsparse.serve.guard import ENVIRONMENT as GUARD_ENVIRONMENT
 
@@ -295,6 +295,7 @@ def check_log_file(log: Path) -> None:
 
 def run_vllm(options: ServeOptions, path: Path, write, log: Path | None, start: float) -> str | None:
     """vLLM's OpenAI server on ``path``; returns None when it stopped cleanly, else what ended it."""
+    vllm_version.check()
     try:
         from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
     except ImportError:

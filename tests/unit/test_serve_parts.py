@@ -196,3 +196,18 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
         key("--api-key-file", str(tmp_path / "missing"))
     with pytest.raises(SystemExit):
         key("--api-key", "a", "--api-key-file", str(tmp_path / "key"))
+
+
+def test_an_untested_vllm_is_refused_in_one_line_unless_allowed(monkeypatch):
+    from mixsparse.serve import vllm_version
+
+    monkeypatch.delenv(vllm_version.ALLOW_UNTESTED, raising=False)
+    vllm_version.check("0.32.0")
+    vllm_version.check("0.32.3+cpu")
+    vllm_version.check()  # what CI installs
+    with pytest.raises(MixsparseError, match=r"vLLM 0\.33\.1 is installed, but mixsparse is tested with vLLM 0\.32"):
+        vllm_version.check("0.33.1")
+    with pytest.raises(MixsparseError, match="vLLM 0.3.0 is installed"):
+        vllm_version.check("0.3.0")
+    monkeypatch.setenv(vllm_version.ALLOW_UNTESTED, "1")
+    vllm_version.check("0.33.1")
