@@ -393,32 +393,31 @@ def test_a_failing_engine_is_one_line_with_the_log_path(servable_24, tmp_path):
     assert "Traceback" in log.read_text()
 
 
-def test_deploy_once_then_reuse(servable_llama, tmp_path):
-    out = tmp_path / "deployed"
-    command = [
+def deploy_once(model, out, *flags) -> list[str]:
+    """`mixsparse deploy` of ``model`` with wanda on a little calibration, one chat answer, then stop."""
+    calibration = ["--samples", "4", "--seqlen", "64"]
+    chat = ["--chat", "Hello there", "--max-tokens", "8", "--once"]
+    return [
         sys.executable,
         "-m",
         "mixsparse.serve.cli",
         "deploy",
-        str(servable_llama),
+        str(model),
         "--metric",
         "wanda",
-        "--sparsity",
-        "2:4",
+        *flags,
         "--out",
         str(out),
-        "--samples",
-        "4",
-        "--seqlen",
-        "64",
+        *calibration,
         "--port",
         str(free_port()),
-        "--chat",
-        "Hello there",
-        "--max-tokens",
-        "8",
-        "--once",
+        *chat,
     ]
+
+
+def test_deploy_once_then_reuse(servable_llama, tmp_path):
+    out = tmp_path / "deployed"
+    command = deploy_once(servable_llama, out, "--sparsity", "2:4")
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "mixsparse deploy" in first.stdout and "(new)" in first.stdout and "first answer" in first.stdout
@@ -464,30 +463,7 @@ def test_bench_runs_both_real_engines(servable_llama, servable_24, tmp_path):
 
 def test_deploy_with_a_budget_plans_prunes_and_serves(servable_llama, tmp_path):
     out = tmp_path / "half"
-    command = [
-        sys.executable,
-        "-m",
-        "mixsparse.serve.cli",
-        "deploy",
-        str(servable_llama),
-        "--budget",
-        "0.5",
-        "--metric",
-        "wanda",
-        "--out",
-        str(out),
-        "--samples",
-        "4",
-        "--seqlen",
-        "64",
-        "--port",
-        str(free_port()),
-        "--chat",
-        "Hello there",
-        "--max-tokens",
-        "8",
-        "--once",
-    ]
+    command = deploy_once(servable_llama, out, "--budget", "0.5")
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     plan = json.loads((tmp_path / "half.plan.json").read_text())
