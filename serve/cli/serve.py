@@ -22,7 +22,7 @@ def add_parser(verbs) -> None:
         "defaults are --enforce-eager --no-enable-prefix-caching (correct output) and --dtype bfloat16 "
         "where the CPU has native bf16 (AVX512-BF16/AMX), else float32.",
         epilog="Examples:\n  mixsparse serve runs/smollm2-135m-sparsegpt-2of4\n"
-        "  mixsparse serve my-artifact --port 9000 --api-key secret --max-num-seqs 64\n\n" + common.EPILOG,
+        "  mixsparse serve my-artifact --port 9000 --api-key-file key.txt --max-num-seqs 64\n\n" + common.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("model", help="artifact (or plain HF model) directory")
